@@ -1,0 +1,63 @@
+"""Model registry: create models by name, list them, attach model cards."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+
+__all__ = ["ModelCard", "register", "create", "list_models", "get_card"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+  """What a user wants to know about an architecture before using it."""
+  name: str
+  paper: str = ""
+  year: int | None = None
+  reference_params: int | None = None  # trainable params at num_classes=1000 (or default)
+  input_size: int = 224
+  default_num_classes: int = 1000
+  notes: str = ""
+
+
+_REGISTRY: dict[str, tuple[Callable[..., nn.Module], ModelCard]] = {}
+
+
+def register(card: ModelCard):
+  """Decorator: ``@register(ModelCard("resnet18", ...))`` on a factory ``f(*, num_classes, **options)``."""
+  def deco(factory):
+    if card.name in _REGISTRY:
+      raise ValueError(f"model {card.name!r} registered twice")
+    _REGISTRY[card.name] = (factory, card)
+    return factory
+  return deco
+
+
+def _lookup(name: str):
+  _ensure_loaded()
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+  return _REGISTRY[name]
+
+
+def create(name: str, *, num_classes: int | None = None, **options) -> nn.Module:
+  """Builds a registered model. ``num_classes=0`` returns pooled features (timm convention)."""
+  factory, card = _lookup(name)
+  if num_classes is None:
+    num_classes = card.default_num_classes
+  return factory(num_classes=num_classes, **options)
+
+
+def get_card(name: str) -> ModelCard:
+  return _lookup(name)[1]
+
+
+def list_models() -> list[str]:
+  _ensure_loaded()
+  return sorted(_REGISTRY)
+
+
+def _ensure_loaded():
+  # Importing the family modules runs their @register decorators.
+  import jcv.models  # noqa: F401
