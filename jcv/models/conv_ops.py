@@ -1,18 +1,81 @@
 """Convolution primitives used by every jcv layer.
 
-One entry point, :func:`conv2d`, with NHWC inputs and HWIO kernels (Flax's layout).
-It picks a lowering per backend: XLA's own convolution everywhere for now; CPU-specific
-rewrites (1x1 as matmul, depthwise as shifted multiply-adds, im2col weight gradients)
-live here too so models never need to know about them.
+One entry point, :func:`conv2d`, with NHWC inputs and HWIO kernels (Flax's layout). It picks
+an exact lowering per backend when the function is traced:
+
+* GPU/TPU ("xla" lowering): XLA's own convolution, ``lax.conv_general_dilated``.
+* CPU ("cpu" lowering), where XLA runs every convolution on one core and is slow for
+  depthwise convolutions and weight gradients:
+
+  - 1x1 convolutions (any stride) are a strided slice and a matrix multiply;
+  - depthwise convolutions (``groups == in_channels``, any channel multiplier) are
+    ``kh * kw`` shifted multiply-adds that XLA fuses into one loop, forward and backward;
+  - other ungrouped convolutions keep XLA's forward and input-gradient convolution but
+    compute the kernel gradient as im2col + matrix multiply (a ``jax.custom_vjp``);
+  - anything else (1 < groups < in_channels) stays with XLA.
+
+All lowerings compute the same function as ``lax.conv_general_dilated`` (tests compare them
+to 1e-5 in float32). bfloat16 inputs are computed with float32 accumulation and rounded once.
+
+The choice is made at trace time: ``"auto"`` (default, or ``$JCV_CONV_LOWERING``) means "cpu"
+when ``jax.default_backend()`` is the CPU, else "xla". Change it with :func:`set_lowering` or
+the :func:`lowering` context manager *before* a function is jitted (a cached trace keeps the
+lowering it was traced with).
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import functools
+import os
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-__all__ = ["conv2d", "normalize_padding"]
+__all__ = ["LOWERINGS", "conv2d", "get_lowering", "lowering", "normalize_padding",
+           "resolved_lowering", "set_lowering"]
+
+LOWERINGS = ("auto", "xla", "cpu")
+_DIMS = ("NHWC", "HWIO", "NHWC")
+_state = {"lowering": os.environ.get("JCV_CONV_LOWERING", "auto").lower()}
+
+
+def _check_lowering(name: str) -> str:
+  name = str(name).lower()
+  if name not in LOWERINGS:
+    raise ValueError(f"conv lowering must be one of {LOWERINGS}, got {name!r}")
+  return name
+
+
+def set_lowering(name: str) -> str:
+  """Sets the global conv lowering ("auto", "xla" or "cpu"); returns the previous one."""
+  previous = _state["lowering"]
+  _state["lowering"] = _check_lowering(name)
+  return previous
+
+
+def get_lowering() -> str:
+  """The configured lowering name, possibly "auto"."""
+  return _check_lowering(_state["lowering"])
+
+
+def resolved_lowering() -> str:
+  """The lowering :func:`conv2d` uses now: "auto" resolved against ``jax.default_backend()``."""
+  name = get_lowering()
+  if name == "auto":
+    return "cpu" if jax.default_backend() == "cpu" else "xla"
+  return name
+
+
+@contextlib.contextmanager
+def lowering(name: str) -> Iterator[None]:
+  """Context manager that sets the conv lowering for the functions traced inside it."""
+  previous = set_lowering(name)
+  try:
+    yield
+  finally:
+    set_lowering(previous)
 
 
 def normalize_padding(padding, kernel_size: Sequence[int]):
@@ -24,18 +87,161 @@ def normalize_padding(padding, kernel_size: Sequence[int]):
     return padding
   if isinstance(padding, int):
     return [(padding, padding)] * len(kernel_size)
-  return [tuple(p) if not isinstance(p, int) else (p, p) for p in padding]
+  pairs = [tuple(p) if not isinstance(p, int) else (p, p) for p in padding]
+  if len(pairs) != len(kernel_size) or any(len(p) != 2 for p in pairs):
+    raise ValueError(f"explicit padding must be {len(kernel_size)} (lo, hi) pairs, got {padding!r}")
+  return [(int(lo), int(hi)) for lo, hi in pairs]
+
+
+def _pair(value, what: str) -> tuple[int, int]:
+  if isinstance(value, int):
+    return (value, value)
+  value = tuple(int(v) for v in value)
+  if len(value) != 2:
+    raise ValueError(f"{what} must be an int or a pair of ints, got {value!r}")
+  return value
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding="SAME",
            groups: int = 1, dilation=(1, 1)) -> jax.Array:
-  """2-D convolution, NHWC input, HWIO kernel of shape (kh, kw, cin // groups, cout)."""
-  if isinstance(strides, int):
-    strides = (strides, strides)
-  if isinstance(dilation, int):
-    dilation = (dilation, dilation)
-  padding = normalize_padding(padding, kernel.shape[:2])
-  return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=tuple(strides), padding=padding,
-      rhs_dilation=tuple(dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=groups)
+  """2-D convolution, NHWC input, HWIO kernel of shape (kh, kw, cin // groups, cout).
+
+  Same result as ``lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
+  dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)``, lowered the
+  fastest exact way for the backend (see the module docstring).
+  """
+  strides = _pair(strides, "strides")
+  dilation = _pair(dilation, "dilation")
+  if x.ndim != 4 or kernel.ndim != 4:
+    raise ValueError(f"conv2d expects NHWC input and HWIO kernel, got shapes {x.shape} and {kernel.shape}")
+  kh, kw, kin, cout = kernel.shape
+  cin = x.shape[-1]
+  if groups < 1 or cin % groups or cout % groups or kin * groups != cin:
+    raise ValueError(f"kernel {kernel.shape} does not fit input channels {cin} with groups={groups}")
+  padding = normalize_padding(padding, (kh, kw))
+  if resolved_lowering() == "xla":
+    return _xla_conv(x, kernel, strides, padding, groups, dilation)
+  pads = _explicit_pads(x.shape[1:3], (kh, kw), strides, dilation, padding)
+  if groups == 1 and kh == kw == 1:
+    return _conv_1x1(x, kernel, strides, pads)
+  if groups == cin and kin == 1:
+    return _depthwise(x, kernel, strides, pads, dilation)
+  if groups == 1:
+    return _conv_im2col_grad(x, kernel, strides, pads, dilation)
+  return _xla_conv(x, kernel, strides, pads, groups, dilation)
+
+
+# --- XLA's convolution --------------------------------------------------------------------
+
+def _xla_conv(x, kernel, strides, padding, groups, dilation):
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
+      dimension_numbers=_DIMS, feature_group_count=groups)
+
+
+# --- shared helpers -----------------------------------------------------------------------
+
+def _explicit_pads(in_hw, k_hw, strides, dilation, padding):
+  """(lo, hi) pads per spatial dim, SAME/VALID resolved exactly as lax does."""
+  if isinstance(padding, str):
+    window = [(k - 1) * d + 1 for k, d in zip(k_hw, dilation)]
+    return tuple(tuple(p) for p in lax.padtype_to_pads(in_hw, window, strides, padding))
+  return tuple(tuple(p) for p in padding)
+
+
+def _out_size(size, k, stride, dil, pad):
+  return (size + pad[0] + pad[1] - (k - 1) * dil - 1) // stride + 1
+
+
+def _pad_hw(x, pads):
+  if all(lo == 0 and hi == 0 for lo, hi in pads):
+    return x
+  zero = jnp.zeros((), x.dtype)
+  return lax.pad(x, zero, ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+
+
+def _taps(xp, k_hw, out_hw, strides, dilation):
+  """The kh*kw shifted (strided) windows of the padded input, in HW order."""
+  n, _, _, c = xp.shape
+  (ho, wo), (sh, sw), (dh, dw) = out_hw, strides, dilation
+  for i in range(k_hw[0]):
+    for j in range(k_hw[1]):
+      start = (0, i * dh, j * dw, 0)
+      limit = (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c)
+      yield lax.slice(xp, start, limit, (1, sh, sw, 1))
+
+
+def _acc_dtype(dtype):
+  return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
+
+
+# --- 1x1: slice + matmul ------------------------------------------------------------------
+
+def _conv_1x1(x, kernel, strides, pads):
+  xp = _pad_hw(x, pads)
+  n, h, w, cin = xp.shape
+  ho, wo = (h - 1) // strides[0] + 1, (w - 1) // strides[1] + 1
+  if strides != (1, 1):
+    xp = lax.slice(xp, (0, 0, 0, 0), (n, (ho - 1) * strides[0] + 1, (wo - 1) * strides[1] + 1, cin),
+                   (1, strides[0], strides[1], 1))
+  out_dtype = jnp.result_type(x.dtype, kernel.dtype)
+  y = lax.dot_general(xp.reshape(n * ho * wo, cin), kernel.reshape(cin, -1),
+                      (((1,), (0,)), ((), ())), preferred_element_type=_acc_dtype(out_dtype))
+  return y.astype(out_dtype).reshape(n, ho, wo, -1)
+
+
+# --- depthwise: shifted multiply-adds -----------------------------------------------------
+
+def _depthwise(x, kernel, strides, pads, dilation):
+  kh, kw, _, cout = kernel.shape
+  cin = x.shape[-1]
+  mult = cout // cin
+  out_dtype = jnp.result_type(x.dtype, kernel.dtype)
+  acc = _acc_dtype(out_dtype)
+  h, w = x.shape[1:3]
+  out_hw = (_out_size(h, kh, strides[0], dilation[0], pads[0]),
+            _out_size(w, kw, strides[1], dilation[1], pads[1]))
+  xp = _pad_hw(x, pads)
+  if mult > 1:  # output channel c * mult + m reads input channel c
+    xp = jnp.repeat(xp, mult, axis=-1)
+  k = kernel.reshape(kh * kw, cout).astype(acc)
+  y = None
+  for t, window in enumerate(_taps(xp, (kh, kw), out_hw, strides, dilation)):
+    term = window.astype(acc) * k[t]
+    y = term if y is None else y + term
+  return y.astype(out_dtype)
+
+
+# --- general conv: XLA forward and input gradient, im2col kernel gradient -----------------
+
+def _im2col(x, k_hw, strides, pads, dilation):
+  """Patches [N, Ho, Wo, kh*kw*C], ordered like an HWIO kernel reshaped to (kh*kw*C, O)."""
+  h, w = x.shape[1:3]
+  out_hw = (_out_size(h, k_hw[0], strides[0], dilation[0], pads[0]),
+            _out_size(w, k_hw[1], strides[1], dilation[1], pads[1]))
+  taps = list(_taps(_pad_hw(x, pads), k_hw, out_hw, strides, dilation))
+  return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_im2col_grad(x, kernel, strides, pads, dilation):
+  return _xla_conv(x, kernel, strides, pads, 1, dilation)
+
+
+def _conv_im2col_grad_fwd(x, kernel, strides, pads, dilation):
+  return _xla_conv(x, kernel, strides, pads, 1, dilation), (x, kernel)
+
+
+def _conv_im2col_grad_bwd(strides, pads, dilation, residuals, g):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, strides, pads, 1, dilation), x)
+  (dx,) = input_vjp(g)
+  kh, kw, cin, cout = kernel.shape
+  patches = _im2col(x, (kh, kw), strides, pads, dilation)
+  acc = _acc_dtype(jnp.result_type(x.dtype, g.dtype))
+  dk = lax.dot_general(patches.reshape(-1, kh * kw * cin), g.reshape(-1, cout),
+                       (((0,), (0,)), ((), ())), preferred_element_type=acc)
+  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_conv_im2col_grad.defvjp(_conv_im2col_grad_fwd, _conv_im2col_grad_bwd)
