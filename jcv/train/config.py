@@ -1,0 +1,156 @@
+"""Run configuration: one dataclass holding everything a training run varies.
+
+Presets are plain ``Config`` instances; ``Config.replace`` and ``Config.set`` (from
+``key=value`` strings, as the CLI's ``--set`` passes them) derive variants.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from typing import Any
+
+__all__ = ["Config"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Every field a run varies. Defaults train a small CIFAR-style classifier."""
+  # --- data ---
+  dataset: str = "cifar10"            # tfds name or image-folder path (see jcv.data.sources.resolve)
+  data_dir: str | None = None         # tfds data_dir, or the parent of an image folder
+  train_split: str = "train"
+  eval_split: str = "test"            # "" disables evaluation
+  val_fraction: float | None = None   # carve a validation split from train (image folders)
+  image_size: int = 32
+  crop: str = "pad_crop"              # host crop: random_resized | pad_crop | none
+  num_workers: int = 0                # grain worker processes (0 = in-process)
+  augment: tuple = ("flip", ("pad_crop", {"padding": 4}))  # on-device ops for make_augment
+  mean: tuple | None = (0.4914, 0.4822, 0.4465)  # on [0, 1] images; None = no normalisation
+  std: tuple | None = (0.2470, 0.2435, 0.2616)
+  # --- model ---
+  model: str = "resnet20"
+  model_options: dict = dataclasses.field(default_factory=dict)
+  num_classes: int | None = None      # None = number of classes of the training source
+  dtype: str = "float32"              # compute dtype: float32 | bfloat16 (params stay float32)
+  # --- loss ---
+  label_smoothing: float = 0.0
+  # --- optimizer ---
+  optimizer: str = "sgd"              # sgd | adamw | rmsprop | lamb
+  learning_rate: float = 0.1          # peak learning rate
+  momentum: float = 0.9               # sgd / rmsprop momentum
+  nesterov: bool = True
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 5e-4
+  weight_decay_mode: str = "decoupled"  # decoupled (optax, lr-scaled) | l2 (lambda/2 ||w||^2 in the loss)
+  decay_bn_and_bias: bool = False     # False: no decay on BN scales/biases and on biases
+  grad_clip_norm: float | None = None
+  rms_decay: float = 0.9              # rmsprop: decay of the squared-gradient average
+  # --- schedule ---
+  schedule: str = "cosine"            # cosine | onecycle | step | constant
+  warmup_epochs: float = 0.0
+  final_lr_fraction: float = 0.0      # cosine end value as a fraction of the peak
+  step_decay_epochs: tuple = ()       # step: epochs at which lr is multiplied by step_decay_factor
+  step_decay_factor: float = 0.1
+  onecycle_pct_start: float = 0.25
+  onecycle_div_factor: float = 25.0
+  onecycle_final_div_factor: float = 1e4
+  # --- parameter groups (transfer learning) ---
+  freeze: tuple = ()                  # regexes on "/"-joined param paths: not trained, BN stats kept
+  lr_multipliers: dict = dataclasses.field(default_factory=dict)  # regex -> lr multiplier
+  # --- run length and parallelism ---
+  epochs: int = 10
+  steps: int | None = None            # stop after this many optimizer steps in total
+  batch_size: int = 128               # global batch (all devices of all processes)
+  eval_batch_size: int | None = None  # default: batch_size
+  seed: int = 0
+  parallel: str = "jit"               # jit (Mesh + NamedSharding, GSPMD) | pmap (shard_map, explicit pmean)
+  max_steps_in_flight: int = 16       # block on results at least this often (<= 30)
+  # --- checkpoints, logs ---
+  checkpoint_every: int | None = None  # steps; checkpoints are also saved at every epoch end
+  keep_checkpoints: int = 2           # last k kept, plus the best by best_metric
+  best_metric: str = "top1"           # eval metric ranking checkpoints (higher is better; "loss": lower)
+  log_every: int = 50                 # steps between logged training metrics
+  eval_every: int = 1                 # epochs between evaluations
+  tta_flip: bool = False              # average logits with the horizontally flipped image at eval
+  compilation_cache: str | None = "auto"  # "auto": <workdir>/../.jax_cache; None disables
+  plots: bool = True
+  progress: bool = True
+
+  def replace(self, **changes) -> "Config":
+    """A copy with the given fields changed (unknown names raise ValueError)."""
+    unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+    if unknown:
+      raise ValueError(f"unknown config field(s) {sorted(unknown)}; expected one of {sorted(self.field_names())}")
+    return dataclasses.replace(self, **changes)
+
+  def set(self, assignments: list[str] | tuple[str, ...]) -> "Config":
+    """Applies ``key=value`` strings; values are parsed as Python literals, else kept as strings."""
+    changes = {}
+    for item in assignments:
+      if "=" not in item:
+        raise ValueError(f"--set expects key=value, got {item!r}")
+      key, raw = item.split("=", 1)
+      key = key.strip()
+      if key not in self.field_names():
+        raise ValueError(f"unknown config field {key!r}; expected one of {sorted(self.field_names())}")
+      changes[key] = _parse_value(raw.strip())
+    return self.replace(**changes)
+
+  @classmethod
+  def field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-friendly dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "Config":
+    """Inverse of ``to_dict``; lists go back to tuples, unknown keys are rejected."""
+    unknown = set(d) - cls.field_names()
+    if unknown:
+      raise ValueError(f"unknown config field(s) {sorted(unknown)} in saved config")
+    return cls(**{k: _to_tuple(v) for k, v in d.items()})
+
+  def validate(self) -> "Config":
+    """Raises ValueError on inconsistent settings; returns self."""
+    _choice("optimizer", self.optimizer, ("sgd", "adamw", "rmsprop", "lamb"))
+    _choice("schedule", self.schedule, ("cosine", "onecycle", "step", "constant"))
+    _choice("parallel", self.parallel, ("jit", "pmap"))
+    _choice("weight_decay_mode", self.weight_decay_mode, ("decoupled", "l2"))
+    _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+    if self.batch_size <= 0:
+      raise ValueError(f"batch_size must be a positive integer, got {self.batch_size}")
+    if not 1 <= self.max_steps_in_flight <= 30:
+      raise ValueError(f"max_steps_in_flight must be in [1, 30], got {self.max_steps_in_flight}")
+    if (self.mean is None) != (self.std is None):
+      raise ValueError("mean and std must both be set or both be None")
+    return self
+
+
+def _choice(name, value, allowed):
+  if value not in allowed:
+    raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _parse_value(raw: str):
+  try:
+    return _to_tuple(ast.literal_eval(raw))
+  except (ValueError, SyntaxError):
+    if raw.lower() in ("true", "false"):
+      return raw.lower() == "true"
+    if raw.lower() in ("none", "null"):
+      return None
+    return raw
+
+
+def _to_tuple(v):
+  if isinstance(v, list):
+    return tuple(_to_tuple(x) for x in v)
+  if isinstance(v, dict):
+    return {k: _to_tuple(x) for k, x in v.items()}
+  return v
+

@@ -1,0 +1,129 @@
+"""Pure train and eval steps.
+
+``train_step(state, batch)``: on-device augmentation -> normalisation -> ``model.apply``
+(train mode, BatchNorm statistics updated, dropout rng) -> loss -> grads -> Optax update.
+The randomness comes from ``state.key`` folded with ``state.step``, so a step is a pure
+function of ``(state, batch)``; parallel.py wraps these functions, never reaches into them.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jcv.train import losses
+from jcv.train.optim import decay_mask, param_paths
+
+__all__ = ["train_step", "eval_step", "predict_logits", "to_model_input"]
+
+
+def to_model_input(images, *, mean=None, std=None):
+  """uint8 (or float in [0, 1]) NHWC images -> float32, normalised with mean/std if given."""
+  if images.dtype == jnp.uint8:
+    images = images.astype(jnp.float32) / 255.0
+  images = images.astype(jnp.float32)
+  if mean is not None:
+    images = (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+  return images
+
+
+def _keep_frozen_stats(new_stats, old_stats, freeze):
+  """Running statistics of frozen layers stay as they were."""
+  if not freeze or not old_stats:
+    return new_stats
+  pattern = re.compile("|".join(f"(?:{p})" for p in freeze))
+  paths = param_paths(old_stats)
+  return jax.tree.map(lambda p, new, old: old if pattern.search(p) else new, paths, new_stats, old_stats)
+
+
+def train_step(state, batch, *, augment_fn: Callable | None = None, num_classes: int,
+               mean=None, std=None, label_smoothing: float = 0.0, l2_weight: float = 0.0,
+               decay_bn_and_bias: bool = False, freeze=(), schedule=None,
+               axis_name: str | None = None):
+  """One optimizer step on ``batch`` {"image": uint8 NHWC, "label": int [B]} -> (state, metrics).
+
+  Options (keyword-only): ``augment_fn(key, images_uint8, labels_int) -> (images_float
+  in [0, 1], soft_labels [B, C])`` (e.g. ``jcv.data.augment.make_augment``; None = no
+  augmentation); ``mean``/``std`` normalisation; ``label_smoothing``; ``l2_weight`` adds
+  ``l2_weight * ||w||^2 / 2`` over decayed weights to the loss (the lecture's weight decay);
+  ``freeze`` keeps those layers' BN statistics; ``schedule`` reports the learning rate;
+  ``axis_name`` (per-device SPMD only) averages grads, BN statistics and metrics with pmean.
+  Metrics: loss, top1, top5 (batch means), lr, grad_norm.
+  """
+  step_key = jax.random.fold_in(state.key, state.step)
+  if axis_name is not None:  # different augmentation / dropout on every device's shard
+    step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
+  aug_key, dropout_key = jax.random.split(step_key)
+  images, labels = batch["image"], batch["label"]
+  if augment_fn is not None:
+    images, soft = augment_fn(aug_key, images, labels)
+  else:
+    soft = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  x = to_model_input(images, mean=mean, std=std)
+
+  def loss_fn(params):
+    variables = {"params": params}
+    mutable = []
+    if state.batch_stats:
+      variables["batch_stats"] = state.batch_stats
+      mutable = ["batch_stats"]
+    out = state.apply_fn(variables, x, train=True, mutable=mutable, rngs={"dropout": dropout_key})
+    logits, new_vars = out
+    loss = jnp.mean(losses.cross_entropy(logits, soft, label_smoothing=label_smoothing))
+    total = loss
+    if l2_weight:
+      total = total + l2_weight * losses.l2_penalty(
+          params, decay_mask(params, decay_bn_and_bias=decay_bn_and_bias))
+    return total, (loss, logits, new_vars.get("batch_stats", {}))
+
+  grads, (loss, logits, new_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  metrics = {
+      "loss": loss,
+      "top1": jnp.mean(losses.topk_correct(logits, labels, k=1)),
+      "top5": jnp.mean(losses.topk_correct(logits, labels, k=5)),
+  }
+  if axis_name is not None:
+    # Per-device SPMD: each device saw 1/n of the batch; average to the global-batch values.
+    grads = jax.lax.pmean(grads, axis_name)
+    new_stats = jax.lax.pmean(new_stats, axis_name)
+    metrics = jax.lax.pmean(metrics, axis_name)
+  new_stats = _keep_frozen_stats(new_stats, state.batch_stats, freeze)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["lr"] = (jnp.asarray(schedule(state.step), jnp.float32) if schedule is not None
+                   else jnp.zeros((), jnp.float32))
+  return state.apply_gradients(grads, batch_stats=new_stats), metrics
+
+
+def predict_logits(state, images, *, mean=None, std=None, tta_flip: bool = False):
+  """Inference-mode logits (float32) for uint8 NHWC images; optional flip TTA (mean logits)."""
+  x = to_model_input(images, mean=mean, std=std)
+  logits = state.apply_fn(state.variables, x, train=False).astype(jnp.float32)
+  if tta_flip:
+    flipped = state.apply_fn(state.variables, x[:, :, ::-1, :], train=False).astype(jnp.float32)
+    logits = 0.5 * (logits + flipped)
+  return logits
+
+
+def eval_step(state, batch, *, mean=None, std=None, tta_flip: bool = False,
+              axis_name: str | None = None):
+  """Metric sums over the real examples of ``batch`` (``batch["mask"]`` marks padding).
+
+  Returns {"loss", "top1", "top5", "count"} as sums; divide by "count" after summing
+  over batches so every example counts exactly once.
+  """
+  logits = predict_logits(state, batch["image"], mean=mean, std=std, tta_flip=tta_flip)
+  labels = batch["label"]
+  mask = batch.get("mask")
+  mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+  sums = {
+      "loss": jnp.sum(losses.cross_entropy(logits, labels) * mask),
+      "top1": jnp.sum(losses.topk_correct(logits, labels, k=1) * mask),
+      "top5": jnp.sum(losses.topk_correct(logits, labels, k=5) * mask),
+      "count": jnp.sum(mask),
+  }
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
+  return sums

@@ -1,0 +1,30 @@
+"""Tiny Flax models and arrays shared by the training tests (small enough for 2 CPU cores)."""
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+
+class TinyCNN(nn.Module):
+  """conv -> (BN) -> relu -> pool -> dropout -> dense; ``use_bn=False`` for exact-SPMD checks."""
+  num_classes: int = 10
+  use_bn: bool = True
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(8, (3, 3), use_bias=not self.use_bn)(x)
+    if self.use_bn:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    x = nn.relu(x)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes)(x)
+
+
+def random_images(n, *, size=8, num_classes=10, seed=0):
+  """(uint8 [n, size, size, 3], int32 [n]) with a learnable class signal in the mean colour."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, num_classes, n).astype(np.int32)
+  images = rng.integers(0, 160, (n, size, size, 3))
+  images[..., 0] += (labels * 9)[:, None, None]
+  return np.clip(images, 0, 255).astype(np.uint8), labels
