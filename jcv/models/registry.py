@@ -20,6 +20,16 @@ class ModelCard:
   default_num_classes: int = 1000
   notes: str = ""
 
+  def describe(self) -> str:
+    """The card as a few printable lines."""
+    ref = f"{self.reference_params:,}" if self.reference_params is not None else "-"
+    lines = [f"{self.name}: {self.paper}" + (f" ({self.year})" if self.year else ""),
+             f"  reference params: {ref} (at {self.default_num_classes} classes), "
+             f"input {self.input_size}x{self.input_size}"]
+    if self.notes:
+      lines.append(f"  notes: {self.notes}")
+    return "\n".join(lines)
+
 
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], ModelCard]] = {}
 
