@@ -1,0 +1,90 @@
+"""Geometric transforms on images [..., H, W, C]: resize, crops, flips and rotations.
+
+Thin wrappers over ``jax.image`` and dm-pix that accept any leading batch dimensions.
+"""
+import dm_pix as pix
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcv.ops import _checks
+
+__all__ = ["resize", "crop", "center_crop", "flip_left_right", "flip_up_down", "rot90", "rotate"]
+
+_RESIZE_METHODS = ("nearest", "linear", "cubic", "lanczos3", "lanczos5")
+
+
+def resize(image, *, height, width, method="linear", antialias=True):
+  """Resizes the spatial axes with ``jax.image.resize`` (half-pixel centres).
+
+  Upsampling with "linear" equals OpenCV ``cv2.resize(..., INTER_LINEAR)``; downsampling with
+  ``antialias=True`` widens the kernel like PIL's ``Image.resize`` (BILINEAR/BICUBIC). Edges
+  are handled by renormalising the kernel weights inside the image.
+  """
+  image = _checks.check_image(image, op="resize")
+  if method not in _RESIZE_METHODS:
+    raise ValueError(f"resize: expected method in {_RESIZE_METHODS}; got {method!r}.")
+  for name, value in (("height", height), ("width", width)):
+    if not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"resize: expected {name} to be an int >= 1; got {value!r}.")
+  shape = image.shape[:-3] + (int(height), int(width), image.shape[-1])
+  return jax.image.resize(image, shape, method=method, antialias=antialias)
+
+
+def crop(image, *, top, left, height, width):
+  """Crops ``[top:top + height, left:left + width]``; ``top``/``left`` may be traced.
+
+  Offsets are clamped so the window stays inside the image (``jax.lax.dynamic_slice``).
+  """
+  image = _checks.check_image(image, op="crop", min_ndim=3)
+  if height > image.shape[-3] or width > image.shape[-2]:
+    raise ValueError(
+        f"crop: expected height <= {image.shape[-3]} and width <= {image.shape[-2]}; "
+        f"got {height}x{width}.")
+  starts = [0] * (image.ndim - 3) + [top, left, 0]
+  sizes = image.shape[:-3] + (height, width, image.shape[-1])
+  return jax.lax.dynamic_slice(image, [jnp.asarray(s, jnp.int32) for s in starts], sizes)
+
+
+def center_crop(image, *, height, width):
+  """Central ``height x width`` window (odd margins leave the extra pixel bottom/right; dm-pix)."""
+  image = _checks.check_image(image, op="center_crop")
+  lead = image.shape[:-3]
+  flat = image.reshape((-1,) + image.shape[-3:])
+  out = pix.center_crop(flat, height, width)
+  return out.reshape(lead + out.shape[-3:])
+
+
+def flip_left_right(image):
+  """Mirrors the width axis (dm-pix)."""
+  image = _checks.check_image(image, op="flip_left_right")
+  return pix.flip_left_right(image)
+
+
+def flip_up_down(image):
+  """Mirrors the height axis (dm-pix)."""
+  image = _checks.check_image(image, op="flip_up_down")
+  return pix.flip_up_down(image)
+
+
+def rot90(image, *, k=1):
+  """Rotates by ``k`` quarter turns counter-clockwise (dm-pix, as ``np.rot90``)."""
+  image = _checks.check_image(image, op="rot90")
+  return pix.rot90(image, k)
+
+
+def rotate(image, *, angle, order=1, mode="nearest", cval=0.0):
+  """Rotates counter-clockwise by ``angle`` radians about the image centre (dm-pix).
+
+  ``order`` 0 (nearest) or 1 (bilinear); ``mode`` "nearest" (replicate the edge, default) or
+  "constant" (fill with ``cval``), as ``scipy.ndimage``. The output keeps the input size.
+  """
+  image = _checks.check_image(image, op="rotate")
+  if order not in (0, 1):
+    raise ValueError(f"rotate: expected order 0 or 1; got {order!r}.")
+  if mode not in ("nearest", "constant"):
+    raise ValueError(f"rotate: expected mode 'nearest' or 'constant'; got {mode!r}.")
+  lead = image.shape[:-3]
+  flat = image.reshape((-1,) + image.shape[-3:])
+  fn = lambda x: pix.rotate(x, angle, order=order, mode=mode, cval=cval)
+  return jax.vmap(fn)(flat).reshape(image.shape) if lead else fn(image)
