@@ -1,0 +1,19 @@
+"""Input pipeline: sources (image folders, tfds, arrays) → grain host transforms → uint8
+batches → on-device augmentation inside the jitted train step.
+
+Submodules: :mod:`jcv.data.sources`, :mod:`jcv.data.transforms`, :mod:`jcv.data.pipeline`,
+:mod:`jcv.data.augment`, :mod:`jcv.data.decode`.
+"""
+import importlib
+
+__all__ = ["augment", "decode", "pipeline", "sources", "transforms"]
+
+
+def __getattr__(name):
+  if name in __all__:
+    return importlib.import_module(f"jcv.data.{name}")
+  raise AttributeError(f"module 'jcv.data' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + __all__)

@@ -1,0 +1,61 @@
+"""Image file decoding to uint8 RGB arrays (PIL), with corrupt files reported by name."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = ["CorruptImageError", "IMAGE_EXTENSIONS", "decode_image"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class CorruptImageError(ValueError):
+  """An image file could not be decoded (truncated, corrupt or not an image)."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f"cannot decode image file {path!r}: {reason}")
+    self.path = path
+    self.reason = reason
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+  """Any PIL mode (L, LA, P, RGBA, CMYK, I;16, ...) to RGB; alpha is dropped like tf.io.decode_image."""
+  if img.mode == "RGB":
+    return img
+  if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    arr = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+    arr = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, mode="L")
+  if img.mode == "P" and "transparency" in img.info:
+    img = img.convert("RGBA")
+  return img.convert("RGB")
+
+
+def decode_image(source: str | os.PathLike | bytes, *, draft_size: int | None = None) -> np.ndarray:
+  """Decodes a JPEG/PNG/... file (path or bytes) to a uint8 RGB array [H, W, 3].
+
+  Grayscale, palette, RGBA and CMYK images become RGB; EXIF orientation is applied.
+  ``draft_size`` lets the JPEG decoder downscale by a power of two while keeping the
+  shorter side >= draft_size (much faster for large photos). Raises
+  :class:`CorruptImageError` naming the file when it is truncated or not an image.
+  """
+  name = "<bytes>" if isinstance(source, (bytes, bytearray)) else os.fspath(source)
+  try:
+    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+    with fp, Image.open(fp) as img:
+      if draft_size is not None and img.format == "JPEG":
+        w, h = img.size
+        scale = min(w, h) / max(draft_size, 1)
+        if scale >= 2:
+          img.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
+      img.load()
+      img = ImageOps.exif_transpose(img)
+      return np.asarray(_to_rgb(img), dtype=np.uint8)
+  except FileNotFoundError:
+    raise
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise CorruptImageError(name, f"{type(e).__name__}: {e}") from e

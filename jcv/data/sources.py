@@ -1,0 +1,404 @@
+"""Random-access data sources: image folders, tfds datasets and in-memory arrays.
+
+Every source has ``len(src)``, ``src[i] -> {"image": uint8 [H, W, 3], "label": int}`` and
+``src.class_names``, so nothing downstream knows where the data came from.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from jcv.data.decode import IMAGE_EXTENSIONS, CorruptImageError, decode_image
+
+__all__ = [
+  "ArraySource", "CorruptImageError", "ImageFolderSource", "TfdsSource", "default_cache_dir",
+  "image_folder", "resolve", "tfds_source", "to_memory",
+]
+
+log = logging.getLogger(__name__)
+
+# Images at most this many pixels are decoded once into memory by ``cache="auto"``.
+AUTO_CACHE_MAX_PIXELS = 64 * 64
+
+
+def default_cache_dir() -> pathlib.Path:
+  """``$JCV_CACHE_DIR`` if set, else ``~/.cache/jcv/data``."""
+  env = os.environ.get("JCV_CACHE_DIR")
+  return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "jcv" / "data"
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+class ArraySource:
+  """In-memory images (uint8 [N, H, W, 3] array, or a list of [H, W, 3] arrays) and int labels."""
+
+  def __init__(self, images, labels, *, class_names: Sequence[str] | None = None, skipped: Sequence[str] = ()):
+    if isinstance(images, np.ndarray):
+      if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"images must be a uint8 array [N, H, W, 3] (or [N, H, W, 1]); got {images.dtype} {images.shape}")
+    elif not all(isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.ndim == 3 for im in images):
+      raise ValueError("images must be a uint8 array [N, H, W, 3] or a list of uint8 [H, W, 3] arrays")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+      raise ValueError(f"labels must be a 1-D integer array; got {labels.dtype} {labels.shape}")
+    if len(labels) != len(images):
+      raise ValueError(f"images and labels differ in length: {len(images)} vs {len(labels)}")
+    if class_names is None:
+      class_names = [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
+      raise ValueError(f"labels must lie in [0, {len(class_names)}) for {len(class_names)} class names")
+    self.images = images
+    self.labels = labels.astype(np.int32)
+    self.class_names = list(class_names)
+    self.skipped = list(skipped)
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    image = self.images[i]
+    if image.shape[-1] == 1:
+      image = np.repeat(image, 3, axis=-1)
+    return {"image": image, "label": int(self.labels[i])}
+
+  @property
+  def uniform_shape(self) -> tuple[int, ...] | None:
+    """[H, W, C] when all images share it (one array), else None."""
+    return tuple(self.images.shape[1:]) if isinstance(self.images, np.ndarray) else None
+
+  def __repr__(self):
+    return f"ArraySource({len(self)} images, {len(self.class_names)} classes)"
+
+
+# --------------------------------------------------------------------------- image folders
+
+_SLICE_RE = re.compile(r"^(?P<name>[^\[\]]+)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
+
+
+def _parse_split(split: str) -> tuple[str, slice]:
+  """"train[:90%]" -> ("train", slice) over the example count (percent or absolute)."""
+  m = _SLICE_RE.match(split.strip())
+  if not m:
+    raise ValueError(f"bad split {split!r}: expected a name like 'train', 'train[:90%]' or 'test[100:]'")
+  return m.group("name"), slice(m.group("start"), m.group("stop"))
+
+
+def _resolve_bound(bound: str | None, n: int) -> int | None:
+  if bound is None:
+    return None
+  if bound.endswith("%"):
+    pct = int(bound[:-1])
+    if not -100 <= pct <= 100:
+      raise ValueError(f"split percentage {bound} out of [-100%, 100%]")
+    return int(round(n * pct / 100))
+  return int(bound)
+
+
+def _list_classes(folder: pathlib.Path) -> list[str]:
+  return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _list_files(folder: pathlib.Path, class_names: list[str]) -> tuple[list[str], list[int]]:
+  paths, labels = [], []
+  for label, name in enumerate(class_names):
+    cdir = folder / name
+    if not cdir.is_dir():
+      continue
+    files = sorted(
+      f for f in os.listdir(cdir)
+      if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+    )
+    paths.extend(str(cdir / f) for f in files)
+    labels.extend([label] * len(files))
+  return paths, labels
+
+
+def _carve(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+  """Boolean mask of a stratified validation subset (``val_fraction`` of each class)."""
+  rng = np.random.default_rng(seed)
+  is_val = np.zeros(len(labels), bool)
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    k = int(round(len(idx) * val_fraction))
+    is_val[rng.permutation(idx)[:k]] = True
+  return is_val
+
+
+class ImageFolderSource:
+  """Image files listed once; ``src[i]`` decodes file i (raises CorruptImageError naming it)."""
+
+  def __init__(self, paths: Sequence[str], labels: Sequence[int], class_names: Sequence[str], *, root: str = ""):
+    self.paths = list(paths)
+    self.labels = np.asarray(labels, np.int32)
+    self.class_names = list(class_names)
+    self.root = root
+    self.skipped: list[str] = []
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return {"image": decode_image(self.paths[i]), "label": int(self.labels[i])}
+
+  def load(self, i: int, *, draft_size: int | None = None) -> dict[str, Any]:
+    """Like ``src[i]`` but lets JPEG decoding downscale towards ``draft_size`` (shorter side)."""
+    return {"image": decode_image(self.paths[i], draft_size=draft_size), "label": int(self.labels[i])}
+
+  def __repr__(self):
+    return f"ImageFolderSource({self.root!r}, {len(self)} files, {len(self.class_names)} classes)"
+
+
+def image_folder(
+  root: str | os.PathLike,
+  *,
+  split: str | None = None,
+  val_fraction: float | None = None,
+  seed: int = 0,
+  cache: bool | str = "auto",
+  cache_dir: str | os.PathLike | None = None,
+  strict: bool = False,
+) -> ImageFolderSource | ArraySource:
+  """An image-folder source: ``root/<split>/<class>/<file>`` or ``root/<class>/<file>``.
+
+  Classes are the sub-folder names sorted; they come from ``root/train`` when it exists so
+  train and test labels agree. ``split`` may carry a slice (``"train[:90%]"``,
+  ``"test[100:]"``). ``val_fraction`` carves a stratified, seeded validation set out of the
+  training files: ``split="train"`` is then the rest and ``split="val"`` the carved part
+  (a real ``root/val`` folder is used as is when it exists). In the flat layout,
+  ``split=None`` means all files.
+
+  ``cache``: ``True`` decodes every file once into a uint8 array (returns an
+  :class:`ArraySource`), saved under ``cache_dir`` (default :func:`default_cache_dir`) as
+  .npy so the next run loads in seconds; ``"auto"`` does so when the first image is at most
+  64x64 pixels (CIFAR-sized); ``False`` decodes on every access. While caching, corrupt
+  files are skipped and listed in ``src.skipped`` unless ``strict=True``, which raises
+  :class:`CorruptImageError` naming the file.
+  """
+  root_path = pathlib.Path(root).expanduser()
+  if not root_path.is_dir():
+    raise ValueError(f"image folder {str(root_path)!r} does not exist or is not a directory")
+  name, sl = _parse_split(split) if split is not None else (None, slice(None))
+  if val_fraction is not None and not 0.0 < val_fraction < 1.0:
+    raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction}")
+
+  has_splits = (root_path / "train").is_dir() or (name is not None and (root_path / name).is_dir())
+  carve = None
+  if name is None:
+    folder = root_path
+  elif (root_path / name).is_dir() and not (name == "train" and val_fraction):
+    folder = root_path / name
+  elif name in ("train", "val", "validation"):
+    if not val_fraction:
+      raise ValueError(
+        f"split {name!r} not found under {str(root_path)!r}: pass val_fraction=... to carve a "
+        "validation set out of the training images")
+    folder = root_path / "train" if has_splits else root_path
+    carve = "val" if name in ("val", "validation") else "train"
+  else:
+    found = _list_classes(root_path) if root_path.is_dir() else []
+    raise ValueError(f"split {name!r} not found under {str(root_path)!r} (sub-folders: {found})")
+
+  class_dir = root_path / "train" if has_splits and (root_path / "train").is_dir() else folder
+  class_names = _list_classes(class_dir)
+  if not class_names:
+    raise ValueError(f"no class sub-folders in {str(class_dir)!r}: expected <class>/<image files>")
+  extra = set(_list_classes(folder)) - set(class_names)
+  if extra:
+    raise ValueError(f"classes {sorted(extra)} in {str(folder)!r} are missing from {str(class_dir)!r}")
+  paths, labels = _list_files(folder, class_names)
+  if not paths:
+    raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {str(folder)!r}")
+  labels = np.asarray(labels, np.int32)
+  if carve is not None:
+    is_val = _carve(labels, val_fraction, seed)
+    keep = is_val if carve == "val" else ~is_val
+    paths = [p for p, k in zip(paths, keep) if k]
+    labels = labels[keep]
+  idx = range(len(paths))[slice(_resolve_bound(sl.start, len(paths)), _resolve_bound(sl.stop, len(paths)))]
+  paths, labels = [paths[i] for i in idx], labels[list(idx)]
+  src = ImageFolderSource(paths, labels, class_names, root=str(root_path))
+
+  if cache == "auto":
+    first = decode_image(paths[0]) if paths else None
+    cache = first is not None and first.shape[0] * first.shape[1] <= AUTO_CACHE_MAX_PIXELS
+  elif cache not in (True, False):
+    raise ValueError(f"cache must be True, False or 'auto'; got {cache!r}")
+  if cache:
+    return to_memory(src, cache_dir=cache_dir, strict=strict)
+  return src
+
+
+def _fingerprint(src: ImageFolderSource) -> str:
+  h = hashlib.sha1()
+  h.update(json.dumps(src.class_names).encode())
+  for p, label in zip(src.paths, src.labels):
+    st = os.stat(p)
+    h.update(f"{p}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+  return h.hexdigest()[:20]
+
+
+def to_memory(
+  src, *, cache_dir: str | os.PathLike | None = None, strict: bool = False, num_threads: int | None = None,
+) -> ArraySource:
+  """Decodes every example of ``src`` once into an :class:`ArraySource` (uint8 arrays).
+
+  For an image folder the arrays are saved to ``cache_dir`` (default
+  :func:`default_cache_dir`; pass ``False`` for none), keyed by the file list, sizes and
+  modification times, and loaded from there next time. All images must share one shape.
+  Corrupt files are skipped and listed in ``.skipped`` (``strict=True`` raises instead).
+  """
+  if isinstance(src, ArraySource):
+    return src
+  paths = getattr(src, "paths", None)
+  stem = None
+  if paths is not None and cache_dir is not False:
+    cdir = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    stem = cdir / f"{pathlib.Path(getattr(src, 'root', 'data')).name or 'data'}-{_fingerprint(src)}"
+    if stem.with_suffix(".json").exists():
+      meta = json.loads(stem.with_suffix(".json").read_text())
+      if meta["skipped"] and strict:
+        raise CorruptImageError(meta["skipped"][0], "recorded as corrupt in the cache")
+      return ArraySource(
+        np.load(f"{stem}.images.npy"), np.load(f"{stem}.labels.npy"),
+        class_names=meta["class_names"], skipped=meta["skipped"])
+
+  def load(i):
+    try:
+      return src[i]
+    except CorruptImageError as e:
+      if strict:
+        raise
+      log.warning("skipping %s", e)
+      return e
+
+  workers = num_threads or min(32, (os.cpu_count() or 1) * 4)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    records = list(pool.map(load, range(len(src)), chunksize=256))
+  skipped = [r.path for r in records if isinstance(r, CorruptImageError)]
+  good = [r for r in records if not isinstance(r, CorruptImageError)]
+  if not good:
+    raise ValueError(f"no decodable images in {src!r}")
+  shapes = {r["image"].shape for r in good}
+  if len(shapes) > 1:
+    raise ValueError(f"images differ in shape ({sorted(shapes)[:3]} ...); resize them or use cache=False")
+  images = np.stack([r["image"] for r in good])
+  labels = np.asarray([r["label"] for r in good], np.int32)
+  if skipped:
+    log.warning("skipped %d corrupt image file(s) of %d", len(skipped), len(src))
+  if stem is not None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{stem}.{os.getpid()}.tmp"
+    np.save(f"{tmp}.images.npy", images)
+    np.save(f"{tmp}.labels.npy", labels)
+    os.replace(f"{tmp}.images.npy", f"{stem}.images.npy")
+    os.replace(f"{tmp}.labels.npy", f"{stem}.labels.npy")
+    meta = {"class_names": src.class_names, "skipped": skipped, "root": getattr(src, "root", ""), "count": len(good)}
+    stem.with_suffix(".json").write_text(json.dumps(meta))  # written last: marks the cache complete
+  return ArraySource(images, labels, class_names=src.class_names, skipped=skipped)
+
+
+# --------------------------------------------------------------------------- tfds
+
+
+class TfdsSource:
+  """A ``tfds.data_source`` wrapped to yield ``{"image": uint8 HWC RGB, "label": int}``."""
+
+  def __init__(self, data_source, class_names: Sequence[str], *, image_key: str = "image", label_key: str = "label"):
+    self.data_source = data_source
+    self.class_names = list(class_names)
+    self.image_key = image_key
+    self.label_key = label_key
+
+  def __len__(self) -> int:
+    return len(self.data_source)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    ex = self.data_source[int(i)]
+    image = np.asarray(ex[self.image_key])
+    if image.ndim == 2:
+      image = image[..., None]
+    if image.shape[-1] == 1:
+      image = np.repeat(image, 3, axis=-1)
+    elif image.shape[-1] == 4:
+      image = image[..., :3]
+    return {"image": image.astype(np.uint8, copy=False), "label": int(ex[self.label_key])}
+
+  def __repr__(self):
+    return f"TfdsSource({len(self)} examples, {len(self.class_names)} classes)"
+
+
+def tfds_source(
+  name: str, *, split: str, data_dir: str | os.PathLike | None = None, download: bool = False,
+  image_key: str = "image", label_key: str = "label",
+) -> TfdsSource:
+  """A tfds dataset by name (``"cifar10"``, ``"cats_vs_dogs"``, ``"food101"``) through
+  ``tfds.data_source`` (random access, array_record). ``split`` takes tfds slicing
+  (``"train[:90%]"``). With ``download=True`` a missing dataset is downloaded and prepared
+  into ``data_dir``; otherwise (and offline) a clear error names the ways out.
+  """
+  import tensorflow_datasets as tfds  # slow import; only when used
+
+  try:
+    ds = tfds.data_source(name, split=split, data_dir=None if data_dir is None else os.fspath(data_dir),
+                          download=download)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"unknown tfds dataset {name!r} (and no such image folder)") from e
+  except Exception as e:  # missing files, no network, wrong file format
+    where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+    how = "could not be downloaded and prepared" if download else "is not prepared there and download=False"
+    raise RuntimeError(
+      f"tfds dataset {name!r} split {split!r} is not available in {str(where)!r} ({how}): pass "
+      f"data_dir= a directory where it is already prepared in array_record format, or point the "
+      f"data spec at an image folder laid out as root/<split>/<class>/<file>. [{type(e).__name__}: "
+      f"{str(e).splitlines()[0] if str(e) else ''}]") from e
+  class_names = None
+  info = getattr(ds, "dataset_info", None)
+  feature = None
+  try:
+    feature = info.features[label_key]
+  except Exception:  # noqa: BLE001 - info layouts differ between tfds versions and mocks
+    pass
+  if feature is not None and getattr(feature, "names", None):
+    class_names = list(feature.names)
+  if class_names is None:
+    class_names = [str(i) for i in range(int(getattr(feature, "num_classes", 0) or 0))]
+  return TfdsSource(ds, class_names, image_key=image_key, label_key=label_key)
+
+
+# --------------------------------------------------------------------------- resolve
+
+
+def resolve(
+  spec, *, split: str, data_dir: str | os.PathLike | None = None, download: bool = False,
+  val_fraction: float | None = None, seed: int = 0, **folder_options,
+):
+  """A source from a spec: an existing source object (returned as is), an image-folder
+  path (``root/<split>/<class>/<file>``), or a tfds dataset name (read from ``data_dir``).
+
+  If ``data_dir`` itself is an image folder holding ``spec`` (``data_dir/spec/<split>``),
+  that folder is used. ``folder_options`` (cache, cache_dir, strict) go to
+  :func:`image_folder`.
+  """
+  if hasattr(spec, "__getitem__") and hasattr(spec, "class_names"):
+    return spec
+  spec_str = os.fspath(spec)
+  candidates = [pathlib.Path(spec_str).expanduser()]
+  if data_dir is not None:
+    candidates.append(pathlib.Path(data_dir).expanduser() / spec_str)
+  for cand in candidates:
+    if cand.is_dir():
+      return image_folder(cand, split=split, val_fraction=val_fraction, seed=seed, **folder_options)
+  if os.sep in spec_str or spec_str.startswith("."):
+    raise ValueError(f"image folder {spec_str!r} does not exist")
+  if val_fraction:
+    raise ValueError("val_fraction applies to image folders; for tfds use split slicing like 'train[:90%]'")
+  return tfds_source(spec_str, split=split, data_dir=data_dir, download=download)
