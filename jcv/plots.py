@@ -1,0 +1,102 @@
+"""Figures of a training run: training curves, confusion matrix, worst mistakes (matplotlib, Agg)."""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+__all__ = ["training_curves", "confusion_matrix", "confusion_counts", "worst_mistakes"]
+
+
+def _plt():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def training_curves(history: list[dict], path) -> pathlib.Path:
+  """Loss and top-1 of train and eval against step, from metrics.jsonl records."""
+  plt = _plt()
+  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+  for split, style in (("train", "-"), ("eval", "o-")):
+    rows = [r for r in history if r.get("split") == split]
+    if not rows:
+      continue
+    steps = [r["step"] for r in rows]
+    for ax, key in zip(axes[:2], ("loss", "top1")):
+      if key in rows[0]:
+        ax.plot(steps, [r[key] for r in rows], style, label=split, markersize=3)
+    if split == "train" and "lr" in rows[0]:
+      axes[2].plot(steps, [r["lr"] for r in rows])
+  for ax, title in zip(axes, ("loss", "top-1 accuracy", "learning rate")):
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes[0].legend()
+  axes[1].legend()
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def confusion_counts(labels, predictions, num_classes: int) -> np.ndarray:
+  """Counts [true, predicted] (numpy, int64)."""
+  counts = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(counts, (np.asarray(labels), np.asarray(predictions)), 1)
+  return counts
+
+
+def confusion_matrix(labels, predictions, class_names, path) -> pathlib.Path:
+  """Row-normalised confusion matrix with counts in the cells (up to 30 classes annotated)."""
+  plt = _plt()
+  n = len(class_names) or int(max(np.max(labels), np.max(predictions))) + 1
+  counts = confusion_counts(labels, predictions, n)
+  rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+  size = max(5, 0.5 * n)
+  fig, ax = plt.subplots(figsize=(size + 1, size))
+  im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+  names = class_names or [str(i) for i in range(n)]
+  ax.set_xticks(range(n), names, rotation=60, ha="right")
+  ax.set_yticks(range(n), names)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  if n <= 30:
+    for i in range(n):
+      for j in range(n):
+        ax.text(j, i, counts[i, j], ha="center", va="center", fontsize=7,
+                color="white" if rates[i, j] > 0.5 else "black")
+  acc = np.trace(counts) / max(counts.sum(), 1)
+  ax.set_title(f"confusion matrix (top-1 {acc:.2%}, n={counts.sum()})")
+  fig.colorbar(im, ax=ax, fraction=0.046)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def worst_mistakes(logits, labels, index, source, class_names, path, *, count: int = 16) -> pathlib.Path:
+  """The ``count`` wrong predictions with the highest confidence, with true/predicted names."""
+  plt = _plt()
+  logits = np.asarray(logits, np.float64)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  pred = probs.argmax(-1)
+  wrong = np.flatnonzero(pred != np.asarray(labels))
+  order = wrong[np.argsort(-probs[wrong, pred[wrong]])][:count]
+  cols = 4
+  rows = max(1, -(-len(order) // cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+  name = (lambda i: class_names[i]) if class_names else str
+  for ax in axes.ravel():
+    ax.axis("off")
+  for ax, i in zip(axes.ravel(), order):
+    ax.imshow(source[int(index[i])]["image"])
+    ax.set_title(f"true {name(int(labels[i]))}\npred {name(int(pred[i]))} {probs[i, pred[i]]:.0%}", fontsize=8)
+  fig.suptitle("most confident mistakes")
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def _save(fig, path) -> pathlib.Path:
+  path = pathlib.Path(path)
+  fig.savefig(path, dpi=100)
+  _plt().close(fig)
+  return path
