@@ -1,0 +1,203 @@
+"""MobileNet family: MobileNetV1 (Howard et al. 2017) and MobileNetV2 (Sandler et al. 2018).
+
+Both follow the Keras applications layouts (same layer order, channel counts, BN epsilon,
+ReLU6 and TF "SAME" padding) so the ImageNet weights in ``jcv.weights`` load into them
+one array per parameter. Inputs are float NHWC images already scaled to [-1, 1].
+
+Parameter tree of ``mobilenet_v2`` (names used by :mod:`jcv.weights.port` and by the
+freezing regimes of :mod:`jcv.train.transfer`)::
+
+  stem/{conv,bn}, block_0/{depthwise,project}, block_{1..16}/{expand,depthwise,project},
+  last_conv/{conv,bn}, head (Dense)
+
+Each of those top-level names is a *stage*; ``model.stage_names()`` lists them in order.
+``frozen_bn_stages=N`` makes the first N stages run BatchNorm in inference mode even when
+``train=True`` (Keras' ``trainable=False`` behaviour for a frozen backbone).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jcv.models.layers import ConvBNAct
+from jcv.models.registry import ModelCard, register
+
+__all__ = [
+    "InvertedResidual", "MobileNetV1", "MobileNetV2", "make_divisible",
+    "mobilenet_v1", "mobilenet_v2", "MOBILENET_V2_BLOCKS",
+]
+
+# (expansion t, output channels c, repeats n, first stride s) from the MobileNetV2 paper.
+MOBILENET_V2_BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                       (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+# (output channels, stride) of MobileNetV1's 13 depthwise-separable blocks.
+_MOBILENET_V1_BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+                        (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1))
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+  """Rounds a channel count to a multiple of ``divisor`` (never more than 10% down), as Keras/TF-slim."""
+  min_value = min_value or divisor
+  new_value = max(min_value, int(value + divisor / 2) // divisor * divisor)
+  if new_value < 0.9 * value:
+    new_value += divisor
+  return new_value
+
+
+class InvertedResidual(nn.Module):
+  """MobileNetV2 block: 1x1 expand (skipped when ``expansion == 1``), 3x3 depthwise, linear 1x1 project.
+
+  Adds the input back when the stride is 1 and input/output channels match.
+  ``bn_frozen=True`` runs its BatchNorms in inference mode whatever ``train`` says.
+  """
+  features: int
+  expansion: int = 6
+  strides: int = 1
+  act: Callable = nn.relu6
+  bn_momentum: float = 0.999
+  bn_epsilon: float = 1e-3
+  bn_frozen: bool = False
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    bn_train = train and not self.bn_frozen
+    common = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype)
+    in_features = x.shape[-1]
+    y = x
+    if self.expansion != 1:
+      y = ConvBNAct(in_features * self.expansion, 1, act=self.act, name="expand", **common)(y, bn_train)
+    y = ConvBNAct(y.shape[-1], 3, strides=self.strides, groups=-1, act=self.act,
+                  name="depthwise", **common)(y, bn_train)
+    y = ConvBNAct(self.features, 1, act=None, name="project", **common)(y, bn_train)
+    if self.strides == 1 and in_features == self.features:
+      y = y + x
+    return y
+
+
+def _head(x, *, num_classes, dropout_rate, train, dtype):
+  x = jnp.mean(x, axis=(1, 2))
+  if num_classes == 0:
+    return x
+  if dropout_rate > 0:
+    x = nn.Dropout(dropout_rate, deterministic=not train)(x)
+  return nn.Dense(num_classes, dtype=dtype, name="head")(x)
+
+
+class MobileNetV2(nn.Module):
+  """MobileNetV2 with width multiplier ``width``; ``num_classes=0`` returns pooled features."""
+  num_classes: int = 1000
+  width: float = 1.0
+  dropout_rate: float = 0.0
+  bn_momentum: float = 0.999
+  bn_epsilon: float = 1e-3
+  frozen_bn_stages: int = 0
+  dtype: Any = None
+
+  def stage_names(self) -> list[str]:
+    """Top-level parameter groups from input to output (the head excluded)."""
+    count = sum(n for _, _, n, _ in MOBILENET_V2_BLOCKS)
+    return ["stem"] + [f"block_{i}" for i in range(count)] + ["last_conv"]
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    common = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype)
+    stage = 0
+
+    def bn_frozen():
+      return stage < self.frozen_bn_stages
+
+    x = ConvBNAct(make_divisible(32 * self.width), 3, strides=2, act=nn.relu6, name="stem",
+                  **common)(x, train and not bn_frozen())
+    stage += 1
+    index = 0
+    for t, c, n, s in MOBILENET_V2_BLOCKS:
+      for i in range(n):
+        x = InvertedResidual(make_divisible(c * self.width), expansion=t, strides=s if i == 0 else 1,
+                             bn_frozen=bn_frozen(), name=f"block_{index}", **common)(x, train)
+        index += 1
+        stage += 1
+    last = make_divisible(1280 * self.width) if self.width > 1.0 else 1280
+    x = ConvBNAct(last, 1, act=nn.relu6, name="last_conv", **common)(x, train and not bn_frozen())
+    return _head(x, num_classes=self.num_classes, dropout_rate=self.dropout_rate, train=train,
+                 dtype=self.dtype)
+
+
+class MobileNetV1(nn.Module):
+  """MobileNetV1 (Keras layout: ReLU6, BN eps 1e-3, 1x1-conv classifier as a Dense ``head``)."""
+  num_classes: int = 1000
+  width: float = 1.0
+  dropout_rate: float = 1e-3
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
+  frozen_bn_stages: int = 0
+  dtype: Any = None
+
+  def stage_names(self) -> list[str]:
+    """Top-level parameter groups from input to output (the head excluded)."""
+    return ["stem"] + [f"block_{i}" for i in range(len(_MOBILENET_V1_BLOCKS))]
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    common = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype)
+    x = ConvBNAct(int(32 * self.width), 3, strides=2, act=nn.relu6, name="stem",
+                  **common)(x, train and self.frozen_bn_stages < 1)
+    for i, (c, s) in enumerate(_MOBILENET_V1_BLOCKS):
+      x = _SeparableBlock(int(c * self.width), strides=s, bn_frozen=i + 1 < self.frozen_bn_stages,
+                          name=f"block_{i}", **common)(x, train)
+    return _head(x, num_classes=self.num_classes, dropout_rate=self.dropout_rate, train=train,
+                 dtype=self.dtype)
+
+
+class _SeparableBlock(nn.Module):
+  """MobileNetV1 block: 3x3 depthwise + BN + ReLU6, then 1x1 pointwise + BN + ReLU6."""
+  features: int
+  strides: int = 1
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
+  bn_frozen: bool = False
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    bn_train = train and not self.bn_frozen
+    common = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype,
+                  act=nn.relu6)
+    x = ConvBNAct(x.shape[-1], 3, strides=self.strides, groups=-1, name="depthwise", **common)(x, bn_train)
+    return ConvBNAct(self.features, 1, name="pointwise", **common)(x, bn_train)
+
+
+def _check_width(width: float):
+  if not width > 0:
+    raise ValueError(f"width multiplier must be > 0, got {width!r}")
+
+
+@register(ModelCard(
+    "mobilenet_v2", paper="Sandler et al., MobileNetV2: Inverted Residuals and Linear Bottlenecks",
+    year=2018, reference_params=3_504_872, input_size=224,
+    notes="width 1.0; BN eps 1e-3, ReLU6, TF SAME padding; inputs in [-1, 1]; "
+          "ImageNet weights via jcv.weights.pretrained"))
+def mobilenet_v2(*, num_classes: int = 1000, width: float = 1.0, dropout_rate: float = 0.0,
+                 bn_momentum: float = 0.999, bn_epsilon: float = 1e-3, frozen_bn_stages: int = 0,
+                 dtype=None) -> MobileNetV2:
+  """MobileNetV2 (Keras/TF-slim layout). ``width`` is the width multiplier (0.35 ... 1.4)."""
+  _check_width(width)
+  return MobileNetV2(num_classes=num_classes, width=width, dropout_rate=dropout_rate,
+                     bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
+                     frozen_bn_stages=frozen_bn_stages, dtype=dtype)
+
+
+@register(ModelCard(
+    "mobilenet_v1", paper="Howard et al., MobileNets: Efficient Convolutional Neural Networks "
+    "for Mobile Vision Applications", year=2017, reference_params=4_231_976, input_size=224,
+    notes="width 1.0, Keras layout (ReLU6, BN eps 1e-3, dropout 1e-3 before the classifier)"))
+def mobilenet_v1(*, num_classes: int = 1000, width: float = 1.0, dropout_rate: float = 1e-3,
+                 bn_momentum: float = 0.99, bn_epsilon: float = 1e-3, frozen_bn_stages: int = 0,
+                 dtype=None) -> MobileNetV1:
+  """MobileNetV1 (Keras layout). ``width`` is the width multiplier alpha (0.25 ... 1.0)."""
+  _check_width(width)
+  return MobileNetV1(num_classes=num_classes, width=width, dropout_rate=dropout_rate,
+                     bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
+                     frozen_bn_stages=frozen_bn_stages, dtype=dtype)
