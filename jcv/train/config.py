@@ -23,7 +23,7 @@ class Config:
   eval_split: str = "test"            # "" disables evaluation
   val_fraction: float | None = None   # carve a validation split from train (image folders)
   image_size: int = 32
-  crop: str = "pad_crop"              # host crop: random_resized | pad_crop | none
+  crop: str = "none"                  # host crop: random_resized | pad_crop | none (resize + centre crop)
   num_workers: int = 0                # grain worker processes (0 = in-process)
   augment: tuple = ("flip", ("pad_crop", {"padding": 4}))  # on-device ops for make_augment
   mean: tuple | None = (0.4914, 0.4822, 0.4465)  # on [0, 1] images; None = no normalisation

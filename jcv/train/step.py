@@ -91,7 +91,7 @@ def train_step(state, batch, *, augment_fn: Callable | None = None, num_classes:
     new_stats = jax.lax.pmean(new_stats, axis_name)
     metrics = jax.lax.pmean(metrics, axis_name)
   new_stats = _keep_frozen_stats(new_stats, state.batch_stats, freeze)
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["lr"] = (jnp.asarray(schedule(state.step), jnp.float32) if schedule is not None
                    else jnp.zeros((), jnp.float32))
   return state.apply_gradients(grads, batch_stats=new_stats), metrics
