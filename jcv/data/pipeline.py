@@ -64,6 +64,16 @@ def _check_common(source, batch_size, image_size):
     raise ValueError("source is empty")
 
 
+def _allow_grain_workers():
+  """grain's worker start reads an absl flag, which raises in programs that never parsed
+  flags once jax is imported (google/grain#1355, fixed upstream by #1361/#1362). Marking
+  the flags parsed keeps every absl flag at its default, as grain's own config does."""
+  from absl import flags  # noqa: PLC0415
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 class _Batcher:
   """Shared record loading: draft-size decoding, corrupt-file handling."""
 
@@ -256,6 +266,7 @@ class Loader:
     read = grain.ReadOptions(num_threads=self.num_threads, prefetch_buffer_size=self.prefetch)
     ids = ds.to_iter_dataset(read)
     if self.num_workers > 0:
+      _allow_grain_workers()
       ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers, per_worker_buffer_size=2))
     return ids
 
