@@ -56,14 +56,23 @@ def create(name: str, *, num_classes: int | None = None, **options) -> nn.Module
   factory, card = _lookup(name)
   if num_classes is None:
     num_classes = card.default_num_classes
-  return factory(num_classes=num_classes, **options)
+  if not isinstance(num_classes, int) or num_classes < 0:
+    raise ValueError(f"num_classes must be an int >= 0 (0: pooled features), got {num_classes!r}")
+  try:
+    return factory(num_classes=num_classes, **options)
+  except TypeError as e:  # an option the model's dataclass does not have
+    raise ValueError(f"model {name!r} got an unsupported option ({e}); see "
+                     f"help(jcv.models.{getattr(factory, '__module__', '').rsplit('.', 1)[-1]}"
+                     f".{getattr(factory, '__name__', name)})") from e
 
 
 def get_card(name: str) -> ModelCard:
+  """The :class:`ModelCard` of a registered model (ValueError listing the names if unknown)."""
   return _lookup(name)[1]
 
 
 def list_models() -> list[str]:
+  """Sorted names of every registered model."""
   _ensure_loaded()
   return sorted(_REGISTRY)
 
