@@ -11,6 +11,17 @@ __all__ = ["canny"]
 # OpenCV's fixed-point tan(22.5 deg) = 13573 / 2^15; tan(67.5 deg) = 1 / tan(22.5 deg) = 1 + 2 tan(22.5).
 _TAN22 = 13573.0 / 32768.0
 _TAN67 = (13573.0 + 65536.0) / 32768.0
+# Magnitudes within this relative distance count as equal, so float32 rounding does not decide
+# ties; on uint8-derived images this reproduces OpenCV's integer comparisons.
+_TIE = 1e-5
+
+
+def _greater(a, b):
+  return a > b * (1 + _TIE)
+
+
+def _greater_equal(a, b):
+  return a >= b * (1 - _TIE)
 
 
 def _neighbours(mag):
@@ -40,7 +51,8 @@ def canny(image, *, low_threshold=0.2, high_threshold=0.5, sigma=1.0, l2_gradien
   which does not blur); 3x3 Sobel gradients with "edge" (replicate) borders as OpenCV; gradient
   magnitude ``|dx| + |dy|`` (or ``sqrt(dx^2 + dy^2)`` with ``l2_gradient``); non-maximum
   suppression along the gradient direction quantised to 0/45/90/135 degrees (OpenCV's
-  tie-breaking, zero magnitude outside the image); hysteresis: pixels above
+  tie-breaking, zero magnitude outside the image; magnitudes within a relative 1e-5 count as
+  equal so float32 rounding does not break ties); hysteresis: pixels above
   ``high_threshold`` seed edges that grow through 8-connected pixels above ``low_threshold``.
 
   Thresholds are in gradient units of a [0, 1] image: OpenCV's uint8 thresholds divided by 255
@@ -67,10 +79,11 @@ def canny(image, *, low_threshold=0.2, high_threshold=0.5, sigma=1.0, l2_gradien
   diag_a = jnp.where(same_sign, up_left, up_right)
   diag_b = jnp.where(same_sign, down_right, down_left)
   is_max = jnp.where(
-      horizontal, (mag > left) & (mag >= right),
-      jnp.where(vertical, (mag > up) & (mag >= down), (mag > diag_a) & (mag > diag_b)))
-  weak = is_max & (mag > low)
-  strong = weak & (mag > high)
+      horizontal, _greater(mag, left) & _greater_equal(mag, right),
+      jnp.where(vertical, _greater(mag, up) & _greater_equal(mag, down),
+                _greater(mag, diag_a) & _greater(mag, diag_b)))
+  weak = is_max & _greater(mag, low)
+  strong = weak & _greater(mag, high)
 
   def grow(state):
     edges, _ = state
