@@ -1,0 +1,158 @@
+"""Shared layers against NumPy references (and PyTorch's definitions where torch is installed)."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcv.models import layers
+
+RNG = np.random.default_rng(0)
+
+
+def _np_pool(x, k, s, p, ceil_mode, reduce, count_include_pad=True):
+  """Direct NumPy transcription of PyTorch's pooling definition (NHWC)."""
+  n, h, w, c = x.shape
+  oh = layers.pool_output_size(h, k, s, p, ceil_mode=ceil_mode)
+  ow = layers.pool_output_size(w, k, s, p, ceil_mode=ceil_mode)
+  out = np.zeros((n, oh, ow, c), x.dtype)
+  for i, j in itertools.product(range(oh), range(ow)):
+    r0, c0 = i * s - p, j * s - p
+    r1, c1 = min(r0 + k, h + p), min(c0 + k, w + p)  # window clipped to the padded input
+    rr0, cc0, rr1, cc1 = max(r0, 0), max(c0, 0), min(r1, h), min(c1, w)
+    window = x[:, rr0:rr1, cc0:cc1]
+    if reduce == "max":
+      out[:, i, j] = window.max(axis=(1, 2))
+    else:
+      count = (r1 - r0) * (c1 - c0) if count_include_pad else (rr1 - rr0) * (cc1 - cc0)
+      out[:, i, j] = window.sum(axis=(1, 2)) / count
+  return out
+
+
+@pytest.mark.parametrize("size,k,s,p,ceil,expected", [
+    (112, 3, 2, 0, True, 56), (56, 3, 2, 0, True, 28), (14, 2, 2, 0, True, 7),  # GoogLeNet
+    (112, 3, 2, 1, False, 56), (13, 3, 2, 0, False, 6), (14, 3, 2, 0, True, 7),
+    (14, 3, 2, 0, False, 6), (5, 2, 2, 1, True, 3),  # last window would start in the right pad
+])
+def test_pool_output_size_follows_pytorch(size, k, s, p, ceil, expected):
+  assert layers.pool_output_size(size, k, s, p, ceil_mode=ceil) == expected
+
+
+@pytest.mark.parametrize("size,k,s,p,ceil", [(9, 3, 2, 0, True), (10, 3, 2, 1, False),
+                                             (7, 2, 2, 1, True), (8, 3, 1, 1, True)])
+def test_max_pool_matches_numpy(size, k, s, p, ceil):
+  x = RNG.normal(size=(2, size, size + 1, 3)).astype(np.float32)
+  got = layers.max_pool(jnp.asarray(x), k, s, padding=p, ceil_mode=ceil)
+  np.testing.assert_allclose(got, _np_pool(x, k, s, p, ceil, "max"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("include", [True, False])
+def test_avg_pool_matches_numpy(include):
+  x = RNG.normal(size=(2, 9, 8, 4)).astype(np.float32)
+  got = layers.avg_pool(jnp.asarray(x), 3, 1, padding=1, count_include_pad=include)
+  np.testing.assert_allclose(got, _np_pool(x, 3, 1, 1, False, "avg", include), rtol=1e-6, atol=1e-6)
+
+
+def _np_adaptive(x, n, reduce):
+  h, w = x.shape[1:3]
+  out = np.zeros((x.shape[0], n, n, x.shape[3]), x.dtype)
+  for i, j in itertools.product(range(n), range(n)):
+    r0, r1 = (i * h) // n, -(-((i + 1) * h) // n)
+    c0, c1 = (j * w) // n, -(-((j + 1) * w) // n)
+    out[:, i, j] = reduce(x[:, r0:r1, c0:c1], axis=(1, 2))
+  return out
+
+
+@pytest.mark.parametrize("shape,n", [((2, 13, 13, 3), 6), ((1, 7, 7, 2), 7), ((1, 14, 14, 2), 7),
+                                     ((1, 3, 5, 2), 6), ((1, 10, 10, 1), 4)])
+def test_adaptive_pools_match_numpy(shape, n):
+  x = RNG.normal(size=shape).astype(np.float32)
+  np.testing.assert_allclose(layers.adaptive_avg_pool(jnp.asarray(x), n), _np_adaptive(x, n, np.mean),
+                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(layers.adaptive_max_pool(jnp.asarray(x), n), _np_adaptive(x, n, np.max))
+
+
+@pytest.mark.parametrize("hw", [(13, 13), (4, 4), (3, 7), (21, 17)])
+def test_spatial_pyramid_pool_matches_numpy(hw):
+  x = RNG.normal(size=(2, *hw, 5)).astype(np.float32)
+  got = layers.SpatialPyramidPool(levels=(6, 3, 2, 1)).apply({}, jnp.asarray(x))
+  want = np.concatenate([_np_adaptive(x, n, np.max).reshape(2, -1) for n in (6, 3, 2, 1)], axis=1)
+  assert got.shape == (2, 5 * 50)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_local_response_norm_matches_formula():
+  x = RNG.normal(size=(2, 4, 4, 11)).astype(np.float32) * 3
+  got = layers.LocalResponseNorm(size=5, alpha=1e-2, beta=0.75, k=2.0).apply({}, jnp.asarray(x))
+  sq = np.pad(x ** 2, ((0, 0), (0, 0), (0, 0), (2, 2)))
+  window = sum(sq[..., i:i + 11] for i in range(5))
+  np.testing.assert_allclose(got, x / (2.0 + 1e-2 / 5 * window) ** 0.75, rtol=1e-5, atol=1e-6)
+
+
+def test_pooling_and_lrn_match_pytorch():
+  torch = pytest.importorskip("torch")
+  x = RNG.normal(size=(2, 11, 9, 6)).astype(np.float32)
+  xt = torch.from_numpy(x).permute(0, 3, 1, 2)
+  to_nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()  # noqa: E731
+  for k, s, p, ceil in [(3, 2, 0, True), (3, 2, 1, False), (2, 2, 1, True), (3, 1, 1, True)]:
+    want = to_nhwc(torch.nn.functional.max_pool2d(xt, k, s, p, ceil_mode=ceil))
+    np.testing.assert_array_equal(layers.max_pool(jnp.asarray(x), k, s, padding=p, ceil_mode=ceil), want)
+  want = to_nhwc(torch.nn.functional.avg_pool2d(xt, 3, 1, 1, count_include_pad=True))
+  np.testing.assert_allclose(layers.avg_pool(jnp.asarray(x), 3, 1, padding=1), want, rtol=1e-5, atol=1e-6)
+  for n in (1, 3, 6, 7):
+    want = to_nhwc(torch.nn.functional.adaptive_max_pool2d(xt, n))
+    np.testing.assert_array_equal(layers.adaptive_max_pool(jnp.asarray(x), n), want)
+    want = to_nhwc(torch.nn.functional.adaptive_avg_pool2d(xt, n))
+    np.testing.assert_allclose(layers.adaptive_avg_pool(jnp.asarray(x), n), want, rtol=1e-5, atol=1e-6)
+  want = to_nhwc(torch.nn.LocalResponseNorm(5, alpha=1e-2, beta=0.75, k=2.0)(xt))
+  got = layers.LocalResponseNorm(alpha=1e-2).apply({}, jnp.asarray(x))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_pad_shortcut_is_strided_identity_with_zero_channels():
+  """With the last BN scale at zero the block is relu(shortcut): option A is exactly visible."""
+  x = RNG.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  block = layers.BasicBlock(8, strides=2, shortcut="zero_pad", zero_init_residual=True)
+  variables = block.init(jax.random.key(0), jnp.asarray(x))
+  got = block.apply(variables, jnp.asarray(x))
+  want = np.maximum(np.pad(x[:, ::2, ::2], ((0, 0), (0, 0), (0, 0), (2, 2))), 0)
+  np.testing.assert_allclose(got, want, rtol=0, atol=0)
+  assert "downsample" not in variables["params"]
+
+
+def test_projection_shortcut_is_strided_1x1_conv():
+  x = RNG.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  block = layers.Bottleneck(3, strides=2, zero_init_residual=True)  # 3 x 4 = 12 outputs
+  variables = block.init(jax.random.key(0), jnp.asarray(x))
+  got = block.apply(variables, jnp.asarray(x))
+  kernel = np.asarray(variables["params"]["downsample"]["conv"]["kernel"])[0, 0]  # (4, 12)
+  eps = 1e-5  # BN at init in eval mode: (y - 0) / sqrt(1 + eps)
+  want = np.maximum(np.einsum("nhwc,cd->nhwd", x[:, ::2, ::2], kernel) / np.sqrt(1 + eps), 0)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_inception_v1_block_concatenates_branches():
+  block = layers.InceptionV1Block(64, 96, 128, 16, 32, 32)
+  x = jax.ShapeDtypeStruct((1, 28, 28, 192), jnp.float32)
+  out, variables = jax.eval_shape(lambda x: block.init_with_output(jax.random.key(0), x), x)
+  assert out.shape == (1, 28, 28, 64 + 128 + 32 + 32)
+  assert variables["params"]["branch3"]["conv_1"]["conv"]["kernel"].shape == (3, 3, 16, 32)
+  wide = layers.InceptionV1Block(64, 96, 128, 16, 32, 32, wide_kernel=5)
+  _, variables = jax.eval_shape(lambda x: wide.init_with_output(jax.random.key(0), x), x)
+  assert variables["params"]["branch3"]["conv_1"]["conv"]["kernel"].shape == (5, 5, 16, 32)
+
+
+def test_conv_branch_spec_defaults_and_padding():
+  branch = layers.ConvBranch([(8, 1), (8, (1, 7)), (6, 3, 2, "VALID"), (4, 3, 1)])
+  x = jax.ShapeDtypeStruct((1, 17, 17, 3), jnp.float32)
+  out, variables = jax.eval_shape(lambda x: branch.init_with_output(jax.random.key(0), x), x)
+  assert out.shape == (1, 8, 8, 4)
+  assert variables["params"]["conv_1"]["conv"]["kernel"].shape == (1, 7, 8, 8)
+
+
+def test_layer_errors():
+  with pytest.raises(ValueError, match="'max' or 'avg'"):
+    layers.SpatialPyramidPool(mode="min").apply({}, jnp.zeros((1, 4, 4, 2)))
+  with pytest.raises(ValueError, match="larger than input"):
+    layers.pool_output_size(2, 3, 2)
