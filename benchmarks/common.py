@@ -1,0 +1,120 @@
+"""Shared helpers for the jcv benchmarks: timing, interleaving, machine description, output.
+
+Timing rule used everywhere: warm up (compile) first, then time single iterations that end in
+``block_until_ready`` (JAX) or return synchronised results (PyTorch eager on CPU), and report
+the median. Competing implementations are timed in interleaved rounds (A, B, A, B, ...) so that
+load from other processes on a shared machine hits all of them alike.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+__all__ = ["interleaved_times", "machine_info", "median", "time_once", "write_csv", "write_json"]
+
+
+def time_once(fn: Callable[[], object]) -> float:
+  """Seconds for one call of ``fn`` (which must block until its result is ready)."""
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def median(values) -> float:
+  """Median of a non-empty sequence (nan if empty)."""
+  values = list(values)
+  return statistics.median(values) if values else float("nan")
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], *, rounds: int = 5,
+                      iters_per_round: int = 2, warmup: int = 2,
+                      budget_s: float | None = None) -> dict[str, list[float]]:
+  """Times each callable in interleaved rounds; returns per-iteration seconds per name.
+
+  Each callable is warmed up ``warmup`` times first. With ``budget_s``, stops after the first
+  round in which the total elapsed time passed the budget (at least one round always runs).
+  """
+  for fn in fns.values():
+    for _ in range(warmup):
+      fn()
+  times = {name: [] for name in fns}
+  start = time.perf_counter()
+  for r in range(rounds):
+    for name, fn in fns.items():
+      for _ in range(iters_per_round):
+        times[name].append(time_once(fn))
+    if budget_s is not None and time.perf_counter() - start > budget_s:
+      break
+  return times
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+  """Machine, load and library versions, to store next to every number."""
+  import jax
+  info = {
+      "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      "cpu": _cpu_model(),
+      "cpu_count": os.cpu_count(),
+      "load_avg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+      "python": sys.version.split()[0],
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+      "devices": [d.device_kind for d in jax.devices()],
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+  try:
+    import flax
+    info["flax"] = flax.__version__
+  except ImportError:
+    pass
+  try:
+    import torch
+    info["torch"] = torch.__version__
+    info["torch_threads"] = torch.get_num_threads()
+  except ImportError:
+    info["torch"] = None
+  try:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=10)
+    if out.returncode == 0:
+      info["gpus"] = out.stdout.strip().splitlines()
+  except (OSError, subprocess.SubprocessError):
+    pass
+  return info
+
+
+def write_json(path, obj) -> None:
+  """Writes ``obj`` as indented JSON, creating parent folders."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, default=str)
+
+
+def write_csv(path, rows: list[dict]) -> None:
+  """Writes dict rows as CSV (the union of keys, in first-seen order)."""
+  import csv
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  keys: list[str] = []
+  for row in rows:
+    keys += [k for k in row if k not in keys]
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)

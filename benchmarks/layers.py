@@ -1,0 +1,156 @@
+"""Per-layer-type convolution timing: XLA's conv vs jcv's CPU lowerings vs PyTorch.
+
+For representative layers of MobileNetV2, ResNet and a CIFAR CNN, times the forward pass and
+the forward + backward pass (gradients for input and kernel) of:
+
+* ``xla``: ``lax.conv_general_dilated`` (``jcv.models.conv_ops`` lowering "xla", stock Flax);
+* ``jcv``: ``jcv.models.conv_ops.conv2d`` with the CPU lowering;
+* ``torch``: ``torch.nn.functional.conv2d`` on channels_last tensors (if torch is installed),
+
+interleaved in the same run, and prints GFLOP/s and ratios. Usage::
+
+  python benchmarks/layers.py [--batch 16] [--rounds 5] [--only dw] [--out benchmarks/results/layers]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import interleaved_times, machine_info, median, write_csv, write_json  # noqa: E402
+from jcv.models import conv_ops  # noqa: E402
+
+__all__ = ["LAYERS", "main"]
+
+# name: (H=W, cin, cout, kernel, stride, groups)  -- groups == cin means depthwise.
+LAYERS = {
+    "mbv2_expand_1x1_56": (56, 24, 144, 1, 1, 1),
+    "mbv2_dw3x3_s1_56": (56, 144, 144, 3, 1, 144),
+    "mbv2_dw3x3_s2_56": (56, 144, 144, 3, 2, 144),
+    "mbv2_project_1x1_28": (28, 144, 32, 1, 1, 1),
+    "mbv2_dw3x3_s1_14": (14, 576, 576, 3, 1, 576),
+    "mbv2_stem_3x3_s2_224": (224, 3, 32, 3, 2, 1),
+    "resnet_stem_7x7_s2_224": (224, 3, 64, 7, 2, 1),
+    "resnet_3x3_64_56": (56, 64, 64, 3, 1, 1),
+    "resnet_3x3_s2_128_28": (28, 128, 256, 3, 2, 1),
+    "cifar_3x3_64_128_32": (32, 64, 128, 3, 1, 1),
+    "cifar_3x3_3_64_32": (32, 3, 64, 3, 1, 1),
+}
+
+
+def _flops(batch, h, cin, cout, k, stride, groups):
+  out = -(-h // stride)
+  return 2 * batch * out * out * cout * k * k * cin // groups
+
+
+def _jax_fns(x, w, stride, groups, lowering):
+  with conv_ops.lowering(lowering):
+    fwd = jax.jit(lambda x, w: conv_ops.conv2d(x, w, strides=stride, groups=groups))
+    y = jax.eval_shape(fwd, x, w)
+    ct = jnp.ones(y.shape, y.dtype) * 0.01
+
+    def loss(x, w):
+      return jnp.vdot(conv_ops.conv2d(x, w, strides=stride, groups=groups), ct)
+    train = jax.jit(jax.grad(loss, (0, 1)))
+    fwd(x, w).block_until_ready()
+    jax.block_until_ready(train(x, w))
+  return (lambda: fwd(x, w).block_until_ready(),
+          lambda: jax.block_until_ready(train(x, w)))
+
+
+def _torch_fns(x_np, w_np, stride, groups, pad):
+  import torch
+  import torch.nn.functional as F
+  x = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+  w = torch.from_numpy(np.ascontiguousarray(w_np.transpose(3, 2, 0, 1)))
+  w = w.contiguous(memory_format=torch.channels_last)
+
+  def fwd():
+    with torch.no_grad():
+      return F.conv2d(x, w, stride=stride, padding=pad, groups=groups)
+
+  xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+  ct = None
+
+  def train():
+    nonlocal ct
+    y = F.conv2d(xg, wg, stride=stride, padding=pad, groups=groups)
+    if ct is None:
+      ct = torch.full_like(y, 0.01)
+    xg.grad = wg.grad = None
+    y.backward(ct)
+    return xg.grad, wg.grad
+  return fwd, train
+
+
+def main(argv=None):
+  """Runs the per-layer benchmark and writes JSON/CSV/markdown next to ``--out``."""
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--only", default="", help="substring filter on layer names")
+  p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--out", default="benchmarks/results/layers")
+  args = p.parse_args(argv)
+  try:
+    if args.no_torch:
+      raise ImportError
+    import torch  # noqa: F401
+    have_torch = True
+  except ImportError:
+    have_torch = False
+  info = machine_info()
+  print(f"# {info['cpu']} x{info['cpu_count']}, load {info['load_avg_1_5_15']}, jax {info['jax']}, "
+        f"torch {info.get('torch')}", flush=True)
+  rows = []
+  rng = np.random.default_rng(0)
+  for name, (h, cin, cout, k, stride, groups) in LAYERS.items():
+    if args.only and args.only not in name:
+      continue
+    x_np = rng.normal(size=(args.batch, h, h, cin)).astype(np.float32)
+    w_np = (rng.normal(size=(k, k, cin // groups, cout)) / np.sqrt(k * k * cin / groups)).astype(np.float32)
+    x, w = jnp.asarray(x_np), jnp.asarray(w_np)
+    fns = {}
+    for lowering in ("xla", "cpu"):
+      f, t = _jax_fns(x, w, stride, groups, lowering)
+      fns[f"{lowering}_fwd"], fns[f"{lowering}_train"] = f, t
+    if have_torch:
+      # PyTorch's symmetric padding equals TF SAME for odd kernels at stride 1; for stride 2 on
+      # even sizes TF pads (0, 1) instead of (1, 1): same FLOPs, same output size.
+      f, t = _torch_fns(x_np, w_np, stride, groups, k // 2)
+      fns["torch_fwd"], fns["torch_train"] = f, t
+    times = interleaved_times(fns, rounds=args.rounds, iters_per_round=2, warmup=1)
+    flops = _flops(args.batch, h, cin, cout, k, stride, groups)
+    row = {"layer": name, "batch": args.batch, "mflop_fwd": round(flops / 1e6, 1)}
+    for key, ts in times.items():
+      row[f"{key}_ms"] = round(1e3 * median(ts), 3)
+      row[f"{key}_gflops"] = round((flops if key.endswith("fwd") else 3 * flops) / median(ts) / 1e9, 2)
+    for mode in ("fwd", "train"):
+      row[f"speedup_{mode}_vs_xla"] = round(row[f"xla_{mode}_ms"] / row[f"cpu_{mode}_ms"], 2)
+      if have_torch:
+        row[f"jcv_vs_torch_{mode}"] = round(row[f"torch_{mode}_ms"] / row[f"cpu_{mode}_ms"], 2)
+    rows.append(row)
+    print(" ".join(f"{k}={v}" for k, v in row.items() if not k.endswith("gflops")), flush=True)
+  info["load_avg_after"] = list(os.getloadavg())
+  write_json(args.out + ".json", {"machine": info, "rows": rows})
+  write_csv(args.out + ".csv", rows)
+  cols = ["xla_fwd", "cpu_fwd", "torch_fwd", "xla_train", "cpu_train", "torch_train"]
+  cols = [c for c in cols if f"{c}_ms" in rows[0]] if rows else []
+  lines = ["| layer | MFLOP fwd | " + " | ".join(f"{c} ms (GFLOP/s)" for c in cols) + " |",
+           "|" + " --- |" * (2 + len(cols))]
+  for r in rows:
+    lines.append(f"| {r['layer']} | {r['mflop_fwd']} | " + " | ".join(
+        f"{r[c + '_ms']} ({r[c + '_gflops']})" for c in cols) + " |")
+  with open(args.out + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
