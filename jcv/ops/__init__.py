@@ -6,7 +6,7 @@ the maths allows (colour spaces, adjustments, linear filters, bilateral and medi
 not the quantised histogram equalisation nor the binary Canny mask). dm-pix is used where it
 already has the operation. Options are keyword-only; bad input raises ``ValueError``.
 
-Modules: `color` (colour spaces), `adjust` (colour processing), `histogram` (histograms,
+Modules: `color` (colour spaces), `adjust` (colour processing), `histograms` (histograms,
 equalisation, CLAHE), `filters` (convolution, blurs, derivatives, sharpening), `edges`
 (Canny), `geometry` (resize, crop, flip, rotate).
 """
@@ -46,9 +46,9 @@ from jcv.ops.geometry import flip_up_down
 from jcv.ops.geometry import resize
 from jcv.ops.geometry import rot90
 from jcv.ops.geometry import rotate
-from jcv.ops.histogram import clahe
-from jcv.ops.histogram import equalize_histogram
-from jcv.ops.histogram import histogram
+from jcv.ops.histograms import clahe
+from jcv.ops.histograms import equalize_histogram
+from jcv.ops.histograms import histogram
 
 __all__ = [
     # colour spaces

@@ -2,6 +2,8 @@
 
 Thin wrappers over ``jax.image`` and dm-pix that accept any leading batch dimensions.
 """
+import functools
+
 import dm_pix as pix
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,12 @@ from jcv.ops import _checks
 __all__ = ["resize", "crop", "center_crop", "flip_left_right", "flip_up_down", "rot90", "rotate"]
 
 _RESIZE_METHODS = ("nearest", "linear", "cubic", "lanczos3", "lanczos5")
+
+
+@functools.partial(jax.jit, static_argnames=("order", "mode"))
+def _rotate_batch(images, angle, cval, *, order, mode):
+  # Compiled even when called eagerly: dm-pix's interpolation is hundreds of small ops.
+  return jax.vmap(lambda x: pix.rotate(x, angle, order=order, mode=mode, cval=cval))(images)
 
 
 def resize(image, *, height, width, method="linear", antialias=True):
@@ -84,7 +92,5 @@ def rotate(image, *, angle, order=1, mode="nearest", cval=0.0):
     raise ValueError(f"rotate: expected order 0 or 1; got {order!r}.")
   if mode not in ("nearest", "constant"):
     raise ValueError(f"rotate: expected mode 'nearest' or 'constant'; got {mode!r}.")
-  lead = image.shape[:-3]
   flat = image.reshape((-1,) + image.shape[-3:])
-  fn = lambda x: pix.rotate(x, angle, order=order, mode=mode, cval=cval)
-  return jax.vmap(fn)(flat).reshape(image.shape) if lead else fn(image)
+  return _rotate_batch(flat, angle, cval, order=order, mode=mode).reshape(image.shape)
