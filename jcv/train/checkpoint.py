@@ -22,6 +22,16 @@ _STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "key")
 log = logging.getLogger(__name__)
 
 
+class _QuietMissingMetrics(logging.Filter):
+  """Orbax warns on every save without metrics; mid-epoch saves have none by design."""
+
+  def filter(self, record):
+    return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietMissingMetrics())
+
+
 def _state_tree(state) -> dict:
   return {f: getattr(state, f) for f in _STATE_FIELDS}
 

@@ -1,19 +1,5 @@
-"""Fixtures for the training tests: a temporarily registered tiny model, repo paths."""
+"""Training tests import their tiny helpers (tiny.py) from this folder."""
 import pathlib
 import sys
 
-import pytest
-
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import tiny  # noqa: E402
-
-
-@pytest.fixture
-def tiny_model():
-  """Name of the test-only registered TinyCNN; unregistered after the test."""
-  from jcv.models import registry
-  name = tiny.register_tiny()
-  yield name
-  registry._REGISTRY.pop(name, None)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))

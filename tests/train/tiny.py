@@ -30,21 +30,6 @@ def random_images(n, *, size=8, num_classes=10, seed=0):
   return np.clip(images, 0, 255).astype(np.uint8), labels
 
 
-def register_tiny():
-  """Registers TinyCNN as model "test_tiny_cnn" (idempotent) so Config(model=...) can build it.
-
-  In the pytest process use the ``tiny_model`` fixture, which unregisters it afterwards so
-  tests walking ``jcv.models.list_models()`` never see it.
-  """
-  from jcv.models import registry
-  if "test_tiny_cnn" not in registry._REGISTRY:
-    @registry.register(registry.ModelCard("test_tiny_cnn", input_size=8, default_num_classes=10,
-                                          notes="test-only"))
-    def _tiny(*, num_classes=10, use_bn=True, dropout_rate=0.0, dtype=None):
-      return TinyCNN(num_classes=num_classes, use_bn=use_bn, dropout_rate=dropout_rate)
-  return "test_tiny_cnn"
-
-
 def array_sources(n_train=256, n_eval=100, *, size=8, num_classes=10):
   """(train, eval) jcv ArraySources of random_images."""
   from jcv.data.sources import ArraySource

@@ -1,0 +1,43 @@
+"""Subprocess entry point for the resume, signal and multi-host tests.
+
+A real ``jcv.train.cli.run`` on in-memory arrays with the registered ``advanced_cnn`` shrunk
+to one 8-channel stage; after the run, every process restores the newest checkpoint and
+writes its parameters to ``<workdir>/params_p<process>.npz``.
+"""
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from jcv.train import Config, cli  # noqa: E402
+from tiny import array_sources  # noqa: E402
+
+BASE = Config(
+    model="advanced_cnn", model_options={"widths": (8,), "convs_per_stage": 1, "hidden": 16,
+                                         "dropout_rate": 0.2},
+    image_size=8, batch_size=16, epochs=2, optimizer="sgd", learning_rate=0.05, schedule="cosine",
+    augment=("flip", ("pad_crop", {"padding": 1})), mean=(0.3, 0.3, 0.3), std=(0.2, 0.2, 0.2),
+    log_every=5, progress=False, plots=False, compilation_cache=None, keep_checkpoints=2)
+
+
+def dump_params(workdir):
+  import jax
+  from jcv.train import loop, parallel
+  from jcv.train.optim import param_paths
+  _, _, state, _ = loop.load_run(workdir, which="latest")
+  params = parallel.fetch(state.params)
+  flat = dict(zip(jax.tree.leaves(param_paths(params)), jax.tree.leaves(params)))
+  np.savez(pathlib.Path(workdir) / f"params_p{jax.process_index()}.npz", step=int(parallel.fetch(state.step)), **flat)
+
+
+if __name__ == "__main__":
+  train, evaluation = array_sources(256, 40)
+  try:
+    args = [a for a in sys.argv[1:]]
+    cli.run(args, base=BASE, fit_kwargs={"train_source": train, "eval_source": evaluation})
+  finally:
+    pass
+  workdir = sys.argv[sys.argv.index("--workdir") + 1]
+  dump_params(workdir)

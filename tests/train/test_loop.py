@@ -1,0 +1,91 @@
+"""The loop in-process: hundreds of steps on 8 devices, NaN stop, padded evaluation, checkpoints."""
+import json
+import math
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+from jcv.train import Config, checkpoint, create_train_state, loop, optim, parallel, predict_logits
+from run_tiny import BASE
+from tiny import TinyCNN, array_sources
+
+
+def test_few_hundred_steps_on_8_devices_do_not_hang(tmp_path):
+  # Unbounded dispatch of sharded steps has deadlocked XLA's CPU collectives; the loop
+  # blocks on metrics every max_steps_in_flight steps.
+  assert jax.device_count() == 8
+  train, _ = array_sources(64, 0)
+  cfg = BASE.replace(batch_size=8, steps=300, eval_split="", log_every=100, max_steps_in_flight=16,
+                     augment=(), checkpoint_every=None, epochs=1)
+  results = loop.fit(cfg, workdir=tmp_path, train_source=train, model=TinyCNN(use_bn=False))
+  assert results["steps"] == 300
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if r["split"] == "train"] == [100, 200, 300]
+  assert all(math.isfinite(r["loss"]) for r in records)
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path):
+  train, evaluation = array_sources(64, 16)
+  cfg = BASE.replace(learning_rate=1e30, schedule="constant", steps=6, checkpoint_every=1, augment=(),
+                     momentum=0.0, weight_decay=0.0)
+  with pytest.raises(loop.NonFiniteLossError, match=r"at step (\d+)") as err:
+    loop.fit(cfg, workdir=tmp_path, train_source=train, eval_source=evaluation, model=TinyCNN())
+  bad_step = int(err.value.args[0].split("at step ")[1].split(";")[0])
+  ck = checkpoint.RunCheckpointer(tmp_path / "checkpoints")
+  assert ck.all_steps() and max(ck.all_steps()) < bad_step  # only good states were saved
+  tx, _ = optim.make_optimizer(cfg, steps_per_epoch=1, total_steps=1)
+  state = create_train_state(jax.random.key(0), TinyCNN(), tx, (1, 8, 8, 3))
+  restored = ck.restore(parallel.replicate(state, parallel.make_mesh()))[0]
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
+  ck.close()
+
+
+def test_evaluate_counts_every_example_once_with_padded_last_batch(tmp_path):
+  train, evaluation = array_sources(64, 37)  # 37 = 2 batches of 16 + 5 real + 11 padding
+  cfg = BASE.replace(steps=4, eval_batch_size=16, plots=True)
+  loop.fit(cfg, workdir=tmp_path, train_source=train, eval_source=evaluation)
+  got = loop.evaluate(tmp_path, source=evaluation, which="latest", batch_size=16)
+  assert got["n"] == 37
+  # Reference: the same checkpoint's logits over all 37 images in one unpadded batch, numpy metrics.
+  config, _, state, _ = loop.load_run(tmp_path, which="latest")
+  images = np.stack([evaluation[i]["image"] for i in range(37)])
+  labels = np.array([evaluation[i]["label"] for i in range(37)])
+  logits = np.asarray(predict_logits(state, images, mean=config.mean, std=config.std), np.float64)
+  logp = logits - logits.max(1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+  ranks = (logits > logits[np.arange(37), labels][:, None]).sum(1)
+  assert got["top1"] == pytest.approx(np.mean(ranks < 1), abs=1e-6)
+  assert got["top5"] == pytest.approx(np.mean(ranks < 5), abs=1e-6)
+  assert got["loss"] == pytest.approx(-np.mean(logp[np.arange(37), labels]), rel=1e-5)
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["final"]["eval"]["n"] == 37
+  for name in ("curves.png", "confusion.png", "mistakes.png", "config.json", "class_names.json"):
+    assert (tmp_path / name).stat().st_size > 0
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_half_written_checkpoint_is_ignored_with_warning(tmp_path):
+  tx, _ = optim.make_optimizer(Config(), steps_per_epoch=1, total_steps=1)
+  state = parallel.replicate(create_train_state(jax.random.key(0), TinyCNN(), tx, (1, 8, 8, 3)),
+                             parallel.make_mesh())
+  ck = checkpoint.RunCheckpointer(tmp_path, keep=3)
+  ck.save(state.replace(step=state.step + 3), data_state={"next_batch": 3})
+  ck.save(state.replace(step=state.step + 5), data_state={"next_batch": 5})
+  ck.close()
+  # What a SIGKILL during an Orbax save leaves: a temporary step folder with partial files.
+  # And a damaged committed step (its array data lost) must fall back to the previous step.
+  for f in (tmp_path / "5" / "state").rglob("*"):
+    if f.is_file() and "metadata" not in f.name:
+      f.write_bytes(b"")
+  partial = tmp_path / "7.orbax-checkpoint-tmp-1234567"
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "junk").write_bytes(b"\0" * 10)
+  with pytest.warns(UserWarning, match="half-written checkpoint"):
+    ck = checkpoint.RunCheckpointer(tmp_path, keep=3)
+  assert ck.all_steps() == [3, 5]
+  with pytest.warns(UserWarning, match="step 5 .* could not be restored"):
+    restored, data_state, _, step = ck.restore(state)
+  assert step == 3 and int(restored.step) == 3 and data_state == {"next_batch": 3}
+  ck.close()
