@@ -173,7 +173,7 @@ def median_blur(image, *, kernel_size, border="edge"):
 
   Border: "edge" (replicate) by default, which is what OpenCV's medianBlur uses. The median
   is taken with a min/max sorting network, which XLA fuses and prunes to the middle output.
-  Gradients flow to the selected (median) pixel.
+  Gradients flow to the selected (median) pixel, shared equally among exact ties.
   """
   image = _checks.check_image(image, op="median_blur")
   size = _checks.check_kernel_size(kernel_size, op="median_blur")
@@ -182,9 +182,26 @@ def median_blur(image, *, kernel_size, border="edge"):
   height, width = image.shape[-3], image.shape[-2]
   padded = _checks.pad_spatial(image, r, r, mode=mode)
   values = [padded[..., i:i + height, j:j + width, :] for i in range(size) for j in range(size)]
+  return _median(*values)
+
+
+@jax.custom_jvp
+def _median(*values):
+  values = list(values)
   for i, j in _sorting_network(len(values)):
     values[i], values[j] = jnp.minimum(values[i], values[j]), jnp.maximum(values[i], values[j])
   return values[len(values) // 2]
+
+
+@_median.defjvp
+def _median_jvp(primals, tangents):
+  # The median's derivative is that of the selected input (averaged over exact ties); a
+  # custom rule keeps XLA from differentiating the whole sorting network (slow to compile).
+  out = _median(*primals)
+  hits = [(p == out).astype(out.dtype) for p in primals]
+  count = functools.reduce(jnp.add, hits)
+  tangent = functools.reduce(jnp.add, [h * t for h, t in zip(hits, tangents)]) / count
+  return out, tangent
 
 
 def bilateral_filter(image, *, kernel_size, sigma_color, sigma_space, border="reflect"):
