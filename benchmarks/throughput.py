@@ -1,0 +1,463 @@
+"""Training-step and inference throughput of jcv models, side by side with PyTorch and Keras.
+
+For each model (any name ``jcv.models.create`` knows), image size, batch size and dtype, times
+
+* ``jcv``: ``jcv.train.step.train_step`` (uint8 batch -> float, forward, cross-entropy,
+  backward, SGD-momentum update, BatchNorm statistics; state donated) and ``model.apply`` in
+  inference mode, both jitted; compile time, FLOPs per image (XLA cost analysis), XLA's
+  memory estimate, the backend's peak memory when it reports one, achieved FLOP/s and MFU on a
+  known accelerator;
+* ``flax_xla`` (``--baseline``): the same jcv model with XLA's own convolution everywhere
+  (``jcv.models.conv_ops`` lowering "xla"), i.e. what stock Flax ``nn.Conv`` gives;
+* ``torch`` / ``torch_compile`` (``--compare torch,torch_compile``): the same architecture
+  (``benchmarks/peers/torch_models.py``, parameter counts checked), channels_last, eager or
+  ``torch.compile``; bfloat16 via ``torch.autocast``;
+* ``keras`` (``--compare keras``): ``keras.applications`` models where one exists (backend from
+  ``$KERAS_BACKEND``, default "jax"), ``train_on_batch`` / ``predict_on_batch``,
+
+interleaved round by round in the same process so machine drift hits all of them alike. The
+median of the timed iterations is reported, with ratios jcv / peer. An out-of-memory error
+retries at half the batch and says so; a missing peer is reported, not fatal.
+
+Outputs ``<out>.json``, ``<out>.csv``, ``<out>.md`` and ``<out>.png`` (bar chart), with the
+machine description. Example (this repository's CPU goal)::
+
+  python benchmarks/throughput.py --models cifar_cnn:32,resnet18:32,mobilenet_v2:160 \\
+      --batch-sizes 32 --compare torch --baseline
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from benchmarks.common import interleaved_times, machine_info, median, write_csv, write_json  # noqa: E402
+
+__all__ = ["DEFAULT_MODELS", "PEAK_TFLOPS", "main", "peak_tflops"]
+
+# name:image size. The representative set of issue 7.
+DEFAULT_MODELS = ("cifar_cnn:32,resnet18:32,mobilenet_v2:160,resnet50:224,vgg16:224,"
+                  "inception_v3:299")
+
+# Dense peak TFLOP/s per chip by device-kind substring: (bfloat16, float32 as XLA runs it by
+# default: TF32 tensor cores on NVIDIA, bf16 passes on TPU). Vendor datasheets (SXM parts).
+PEAK_TFLOPS = {
+    "H200": (989.0, 494.0),
+    "H100": (989.0, 494.0),
+    "A100": (312.0, 156.0),
+    "L4": (121.0, 60.0),
+    "TPU v4": (275.0, 275.0),
+    "TPU v5 lite": (197.0, 197.0),
+    "TPU v5e": (197.0, 197.0),
+    "TPU v5p": (459.0, 459.0),
+    "TPU v6": (918.0, 918.0),
+}
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+  """Peak dense TFLOP/s of a known accelerator for ``dtype``, else None (e.g. CPUs)."""
+  for key, (bf16, f32) in PEAK_TFLOPS.items():
+    if key.lower() in device_kind.lower():
+      return bf16 if dtype == "bfloat16" else f32
+  return None
+
+
+def _is_oom(err: BaseException) -> bool:
+  text = f"{type(err).__name__} {err}".lower()
+  return any(s in text for s in ("resource_exhausted", "out of memory", "outofmemory",
+                                 "cannot allocate", "memoryerror"))
+
+
+# --- jcv ------------------------------------------------------------------------------------
+
+def _jcv_runner(name, size, batch, dtype, lowering, data):
+  """Compiles jcv's train step and inference; returns callables and compile/cost facts."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  import jcv.models
+  from jcv.models import conv_ops
+  from jcv.train.state import create_train_state
+  from jcv.train.step import train_step
+
+  card = jcv.models.get_card(name)
+  num_classes = card.default_num_classes
+  model_dtype = jnp.bfloat16 if dtype == "bfloat16" else None
+  facts = {}
+  with conv_ops.lowering(lowering):
+    model = jcv.models.create(name, num_classes=num_classes, dtype=model_dtype)
+    state = create_train_state(jax.random.key(0), model, optax.sgd(0.01, momentum=0.9),
+                               (1, size, size, 3))
+    batch_arrays = {"image": jnp.asarray(data["uint8"]), "label": jnp.asarray(data["labels"])}
+    step = jax.jit(functools.partial(train_step, num_classes=num_classes), donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled_step = step.lower(state, batch_arrays).compile()
+    facts["train_compile_s"] = time.perf_counter() - t0
+    facts.update(_cost(compiled_step, batch, "train"))
+
+    variables = jax.tree.map(jnp.copy, state.variables)  # the train step donates state
+    infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    x = jnp.asarray(data["float"])
+    t0 = time.perf_counter()
+    compiled_infer = infer.lower(variables, x).compile()
+    facts["infer_compile_s"] = time.perf_counter() - t0
+    facts.update(_cost(compiled_infer, batch, "infer"))
+
+  box = {"state": state}
+
+  def train():
+    box["state"], metrics = compiled_step(box["state"], batch_arrays)
+    jax.block_until_ready(metrics["loss"])
+
+  def inference():
+    compiled_infer(variables, x).block_until_ready()
+
+  return {"train": train, "infer": inference}, facts
+
+
+def _cost(compiled, batch, mode):
+  out = {}
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0]
+    flops = float(cost.get("flops", 0.0))
+    if flops > 0:
+      out[f"{mode}_gflop_per_img"] = flops / batch / 1e9
+  except Exception:  # cost analysis is best effort on some backends
+    pass
+  try:
+    mem = compiled.memory_analysis()
+    out[f"{mode}_xla_temp_mb"] = mem.temp_size_in_bytes / 2 ** 20
+  except Exception:
+    pass
+  return out
+
+
+def _device_peak_mb():
+  import jax
+  try:
+    stats = jax.devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+      return stats["peak_bytes_in_use"] / 2 ** 20
+  except Exception:
+    pass
+  return None
+
+
+# --- PyTorch ----------------------------------------------------------------------------------
+
+def _torch_runner(name, size, batch, dtype, data, compiled):
+  import torch
+  import torch.nn.functional as F
+  from benchmarks.peers import torch_models
+  import jcv.models
+
+  num_classes = jcv.models.get_card(name).default_num_classes
+  model = torch_models.build(name, num_classes=num_classes).to(memory_format=torch.channels_last)
+  facts = {"torch_params": torch_models.trainable_params(model)}
+  images_u8 = torch.from_numpy(data["uint8"]).permute(0, 3, 1, 2)  # NHWC memory = channels_last
+  labels = torch.from_numpy(data["labels"].astype(np.int64))
+  x_float = torch.from_numpy(data["float"]).permute(0, 3, 1, 2)
+  opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+  use_autocast = dtype == "bfloat16"
+
+  def ctx():
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast)
+
+  forward = model
+  if compiled:
+    forward = torch.compile(model)
+
+  def train():
+    model.train()
+    x = images_u8.float().div_(255.0)
+    with ctx():
+      logits = forward(x)
+    loss = F.cross_entropy(logits.float(), labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+  def inference():
+    model.eval()
+    with torch.inference_mode(), ctx():
+      forward(x_float)
+
+  t0 = time.perf_counter()
+  train()
+  facts["train_compile_s"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  inference()
+  facts["infer_compile_s"] = time.perf_counter() - t0
+  return {"train": train, "infer": inference}, facts
+
+
+# --- Keras ------------------------------------------------------------------------------------
+
+_KERAS_APPS = {"resnet50": "ResNet50", "mobilenet_v2": "MobileNetV2", "vgg16": "VGG16",
+               "inception_v3": "InceptionV3", "resnet101": "ResNet101"}
+
+
+def _keras_runner(name, size, batch, dtype, data):
+  os.environ.setdefault("KERAS_BACKEND", "jax")
+  import keras
+  if name not in _KERAS_APPS:
+    raise LookupError(f"no keras.applications model for {name!r}")
+  keras.mixed_precision.set_global_policy("mixed_bfloat16" if dtype == "bfloat16" else "float32")
+  import jcv.models
+  num_classes = jcv.models.get_card(name).default_num_classes
+  model = getattr(keras.applications, _KERAS_APPS[name])(
+      weights=None, input_shape=(size, size, 3), classes=num_classes)
+  model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=False))
+  images = data["uint8"].astype(np.float32) / 255.0
+  labels = data["labels"]
+  facts = {"keras_backend": keras.backend.backend(),
+           "keras_params": int(sum(np.prod(w.shape) for w in model.trainable_weights))}
+
+  def train():
+    model.train_on_batch(images, labels)
+
+  def inference():
+    model.predict_on_batch(data["float"])
+
+  t0 = time.perf_counter()
+  train()
+  facts["train_compile_s"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  inference()
+  facts["infer_compile_s"] = time.perf_counter() - t0
+  return {"train": train, "infer": inference}, facts
+
+
+# --- driver -----------------------------------------------------------------------------------
+
+def _make_data(batch, size, num_classes, seed=0):
+  rng = np.random.default_rng(seed)
+  uint8 = rng.integers(0, 256, size=(batch, size, size, 3), dtype=np.uint8)
+  return {"uint8": uint8, "labels": rng.integers(0, num_classes, size=batch).astype(np.int32),
+          "float": ((uint8.astype(np.float32) / 255.0) - 0.5) / 0.25}
+
+
+def _build(framework, name, size, batch, dtype, data):
+  if framework == "jcv":
+    return _jcv_runner(name, size, batch, dtype, "auto", data)
+  if framework == "flax_xla":
+    return _jcv_runner(name, size, batch, dtype, "xla", data)
+  if framework in ("torch", "torch_compile"):
+    return _torch_runner(name, size, batch, dtype, data, compiled=framework == "torch_compile")
+  if framework == "keras":
+    return _keras_runner(name, size, batch, dtype, data)
+  raise ValueError(f"unknown framework {framework!r}")
+
+
+def _run_config(name, size, batch, dtype, frameworks, args, log):
+  """Builds every framework at this batch (halving on OOM), then times them interleaved."""
+  import jcv.models
+  num_classes = jcv.models.get_card(name).default_num_classes
+  notes = []
+  while True:
+    data = _make_data(batch, size, num_classes)
+    runners, facts, skipped = {}, {}, {}
+    try:
+      for fw in frameworks:
+        log(f"  building {fw} ...")
+        try:
+          runners[fw], facts[fw] = _build(fw, name, size, batch, dtype, data)
+        except Exception as err:  # a missing or failing peer is reported, not fatal
+          if _is_oom(err):
+            raise
+          if fw == "jcv":
+            raise
+          skipped[fw] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+          log(f"  {fw} skipped: {skipped[fw]}")
+      rows = []
+      for mode in args.modes:
+        fns = {fw: r[mode] for fw, r in runners.items()}
+        log(f"  timing {mode}: {', '.join(fns)} interleaved ...")
+        times = interleaved_times(fns, rounds=args.rounds, iters_per_round=args.iters,
+                                  warmup=args.warmup, budget_s=args.budget)
+        for fw, ts in times.items():
+          sec = median(ts)
+          row = {"model": name, "image_size": size, "batch": batch, "dtype": dtype, "mode": mode,
+                 "framework": fw, "img_per_s": batch / sec, "ms_per_step": 1e3 * sec,
+                 "n_timed": len(ts), "compile_s": facts[fw].get(f"{mode}_compile_s")}
+          jf = facts.get("jcv", {})
+          gflop = jf.get(f"{mode}_gflop_per_img")
+          if gflop:
+            row["gflop_per_img"] = gflop
+            row["achieved_tflops"] = gflop * batch / sec / 1e3
+            peak = peak_tflops(args.device_kind, dtype) if fw in ("jcv", "flax_xla") else None
+            if peak:
+              row["mfu"] = row["achieved_tflops"] / peak
+          if fw in ("jcv", "flax_xla"):
+            row["xla_temp_mb"] = facts[fw].get(f"{mode}_xla_temp_mb")
+          for k in ("torch_params", "keras_params", "keras_backend"):
+            if k in facts[fw]:
+              row[k] = facts[fw][k]
+          if notes:
+            row["note"] = "; ".join(notes)
+          rows.append(row)
+        base = next((r for r in rows if r["mode"] == mode and r["framework"] == "jcv"), None)
+        for r in rows:
+          if r["mode"] == mode and base is not None:
+            r["jcv_ratio"] = base["img_per_s"] / r["img_per_s"]
+        log("  " + "  ".join(f"{r['framework']} {r['img_per_s']:.1f} img/s"
+                             + (f" (jcv x{r['jcv_ratio']:.2f})" if r['framework'] != 'jcv' else "")
+                             for r in rows if r["mode"] == mode))
+      peak = _device_peak_mb()
+      for r in rows:
+        if peak is not None and r["framework"] in ("jcv", "flax_xla"):
+          r["device_peak_mb"] = peak
+      return rows, skipped
+    except Exception as err:
+      if _is_oom(err) and batch > 1:
+        notes.append(f"OOM at batch {batch}, retried at {batch // 2}")
+        log(f"  out of memory at batch {batch}: retrying at {batch // 2}")
+        batch //= 2
+        runners = facts = None
+        gc.collect()
+        continue
+      raise
+
+
+def _markdown(rows, info):
+  lines = [f"Machine: {info['cpu']} ({info['cpu_count']} cores), devices {info['devices']}, "
+           f"jax {info['jax']}, torch {info.get('torch')}, load {info['load_avg_1_5_15']} -> "
+           f"{info.get('load_avg_after')} (1/5/15 min), {info['time_utc']}.", "",
+           "| model | px | batch | dtype | mode | framework | img/s | ms/step | jcv ratio | "
+           "GFLOP/img | TFLOP/s | MFU | compile s |",
+           "|" + " --- |" * 13]
+  for r in rows:
+    def f(key, fmt):
+      v = r.get(key)
+      return format(v, fmt) if isinstance(v, (int, float)) else ""
+    lines.append(f"| {r['model']} | {r['image_size']} | {r['batch']} | {r['dtype']} | {r['mode']} | "
+                 f"{r['framework']} | {f('img_per_s', '.1f')} | {f('ms_per_step', '.1f')} | "
+                 f"{f('jcv_ratio', '.2f')} | {f('gflop_per_img', '.2f')} | "
+                 f"{f('achieved_tflops', '.3f')} | {f('mfu', '.1%')} | {f('compile_s', '.1f')} |")
+  return "\n".join(lines) + "\n"
+
+
+def _chart(rows, path):
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return False
+  groups = []
+  for r in rows:
+    g = (r["model"], r["image_size"], r["batch"], r["dtype"], r["mode"])
+    if g not in groups:
+      groups.append(g)
+  frameworks = list(dict.fromkeys(r["framework"] for r in rows))
+  fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups)), 4))
+  width = 0.8 / max(1, len(frameworks))
+  for i, fw in enumerate(frameworks):
+    vals = []
+    for g in groups:
+      match = [r for r in rows if (r["model"], r["image_size"], r["batch"], r["dtype"], r["mode"]) == g
+               and r["framework"] == fw]
+      vals.append(match[0]["img_per_s"] if match else 0)
+    ax.bar(np.arange(len(groups)) + i * width, vals, width, label=fw)
+  ax.set_xticks(np.arange(len(groups)) + width * (len(frameworks) - 1) / 2)
+  ax.set_xticklabels([f"{m}\n{px}px b{b} {d[:4]}\n{mode}" for m, px, b, d, mode in groups], fontsize=7)
+  ax.set_ylabel("images / s (median)")
+  ax.set_yscale("log")
+  ax.legend()
+  ax.set_title("Throughput, interleaved in one run")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def main(argv=None):
+  """Command-line entry point; returns the list of result rows."""
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--models", default=DEFAULT_MODELS,
+                 help="comma-separated name[:image_size] (default size: the model card's)")
+  p.add_argument("--batch-sizes", default="32")
+  p.add_argument("--dtypes", default="float32", help="float32,bfloat16")
+  p.add_argument("--modes", default="train,infer")
+  p.add_argument("--compare", default="", help="peers: torch,torch_compile,keras")
+  p.add_argument("--baseline", action="store_true",
+                 help="also time the jcv model with XLA's own convolutions (stock Flax)")
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--iters", type=int, default=2, help="timed iterations per round per framework")
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--budget", type=float, default=120.0, help="seconds of timing per config (soft)")
+  p.add_argument("--out", default="benchmarks/results/throughput")
+  args = p.parse_args(argv)
+  args.modes = [m for m in args.modes.split(",") if m]
+  for m in args.modes:
+    if m not in ("train", "infer"):
+      p.error(f"--modes takes train and/or infer, got {m!r}")
+
+  import jax
+  import jcv.models
+  info = machine_info()
+  args.device_kind = jax.devices()[0].device_kind
+  peers = [c for c in args.compare.split(",") if c]
+  for c in peers:
+    if c not in ("torch", "torch_compile", "keras"):
+      p.error(f"--compare takes torch, torch_compile, keras; got {c!r}")
+  frameworks = ["jcv"] + (["flax_xla"] if args.baseline else []) + peers
+  log = functools.partial(print, flush=True)
+  log(f"# {info['cpu']} x{info['cpu_count']} | devices {info['devices']} | load "
+      f"{['%.2f' % v for v in info['load_avg_1_5_15']]} | jax {info['jax']} | torch {info.get('torch')}")
+  if "torch" in "".join(peers):
+    try:
+      import torch  # noqa: F401
+    except ImportError:
+      log("torch is not installed: PyTorch peers will be reported missing (pip install jcv[bench])")
+  available = set(jcv.models.list_models())
+  rows, problems = [], {}
+  specs = [s for s in args.models.split(",") if s]
+  configs = [(s, int(b), d) for s in specs for b in args.batch_sizes.split(",")
+             for d in args.dtypes.split(",")]
+  for i, (spec, batch, dtype) in enumerate(configs):
+    name, _, size = spec.partition(":")
+    if name not in available:
+      problems[spec] = f"model {name!r} is not registered in jcv.models"
+      log(f"[{i + 1}/{len(configs)}] {spec}: skipped, not registered")
+      continue
+    size = int(size) if size else jcv.models.get_card(name).input_size
+    log(f"[{i + 1}/{len(configs)}] {name} {size}px batch {batch} {dtype}")
+    try:
+      new_rows, skipped = _run_config(name, size, batch, dtype, frameworks, args, log)
+      rows += new_rows
+      for fw, why in skipped.items():
+        problems[f"{spec} b{batch} {dtype} {fw}"] = why
+    except Exception as err:
+      problems[f"{spec} b{batch} {dtype}"] = f"{type(err).__name__}: {err}"
+      log(f"  failed: {type(err).__name__}: {str(err)[:300]}")
+      traceback.print_exc()
+    gc.collect()
+  info["load_avg_after"] = list(os.getloadavg())
+  write_json(args.out + ".json", {"machine": info, "args": {k: v for k, v in vars(args).items()},
+                                  "rows": rows, "problems": problems})
+  write_csv(args.out + ".csv", rows)
+  md = _markdown(rows, info)
+  if problems:
+    md += "\nNot measured:\n" + "".join(f"- {k}: {v}\n" for k, v in problems.items())
+  with open(args.out + ".md", "w") as f:
+    f.write(md)
+  charted = _chart(rows, args.out + ".png") if rows else False
+  log(md)
+  log(f"wrote {args.out}.json/.csv/.md" + ("/.png" if charted else ""))
+  return rows
+
+
+if __name__ == "__main__":
+  main()
