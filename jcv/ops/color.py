@@ -30,8 +30,11 @@ _D65_WHITE = (0.95047, 1.0, 1.08883)  # CIE 1931 2-degree observer, as scikit-im
 
 
 def _matmul_channels(image, matrix):
-  matrix = jnp.asarray(matrix, image.dtype)
-  return jnp.einsum("...c,dc->...d", image, matrix, precision="highest")
+  """out[..., d] = sum_c matrix[d][c] * image[..., c], as fused elementwise float32 maths."""
+  matrix = np.asarray(matrix, np.float64)
+  channels = [image[..., c] for c in range(image.shape[-1])]
+  rows = [sum(float(w) * x for w, x in zip(row, channels) if w != 0) for row in matrix]
+  return jnp.stack(rows, axis=-1)
 
 
 def rgb_to_grayscale(image, *, keep_channels=False):
