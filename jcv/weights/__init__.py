@@ -83,8 +83,9 @@ def pretrained(name: str, source, *, num_classes: int = 0, head=None, seed: int 
   keep_head = num_classes > 0 and head_arrays is None and not file_head_fits
   init = functools.partial(model.init, {"params": key, "dropout": key},
                            jnp.zeros((1, 32, 32, 3), jnp.float32))
-  # Only a fresh head needs real initial values; otherwise shapes are enough.
-  template = jax.jit(init)() if keep_head else jax.eval_shape(init)
+  template = jax.eval_shape(init)  # shapes only: compiling the whole init is slow on CPU
+  if keep_head:
+    template = _with_fresh_head(template, key)
   name_map = NAME_MAPS[(name, fmt)]
   if head_arrays is not None:
     base_map = name_map
@@ -95,6 +96,15 @@ def pretrained(name: str, source, *, num_classes: int = 0, head=None, seed: int 
       keep=(lambda p: p[1] == "head") if keep_head else None,
       ignore=(lambda n: n.startswith(_HEAD_PREFIXES)) if not file_head_fits else None)
   return model, jax.tree.map(jnp.asarray, variables)
+
+
+def _with_fresh_head(template, key):
+  """Initialises the ``head`` Dense of a jcv model (lecun-normal kernel, zero bias)."""
+  import flax.linen as nn
+  kernel = template["params"]["head"]["kernel"]
+  dense = nn.Dense(kernel.shape[-1], dtype=kernel.dtype)
+  head = dense.init(key, jnp.zeros((1, kernel.shape[0]), kernel.dtype))["params"]
+  return {**template, "params": {**template["params"], "head": head}}
 
 
 def _head_classes(arrays) -> int | None:
