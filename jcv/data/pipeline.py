@@ -133,9 +133,31 @@ class _TrainBatch(_Batcher):
       image = T.random_flip(rng, image)
     return image
 
+  def _vectorized(self) -> bool:
+    """In-memory images already at the output size: crop/flip whole batches in numpy."""
+    shape = getattr(self.source, "uniform_shape", None)
+    return shape == (self.image_size, self.image_size, 3) and self.crop in ("pad_crop", "none")
+
+  def _array_batch(self, rng: np.random.Generator, idx: np.ndarray) -> dict[str, np.ndarray]:
+    images = self.source.images[idx]
+    b, s = len(idx), self.image_size
+    if self.crop == "pad_crop":
+      p = self.padding
+      padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+      windows = np.lib.stride_tricks.sliding_window_view(padded, (s, s), axis=(1, 2))  # [B, 2p+1, 2p+1, C, s, s]
+      top, left = rng.integers(0, 2 * p + 1, size=(2, b))
+      images = np.ascontiguousarray(windows[np.arange(b), top, left].transpose(0, 2, 3, 1))
+    if self.flip:
+      flip = rng.random(b) < 0.5
+      images[flip] = images[flip, :, ::-1]
+    return {"image": images, "label": self.source.labels[idx].astype(np.int32),
+            "skipped": np.asarray(0, np.int32)}
+
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     epoch, j = divmod(int(step), self.steps_per_epoch)
     rng = np.random.default_rng([self.seed, epoch, j, self.process_index, 1])
+    if self._vectorized():
+      return self._array_batch(rng, self.indices(step))
     n = len(self.source)
     images, labels, skipped = [], [], 0
     for i in self.indices(step):
@@ -170,6 +192,12 @@ class _EvalBatch(_Batcher):
   def __call__(self, b: int) -> dict[str, np.ndarray]:
     size = self.image_size
     idx = self.indices(b)
+    if getattr(self.source, "uniform_shape", None) == (size, size, 3):  # in memory, already the size
+      valid = idx >= 0
+      images = self.source.images[np.where(valid, idx, 0)]
+      images[~valid] = 0
+      labels = np.where(valid, self.source.labels[np.where(valid, idx, 0)], 0).astype(np.int32)
+      return {"image": images, "label": labels, "mask": valid, "skipped": np.asarray(0, np.int32)}
     images = np.zeros((self.batch_size, size, size, 3), np.uint8)
     labels = np.zeros((self.batch_size,), np.int32)
     mask = np.zeros((self.batch_size,), bool)

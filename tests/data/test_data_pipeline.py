@@ -216,3 +216,22 @@ def test_host_geometry_matches_numpy_and_opencv(cifar_root):
   assert np.abs(small.astype(int) - cv2.resize(rect, (24, 16), interpolation=cv2.INTER_AREA)).mean() < 8
   assert T.eval_resize_crop(img, 32) is img
   assert T.eval_resize_crop(rect, 16, crop_fraction=1.0).shape == (16, 16, 3)
+
+
+def test_in_memory_batches_are_padded_windows_or_their_mirror(cifar_root, tmp_path):
+  src = sources.image_folder(cifar_root, split="test[:64]", cache=True, cache_dir=tmp_path)
+  it = iter(pipeline.train_loader(src, batch_size=16, image_size=32, seed=0, crop="pad_crop", flip=True,
+                                  process_index=0, process_count=1))
+  batch = next(it)
+  idx = pipeline.train_loader(src, batch_size=16, image_size=32, seed=0, process_index=0,
+                              process_count=1).batch_indices(0)
+  flips = 0
+  for out, i in zip(batch["image"], idx):
+    padded = np.pad(src.images[i], ((4, 4), (4, 4), (0, 0)))
+    views = [padded[t:t + 32, l:l + 32] for t in range(9) for l in range(9)]
+    plain = any(np.array_equal(out, v) for v in views)
+    mirrored = any(np.array_equal(out, v[:, ::-1]) for v in views)
+    assert plain or mirrored
+    flips += mirrored and not plain
+    assert batch["label"][list(idx).index(i)] == src.labels[i]
+  assert 0 < flips < 16
