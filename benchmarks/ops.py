@@ -81,7 +81,7 @@ CASES = [
     Case("adjust_gamma", functools.partial(ops.adjust_gamma, gamma=0.5), lambda x: cv2.pow(x, 0.5),
          lambda x: _sk().exposure.adjust_gamma(x, 0.5)),
     Case("equalize_histogram", ops.equalize_histogram, _per_channel(cv2.equalizeHist),
-         lambda x: _sk().exposure.equalize_hist(x), peer_input="uint8"),
+         _per_channel(lambda x: _sk().exposure.equalize_hist(x)), peer_input="uint8"),
     Case("clahe", ops.clahe, _per_channel(_CLAHE.apply), None, peer_input="uint8"),
     Case("convolve_5x5", lambda x: ops.convolve(x, _EMBOSS),
          lambda x: cv2.filter2D(x, -1, _EMBOSS[::-1, ::-1].copy())),

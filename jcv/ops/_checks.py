@@ -2,6 +2,8 @@
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = ["BORDERS", "check_border", "check_image", "check_kernel_size", "check_positive", "pad_spatial"]
+
 BORDERS = ("reflect", "symmetric", "edge", "constant")
 # Border name -> the jnp.pad mode that implements it.
 _PAD_MODES = {"reflect": "reflect", "symmetric": "symmetric", "edge": "edge", "constant": "constant"}
