@@ -359,6 +359,8 @@ def train_loader(
     raise ValueError(f"scale must satisfy 0 < low <= high <= 1; got {scale}")
   if not (0 < ratio[0] <= ratio[1]):
     raise ValueError(f"ratio must satisfy 0 < low <= high; got {ratio}")
+  if not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"seed must be a non-negative int; got {seed!r}")
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be >= 1 or None (forever); got {num_epochs}")
   if num_workers < 0:

@@ -165,6 +165,8 @@ def test_bad_arguments():
   src = _indexed_source(10)
   with pytest.raises(ValueError, match="crop must be one of"):
     pipeline.train_loader(src, batch_size=2, image_size=8, seed=0, crop="centre", process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="seed must be a non-negative int"):
+    pipeline.train_loader(src, batch_size=2, image_size=8, seed=-1, process_index=0, process_count=1)
   with pytest.raises(ValueError, match="fewer than one global batch"):
     pipeline.train_loader(src, batch_size=8, image_size=8, seed=0, process_index=0, process_count=2)
   with pytest.raises(ValueError, match="process_index"):
