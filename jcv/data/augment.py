@@ -58,11 +58,15 @@ def pad_and_crop(key: Array, images: Array, *, padding: int = 4, mode: str = "co
   return jax.vmap(crop)(padded, offsets)
 
 
-def _sample_boxes(key, batch, height, width, scale, ratio, attempts=10):
-  """Inception-style boxes (top, left, h, w) as floats [B] each, with the torchvision fallback."""
-  k_area, k_ratio, k_pos = jax.random.split(key, 3)
-  area = height * width * jax.random.uniform(k_area, (batch, attempts), minval=scale[0], maxval=scale[1])
-  log_r = jax.random.uniform(k_ratio, (batch, attempts), minval=math.log(ratio[0]), maxval=math.log(ratio[1]))
+def _sample_boxes(key, batch, height, width, scale, ratio, attempts=10, extra=0):
+  """Inception-style boxes (top, left, h, w) as floats [B] each, with the torchvision fallback.
+
+  One uniform draw feeds everything (cheap to compile); ``extra`` more uniform columns
+  [B, extra] are returned for the caller's own use.
+  """
+  u = jax.random.uniform(key, (batch, 2 * attempts + 2 + extra))
+  area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, :attempts])
+  log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, attempts:2 * attempts]
   aspect = jnp.exp(log_r)
   w = jnp.round(jnp.sqrt(area * aspect))
   h = jnp.round(jnp.sqrt(area / aspect))
@@ -75,10 +79,10 @@ def _sample_boxes(key, batch, height, width, scale, ratio, attempts=10):
   fb_h = height if in_ratio >= min(ratio) else round(width / min(ratio))
   h = jnp.where(any_ok, pick(h), fb_h)
   w = jnp.where(any_ok, pick(w), fb_w)
-  u = jax.random.uniform(k_pos, (batch, 2))
-  top = jnp.where(any_ok, jnp.floor(u[:, 0] * (height - h + 1)), (height - h) // 2)
-  left = jnp.where(any_ok, jnp.floor(u[:, 1] * (width - w + 1)), (width - w) // 2)
-  return top, left, h, w
+  pos = u[:, 2 * attempts:2 * attempts + 2]
+  top = jnp.where(any_ok, jnp.floor(pos[:, 0] * (height - h + 1)), (height - h) // 2)
+  left = jnp.where(any_ok, jnp.floor(pos[:, 1] * (width - w + 1)), (width - w) // 2)
+  return (top, left, h, w), u[:, 2 * attempts + 2:]
 
 
 def random_resized_crop(
@@ -92,7 +96,7 @@ def random_resized_crop(
     raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]; got {scale}, {ratio}")
   out_h, out_w = (size, size) if isinstance(size, int) else size
   b, h, w, _ = images.shape
-  top, left, ch, cw = _sample_boxes(key, b, h, w, scale, ratio)
+  (top, left, ch, cw), _ = _sample_boxes(key, b, h, w, scale, ratio)
   sy, sx = out_h / ch, out_w / cw
 
   def one(im, sy, sx, ty, tx):
@@ -175,12 +179,13 @@ def random_erasing(
   ``"random"`` for per-pixel N(0, 1) noise as in timm)."""
   _check_batch(images, "random_erasing")
   b, h, w, _ = images.shape
-  k_box, k_on, k_val = jax.random.split(key, 3)
-  top, left, bh, bw = _sample_boxes(k_box, b, h, w, scale, ratio)
-  on = jax.random.bernoulli(k_on, probability, (b,))
+  (top, left, bh, bw), u = _sample_boxes(key, b, h, w, scale, ratio, extra=1)
+  on = u[:, 0] < probability
   mask = _box_mask(top, left, bh, bw, h, w) & _per_example(on, images)
-  fill = jax.random.normal(k_val, images.shape, jnp.float32) if value == "random" else jnp.float32(value)
-  return jnp.where(mask, fill, images).astype(images.dtype if value != "random" else jnp.float32)
+  if value == "random":
+    noise = jax.random.normal(jax.random.fold_in(key, 1), images.shape, jnp.float32)
+    return jnp.where(mask, noise, images.astype(jnp.float32))
+  return jnp.where(mask, jnp.asarray(value, images.dtype), images)
 
 
 def cutout(key: Array, images: Array, *, size: int, probability: float = 1.0, value: float = 0.0) -> Array:
@@ -188,11 +193,11 @@ def cutout(key: Array, images: Array, *, size: int, probability: float = 1.0, va
   (clipped at the borders) set to ``value``, with ``probability`` per image."""
   _check_batch(images, "cutout")
   b, h, w, _ = images.shape
-  k_c, k_on = jax.random.split(key)
-  cy = jax.random.randint(k_c, (b,), 0, h)
-  cx = jax.random.randint(jax.random.fold_in(k_c, 1), (b,), 0, w)
+  u = jax.random.uniform(key, (b, 3))
+  cy = jnp.floor(u[:, 0] * h).astype(jnp.int32)
+  cx = jnp.floor(u[:, 1] * w).astype(jnp.int32)
   top, left = cy - size // 2, cx - size // 2
-  on = jax.random.bernoulli(k_on, probability, (b,))
+  on = u[:, 2] < probability
   mask = _box_mask(top, left, size, size, h, w) & _per_example(on, images)
   return jnp.where(mask, jnp.asarray(value, images.dtype), images)
 
@@ -208,36 +213,52 @@ def _check_mix(images, labels, alpha, name):
     raise ValueError(f"{name} alpha must be > 0; got {alpha}")
 
 
+def _beta(key: Array, alpha: float) -> Array:
+  """One draw from Beta(alpha, alpha).
+
+  For alpha <= 2, Jöhnk's rejection sampler in log space with 64 candidates drawn at once
+  (acceptance >= 1/6 each, so all fail with probability < 1e-5; then 0.5 is used): a few
+  uniforms, much cheaper to compile than ``jax.random.beta``'s gamma loops, which larger
+  alphas use.
+  """
+  if alpha > 2:
+    return jax.random.beta(key, alpha, alpha)
+  log_u = jnp.log(jax.random.uniform(key, (2, 64), minval=jnp.finfo(jnp.float32).tiny)) / alpha
+  log_sum = jnp.logaddexp(log_u[0], log_u[1])
+  ok = log_sum <= 0
+  first = jnp.argmax(ok)
+  return jnp.where(ok[first], jnp.exp(log_u[0, first] - log_sum[first]), 0.5)
+
+
 def mixup(key: Array, images: Array, labels: Array, *, alpha: float = 0.2) -> tuple[Array, Array]:
-  """mixup (Zhang et al. 2018): one ``lam ~ Beta(alpha, alpha)`` per batch, each example mixed
-  with a random partner; labels mixed with the same weight (rows still sum to one)."""
+  """mixup (Zhang et al. 2018): one ``lam ~ Beta(alpha, alpha)`` per batch; each example is
+  mixed with its partner in the reversed batch (as timm does; the loader already shuffles),
+  labels with the same weight (rows still sum to one)."""
   _check_mix(images, labels, alpha, "mixup")
-  k_lam, k_perm = jax.random.split(key)
-  lam = jax.random.beta(k_lam, alpha, alpha)
-  perm = jax.random.permutation(k_perm, images.shape[0])
+  lam = _beta(key, alpha)
   x = images.astype(jnp.float32)
-  return lam * x + (1 - lam) * x[perm], lam * labels + (1 - lam) * labels[perm]
+  return lam * x + (1 - lam) * x[::-1], lam * labels + (1 - lam) * labels[::-1]
 
 
 def cutmix(key: Array, images: Array, labels: Array, *, alpha: float = 1.0) -> tuple[Array, Array]:
-  """CutMix (Yun et al. 2019): a box of area ``1 - lam`` (``lam ~ Beta(alpha, alpha)``) is
-  pasted from a random partner; labels mixed by the box's actual (clipped) area."""
+  """CutMix (Yun et al. 2019): a box of area ``1 - lam`` (``lam ~ Beta(alpha, alpha)``, box
+  centre uniform, clipped at the borders) is pasted from the partner in the reversed batch;
+  labels are mixed by the box's actual area."""
   _check_mix(images, labels, alpha, "cutmix")
   b, h, w, _ = images.shape
-  k_lam, k_perm, k_pos = jax.random.split(key, 3)
-  lam = jax.random.beta(k_lam, alpha, alpha)
-  perm = jax.random.permutation(k_perm, b)
+  k_lam, k_pos = jax.random.split(key)
+  lam = _beta(k_lam, alpha)
   cut = jnp.sqrt(1.0 - lam)
   ch, cw = jnp.floor(h * cut), jnp.floor(w * cut)
-  cy = jax.random.randint(k_pos, (), 0, h)
-  cx = jax.random.randint(jax.random.fold_in(k_pos, 1), (), 0, w)
+  u = jax.random.uniform(k_pos, (2,))
+  cy, cx = jnp.floor(u[0] * h), jnp.floor(u[1] * w)
   y0, y1 = jnp.clip(cy - ch // 2, 0, h), jnp.clip(cy + ch - ch // 2, 0, h)
   x0, x1 = jnp.clip(cx - cw // 2, 0, w), jnp.clip(cx + cw - cw // 2, 0, w)
   ones = jnp.ones((b,))
   mask = _box_mask(y0 * ones, x0 * ones, (y1 - y0) * ones, (x1 - x0) * ones, h, w)
   lam_area = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
   x = images.astype(jnp.float32)
-  return jnp.where(mask, x[perm], x), lam_area * labels + (1 - lam_area) * labels[perm]
+  return jnp.where(mask, x[::-1], x), lam_area * labels + (1 - lam_area) * labels[::-1]
 
 
 def label_smoothing(labels: Array, *, epsilon: float = 0.1) -> Array:

@@ -141,6 +141,15 @@ def test_mixup_and_cutmix_labels_match_pixel_fractions():
             assert np.isclose(xi[k], c).mean() == pytest.approx(yi[k, c], abs=1e-6)
 
 
+@pytest.mark.parametrize("alpha", [0.2, 2.0])
+def test_mixing_weights_follow_the_beta_distribution(alpha):
+  stats = pytest.importorskip("scipy.stats")
+  draw = jax.jit(jax.vmap(lambda k: A._beta(k, alpha)))
+  lam = np.asarray(draw(jax.random.split(jax.random.key(0), 4000)))
+  # Kolmogorov-Smirnov against scipy's Beta(alpha, alpha); 0.031 is the 0.1 % critical value for n=4000.
+  assert stats.kstest(lam, stats.beta(alpha, alpha).cdf).statistic < 0.031
+
+
 def test_normalize_scale_and_label_smoothing_match_numpy(photos):
   x = _f(photos)
   mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
