@@ -228,13 +228,24 @@ def image_folder(
   src = ImageFolderSource(paths, labels, class_names, root=str(root_path))
 
   if cache == "auto":
-    first = decode_image(paths[0]) if paths else None
-    cache = first is not None and first.shape[0] * first.shape[1] <= AUTO_CACHE_MAX_PIXELS
-  elif cache not in (True, False):
+    try:
+      first = decode_image(paths[0])
+    except CorruptImageError:
+      first = decode_image(paths[-1]) if len(paths) > 1 else None
+    if first is None or first.shape[0] * first.shape[1] > AUTO_CACHE_MAX_PIXELS:
+      return src
+    try:
+      return to_memory(src, cache_dir=cache_dir, strict=strict)
+    except _MixedShapes as e:
+      log.info("not caching %s in memory: %s", src, e)
+      return src
+  if cache not in (True, False):
     raise ValueError(f"cache must be True, False or 'auto'; got {cache!r}")
-  if cache:
-    return to_memory(src, cache_dir=cache_dir, strict=strict)
-  return src
+  return to_memory(src, cache_dir=cache_dir, strict=strict) if cache else src
+
+
+class _MixedShapes(ValueError):
+  pass
 
 
 def _fingerprint(src: ImageFolderSource) -> str:
@@ -289,7 +300,7 @@ def to_memory(
     raise ValueError(f"no decodable images in {src!r}")
   shapes = {r["image"].shape for r in good}
   if len(shapes) > 1:
-    raise ValueError(f"images differ in shape ({sorted(shapes)[:3]} ...); resize them or use cache=False")
+    raise _MixedShapes(f"images differ in shape ({sorted(shapes)[:3]} ...); resize them or use cache=False")
   images = np.stack([r["image"] for r in good])
   labels = np.asarray([r["label"] for r in good], np.int32)
   if skipped:
@@ -317,6 +328,14 @@ class TfdsSource:
     self.class_names = list(class_names)
     self.image_key = image_key
     self.label_key = label_key
+
+  @property
+  def image_shape(self) -> tuple | None:
+    """The image feature's declared shape (None entries for variable sizes), if known."""
+    try:
+      return tuple(self.data_source.dataset_info.features[self.image_key].shape)
+    except Exception:  # noqa: BLE001 - info layouts differ between tfds versions and mocks
+      return None
 
   def __len__(self) -> int:
     return len(self.data_source)
@@ -386,7 +405,8 @@ def resolve(
 
   If ``data_dir`` itself is an image folder holding ``spec`` (``data_dir/spec/<split>``),
   that folder is used. ``folder_options`` (cache, cache_dir, strict) go to
-  :func:`image_folder`.
+  :func:`image_folder`; a tfds dataset with fixed small images (CIFAR) is decoded once into
+  memory too with ``cache="auto"`` (no disk cache: tfds already stores it compactly).
   """
   if hasattr(spec, "__getitem__") and hasattr(spec, "class_names"):
     return spec
@@ -401,4 +421,10 @@ def resolve(
     raise ValueError(f"image folder {spec_str!r} does not exist")
   if val_fraction:
     raise ValueError("val_fraction applies to image folders; for tfds use split slicing like 'train[:90%]'")
-  return tfds_source(spec_str, split=split, data_dir=data_dir, download=download)
+  src = tfds_source(spec_str, split=split, data_dir=data_dir, download=download)
+  cache = folder_options.get("cache", "auto")
+  shape = src.image_shape
+  small = shape is not None and None not in shape and shape[0] * shape[1] <= AUTO_CACHE_MAX_PIXELS
+  if cache is True or (cache == "auto" and small):
+    return to_memory(src, cache_dir=False, strict=folder_options.get("strict", False))
+  return src

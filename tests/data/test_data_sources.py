@@ -140,6 +140,9 @@ def test_auto_cache_for_small_images_only(small_folder, shared_dir, tmp_path):
   assert isinstance(auto, sources.ArraySource)  # 32x32 images
   big = sources.image_folder(shared_dir / "data" / "food101_mini", split="test[:5]", cache_dir=tmp_path / "c")
   assert isinstance(big, sources.ImageFolderSource)
+  Image.new("RGB", (40, 30), (9, 9, 9)).save(small_folder / "train" / "cat" / "zz_odd_size.png")
+  mixed = sources.image_folder(small_folder, split="train", cache_dir=tmp_path / "c")
+  assert isinstance(mixed, sources.ImageFolderSource) and len(mixed) == 25  # falls back to lazy decoding
 
 
 def test_array_source_validates():
