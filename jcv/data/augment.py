@@ -61,8 +61,9 @@ def pad_and_crop(key: Array, images: Array, *, padding: int = 4, mode: str = "co
 def _sample_boxes(key, batch, height, width, scale, ratio, attempts=10, extra=0):
   """Inception-style boxes (top, left, h, w) as floats [B] each, with the torchvision fallback.
 
-  One uniform draw feeds everything (cheap to compile); ``extra`` more uniform columns
-  [B, extra] are returned for the caller's own use.
+  One uniform draw feeds everything (cheap to compile). Also returns whether a box was
+  found within ``attempts`` (else the fallback was used) and ``extra`` more uniform columns
+  [B, extra] for the caller's own use.
   """
   u = jax.random.uniform(key, (batch, 2 * attempts + 2 + extra))
   area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, :attempts])
@@ -82,7 +83,7 @@ def _sample_boxes(key, batch, height, width, scale, ratio, attempts=10, extra=0)
   pos = u[:, 2 * attempts:2 * attempts + 2]
   top = jnp.where(any_ok, jnp.floor(pos[:, 0] * (height - h + 1)), (height - h) // 2)
   left = jnp.where(any_ok, jnp.floor(pos[:, 1] * (width - w + 1)), (width - w) // 2)
-  return (top, left, h, w), u[:, 2 * attempts + 2:]
+  return (top, left, h, w), any_ok, u[:, 2 * attempts + 2:]
 
 
 def random_resized_crop(
@@ -96,7 +97,7 @@ def random_resized_crop(
     raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]; got {scale}, {ratio}")
   out_h, out_w = (size, size) if isinstance(size, int) else size
   b, h, w, _ = images.shape
-  (top, left, ch, cw), _ = _sample_boxes(key, b, h, w, scale, ratio)
+  (top, left, ch, cw), _, _ = _sample_boxes(key, b, h, w, scale, ratio)
   sy, sx = out_h / ch, out_w / cw
 
   def one(im, sy, sx, ty, tx):
@@ -176,11 +177,11 @@ def random_erasing(
 ) -> Array:
   """Random erasing (Zhong et al. 2017): with ``probability`` per image, a box of area
   fraction in ``scale`` and aspect in ``ratio`` is set to ``value`` (a number, or
-  ``"random"`` for per-pixel N(0, 1) noise as in timm)."""
+  ``"random"`` for per-pixel N(0, 1) noise as in timm; the result is then float32)."""
   _check_batch(images, "random_erasing")
   b, h, w, _ = images.shape
-  (top, left, bh, bw), u = _sample_boxes(key, b, h, w, scale, ratio, extra=1)
-  on = u[:, 0] < probability
+  (top, left, bh, bw), found, u = _sample_boxes(key, b, h, w, scale, ratio, extra=1)
+  on = (u[:, 0] < probability) & found  # like torchvision: no box within 10 tries, no erasing
   mask = _box_mask(top, left, bh, bw, h, w) & _per_example(on, images)
   if value == "random":
     noise = jax.random.normal(jax.random.fold_in(key, 1), images.shape, jnp.float32)

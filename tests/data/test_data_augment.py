@@ -64,6 +64,23 @@ def test_random_resized_crop_is_deterministic_and_varies(photos):
   assert float(a.min()) >= -1e-6 and float(a.max()) <= 1 + 1e-6
 
 
+def test_random_resized_crop_boxes_respect_scale_and_ratio():
+  # Channel 0 holds the x coordinate, channel 1 the y coordinate: linear resampling keeps them
+  # linear, so each output's value range gives its crop box.
+  n, size, out = 64, 64, 16
+  ramp = (np.arange(size, dtype=np.float32) + 0.5) / size
+  grid = np.stack([np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), np.zeros((size, size))], -1)
+  x = jnp.asarray(np.broadcast_to(grid, (n, size, size, 3)), jnp.float32)
+  crop = jax.jit(functools.partial(A.random_resized_crop, size=out, scale=(0.2, 0.6), ratio=(0.5, 2.0)))
+  res = np.asarray(crop(jax.random.key(3), x))
+  w = np.ptp(res[..., 0], axis=(1, 2)) * out / (out - 1)  # box width as a fraction of the image
+  h = np.ptp(res[..., 1], axis=(1, 2)) * out / (out - 1)
+  assert ((w * h > 0.2 - 0.03) & (w * h < 0.6 + 0.03)).all()
+  assert ((w / h > 0.5 - 0.06) & (w / h < 2.0 + 0.06)).all()
+  assert (res[..., :2].min(axis=(1, 2)) >= 0).all() and (res[..., :2].max(axis=(1, 2)) <= 1).all()
+  assert np.ptp(res[..., 0].min(axis=(1, 2))) > 0.2  # positions vary
+
+
 def test_brightness_scales_each_image(photos):
   x = _f(photos)
   out = np.asarray(jax.jit(functools.partial(A.color_jitter, brightness=0.4))(jax.random.key(3), jnp.asarray(x)))
