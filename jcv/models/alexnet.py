@@ -19,7 +19,6 @@ __all__ = ["AlexNet", "ZFNet", "alexnet", "zfnet", "zf5_trunk"]
 def _conv(features, kernel, strides=1, padding=0, *, name, dtype):
   # Plain convolution with bias and ReLU (these nets predate BatchNorm).
   return ConvBNAct(features, kernel, strides=strides, padding=padding, use_bn=False,
-                   kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                    dtype=dtype, name=name)
 
 

@@ -156,3 +156,16 @@ def test_layer_errors():
     layers.SpatialPyramidPool(mode="min").apply({}, jnp.zeros((1, 4, 4, 2)))
   with pytest.raises(ValueError, match="larger than input"):
     layers.pool_output_size(2, 3, 2)
+
+
+@pytest.mark.parametrize("mode", ["fan_in", "fan_out", "fan_avg"])
+@pytest.mark.parametrize("distribution", ["normal", "truncated_normal", "uniform"])
+def test_flat_variance_scaling_matches_flax_distribution(mode, distribution):
+  import flax.linen as nn
+  shape = (3, 3, 48, 96)
+  ours = np.asarray(layers.variance_scaling(2.0, mode, distribution)(jax.random.key(0), shape))
+  flax = np.asarray(nn.initializers.variance_scaling(2.0, mode, distribution)(jax.random.key(1), shape))
+  assert ours.shape == shape and ours.dtype == np.float32
+  np.testing.assert_allclose(ours.std(), flax.std(), rtol=0.02)
+  np.testing.assert_allclose(np.abs(ours).max(), np.abs(flax).max(), rtol=0.25)
+  assert abs(ours.mean()) < 0.02 * ours.std()
