@@ -5,19 +5,13 @@
 names, ``get_card(name)`` gives the model card and ``summary(name)`` prints a per-layer table
 with parameters and MACs measured by XLA's cost analysis.
 """
-import importlib
-import importlib.util
-
 from jcv.models import layers
 from jcv.models.registry import ModelCard, create, get_card, list_models, register
 from jcv.models.summary import count_params, layer_table, measure_macs, summary
 
 # Importing a family module registers its models.
-from jcv.models import alexnet, inception, resnet, simple, spp, vgg  # noqa: E402,F401
-
-for _family in ("cifar", "mobilenet"):  # written by other helpers; imported once they exist
-  if importlib.util.find_spec(f"jcv.models.{_family}") is not None:
-    importlib.import_module(f"jcv.models.{_family}")
+from jcv.models import (alexnet, cifar, inception, mobilenet, resnet, simple, spp,  # noqa: F401
+                        vgg)
 
 __all__ = ["ModelCard", "count_params", "create", "get_card", "layers", "list_models",
            "layer_table", "measure_macs", "register", "summary"]
