@@ -69,11 +69,11 @@ GPU = Config(
 CPU = GPU.replace(
     model_options={"width": 0.5},
     dtype="float32",
-    epochs=8,
+    epochs=6,
     batch_size=512,
     learning_rate=_lr(512),
     eval_batch_size=500,
-    eval_every=8,
+    eval_every=6,
 )
 
 PRESETS = {"cpu": CPU, "gpu": GPU}
