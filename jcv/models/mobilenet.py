@@ -11,7 +11,7 @@ freezing regimes of :mod:`jcv.train.transfer`)::
   last_conv/{conv,bn}, head (Dense)
 
 Each of those top-level names is a *stage*; ``model.stage_names()`` lists them in order.
-``frozen_bn_stages=N`` makes the first N stages run BatchNorm in inference mode even when
+``frozen_stages=N`` makes the first N stages run BatchNorm in inference mode even when
 ``train=True`` (Keras' ``trainable=False`` behaviour for a frozen backbone).
 """
 from __future__ import annotations
@@ -19,13 +19,14 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jcv.models.layers import ConvBNAct
 from jcv.models.registry import ModelCard, register
 
 __all__ = [
-    "InvertedResidual", "MobileNetV1", "MobileNetV2", "make_divisible",
+    "InvertedResidual", "MobileNetV1", "MobileNetV2", "StagedNet", "make_divisible",
     "mobilenet_v1", "mobilenet_v2", "MOBILENET_V2_BLOCKS",
 ]
 
@@ -77,23 +78,64 @@ class InvertedResidual(nn.Module):
     return y
 
 
-def _head(x, *, num_classes, dropout_rate, train, dtype):
-  x = jnp.mean(x, axis=(1, 2))
-  if num_classes == 0:
-    return x
-  if dropout_rate > 0:
-    x = nn.Dropout(dropout_rate, deterministic=not train)(x)
-  return nn.Dense(num_classes, dtype=dtype, name="head")(x)
+class StagedNet(nn.Module):
+  """Base of staged backbones: runs stages ``[start_stage, end_stage)`` and the head.
+
+  Subclasses define the fields ``num_classes, dropout_rate, frozen_stages, frozen_bn_stages,
+  start_stage, end_stage, dtype``, ``stage_names()`` and ``_stage_modules()`` (one callable
+  ``f(x, train)`` per stage, built inside the compact ``__call__``).
+
+  Stage ``len(stage_names())`` is the head (global average pool, dropout, Dense ``head``);
+  it accepts a feature map or already pooled features [B, F].
+  """
+
+  def _stage_modules(self) -> list:
+    raise NotImplementedError
+
+  def _run(self, x, train: bool):
+    stages = self._stage_modules()
+    count = len(stages)
+    end = count + 1 if self.end_stage is None else self.end_stage
+    if not 0 <= self.start_stage <= end <= count + 1:
+      raise ValueError(f"need 0 <= start_stage <= end_stage <= {count + 1}, got "
+                       f"{self.start_stage} and {self.end_stage}")
+    bn_frozen = max(self.frozen_stages, self.frozen_bn_stages)
+    for index in range(self.start_stage, min(end, count)):
+      x = stages[index](x, train and index >= bn_frozen)
+      if index + 1 == self.frozen_stages:
+        x = jax.lax.stop_gradient(x)  # no backward pass through frozen stages at all
+    if end <= count:
+      return x
+    if x.ndim == 4:
+      x = jnp.mean(x, axis=(1, 2))
+    if self.num_classes == 0:
+      return x
+    if self.dropout_rate > 0:
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
 
-class MobileNetV2(nn.Module):
+_STAGE_DOC = """
+  Stage options (used by :mod:`jcv.train.transfer`; stages are ``stage_names()`` + the head):
+  ``frozen_stages=N``: the first N stages run BatchNorm in inference mode and get no gradient
+  (``stop_gradient`` after them, so no backward pass is computed through them);
+  ``frozen_bn_stages=N``: BatchNorm only in inference mode for the first N stages;
+  ``start_stage``/``end_stage``: run only stages [start, end) -- the input is then the output
+  of stage ``start - 1``, the output that of stage ``end - 1`` (used to cache the frozen part).
+"""
+
+
+class MobileNetV2(StagedNet):
   """MobileNetV2 with width multiplier ``width``; ``num_classes=0`` returns pooled features."""
   num_classes: int = 1000
   width: float = 1.0
   dropout_rate: float = 0.0
   bn_momentum: float = 0.999
   bn_epsilon: float = 1e-3
+  frozen_stages: int = 0
   frozen_bn_stages: int = 0
+  start_stage: int = 0
+  end_stage: int | None = None
   dtype: Any = None
 
   def stage_names(self) -> list[str]:
@@ -101,54 +143,55 @@ class MobileNetV2(nn.Module):
     count = sum(n for _, _, n, _ in MOBILENET_V2_BLOCKS)
     return ["stem"] + [f"block_{i}" for i in range(count)] + ["last_conv"]
 
-  @nn.compact
-  def __call__(self, x, train: bool = False):
+  def _stage_modules(self):
     common = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype)
-    stage = 0
-
-    def bn_frozen():
-      return stage < self.frozen_bn_stages
-
-    x = ConvBNAct(make_divisible(32 * self.width), 3, strides=2, act=nn.relu6, name="stem",
-                  **common)(x, train and not bn_frozen())
-    stage += 1
-    index = 0
+    stages = [ConvBNAct(make_divisible(32 * self.width), 3, strides=2, act=nn.relu6, name="stem",
+                        **common)]
     for t, c, n, s in MOBILENET_V2_BLOCKS:
       for i in range(n):
-        x = InvertedResidual(make_divisible(c * self.width), expansion=t, strides=s if i == 0 else 1,
-                             bn_frozen=bn_frozen(), name=f"block_{index}", **common)(x, train)
-        index += 1
-        stage += 1
+        stages.append(InvertedResidual(make_divisible(c * self.width), expansion=t,
+                                       strides=s if i == 0 else 1, name=f"block_{len(stages) - 1}",
+                                       **common))
     last = make_divisible(1280 * self.width) if self.width > 1.0 else 1280
-    x = ConvBNAct(last, 1, act=nn.relu6, name="last_conv", **common)(x, train and not bn_frozen())
-    return _head(x, num_classes=self.num_classes, dropout_rate=self.dropout_rate, train=train,
-                 dtype=self.dtype)
+    stages.append(ConvBNAct(last, 1, act=nn.relu6, name="last_conv", **common))
+    return stages
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return self._run(x, train)
 
 
-class MobileNetV1(nn.Module):
+class MobileNetV1(StagedNet):
   """MobileNetV1 (Keras layout: ReLU6, BN eps 1e-3, 1x1-conv classifier as a Dense ``head``)."""
   num_classes: int = 1000
   width: float = 1.0
   dropout_rate: float = 1e-3
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
+  frozen_stages: int = 0
   frozen_bn_stages: int = 0
+  start_stage: int = 0
+  end_stage: int | None = None
   dtype: Any = None
 
   def stage_names(self) -> list[str]:
     """Top-level parameter groups from input to output (the head excluded)."""
     return ["stem"] + [f"block_{i}" for i in range(len(_MOBILENET_V1_BLOCKS))]
 
+  def _stage_modules(self):
+    common = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype)
+    stages = [ConvBNAct(int(32 * self.width), 3, strides=2, act=nn.relu6, name="stem", **common)]
+    for i, (c, s) in enumerate(_MOBILENET_V1_BLOCKS):
+      stages.append(_SeparableBlock(int(c * self.width), strides=s, name=f"block_{i}", **common))
+    return stages
+
   @nn.compact
   def __call__(self, x, train: bool = False):
-    common = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype)
-    x = ConvBNAct(int(32 * self.width), 3, strides=2, act=nn.relu6, name="stem",
-                  **common)(x, train and self.frozen_bn_stages < 1)
-    for i, (c, s) in enumerate(_MOBILENET_V1_BLOCKS):
-      x = _SeparableBlock(int(c * self.width), strides=s, bn_frozen=i + 1 < self.frozen_bn_stages,
-                          name=f"block_{i}", **common)(x, train)
-    return _head(x, num_classes=self.num_classes, dropout_rate=self.dropout_rate, train=train,
-                 dtype=self.dtype)
+    return self._run(x, train)
+
+
+MobileNetV2.__doc__ += _STAGE_DOC
+MobileNetV1.__doc__ += _STAGE_DOC
 
 
 class _SeparableBlock(nn.Module):
@@ -169,6 +212,17 @@ class _SeparableBlock(nn.Module):
     return ConvBNAct(self.features, 1, name="pointwise", **common)(x, bn_train)
 
 
+_STAGE_OPTIONS = ("frozen_stages", "frozen_bn_stages", "start_stage", "end_stage")
+
+
+def _stage_options(options: dict) -> dict:
+  unknown = set(options) - set(_STAGE_OPTIONS)
+  if unknown:
+    raise ValueError(f"unknown MobileNet option(s) {sorted(unknown)}; expected width, dropout_rate, "
+                     f"bn_momentum, bn_epsilon, dtype or one of {_STAGE_OPTIONS}")
+  return options
+
+
 def _check_width(width: float):
   if not width > 0:
     raise ValueError(f"width multiplier must be > 0, got {width!r}")
@@ -180,13 +234,12 @@ def _check_width(width: float):
     notes="width 1.0; BN eps 1e-3, ReLU6, TF SAME padding; inputs in [-1, 1]; "
           "ImageNet weights via jcv.weights.pretrained"))
 def mobilenet_v2(*, num_classes: int = 1000, width: float = 1.0, dropout_rate: float = 0.0,
-                 bn_momentum: float = 0.999, bn_epsilon: float = 1e-3, frozen_bn_stages: int = 0,
-                 dtype=None) -> MobileNetV2:
+                 bn_momentum: float = 0.999, bn_epsilon: float = 1e-3, dtype=None, **stage_options) -> MobileNetV2:
   """MobileNetV2 (Keras/TF-slim layout). ``width`` is the width multiplier (0.35 ... 1.4)."""
   _check_width(width)
   return MobileNetV2(num_classes=num_classes, width=width, dropout_rate=dropout_rate,
                      bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
-                     frozen_bn_stages=frozen_bn_stages, dtype=dtype)
+                     dtype=dtype, **_stage_options(stage_options))
 
 
 @register(ModelCard(
@@ -194,10 +247,9 @@ def mobilenet_v2(*, num_classes: int = 1000, width: float = 1.0, dropout_rate: f
     "for Mobile Vision Applications", year=2017, reference_params=4_231_976, input_size=224,
     notes="width 1.0, Keras layout (ReLU6, BN eps 1e-3, dropout 1e-3 before the classifier)"))
 def mobilenet_v1(*, num_classes: int = 1000, width: float = 1.0, dropout_rate: float = 1e-3,
-                 bn_momentum: float = 0.99, bn_epsilon: float = 1e-3, frozen_bn_stages: int = 0,
-                 dtype=None) -> MobileNetV1:
+                 bn_momentum: float = 0.99, bn_epsilon: float = 1e-3, dtype=None, **stage_options) -> MobileNetV1:
   """MobileNetV1 (Keras layout). ``width`` is the width multiplier alpha (0.25 ... 1.0)."""
   _check_width(width)
   return MobileNetV1(num_classes=num_classes, width=width, dropout_rate=dropout_rate,
                      bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
-                     frozen_bn_stages=frozen_bn_stages, dtype=dtype)
+                     dtype=dtype, **_stage_options(stage_options))

@@ -1,0 +1,176 @@
+"""Transfer regimes: parameter labels, frozen parts unchanged, lr groups, feature caching."""
+import numpy as np
+import optax
+import pytest
+
+import jax
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jcv.models import layers, mobilenet
+from jcv.train import Config, optim, transfer
+from jcv.train import step as step_lib
+from jcv.train.state import TrainState, create_train_state, raw_key
+
+SIZE, CLASSES = 16, 3
+
+
+class TinyStaged(mobilenet.StagedNet):
+  """A 4-stage MobileNet-like network: the regimes are generic, and this compiles in seconds."""
+  num_classes: int = CLASSES
+  dropout_rate: float = 0.0
+  frozen_stages: int = 0
+  frozen_bn_stages: int = 0
+  start_stage: int = 0
+  end_stage: int | None = None
+  dtype: object = None
+
+  def stage_names(self):
+    return ["stem", "block_0", "block_1", "last_conv"]
+
+  def _stage_modules(self):
+    return [layers.ConvBNAct(8, 3, strides=2, name="stem"),
+            mobilenet.InvertedResidual(8, expansion=2, name="block_0"),
+            mobilenet.InvertedResidual(16, expansion=2, strides=2, name="block_1"),
+            layers.ConvBNAct(32, 1, name="last_conv")]
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return self._run(x, train)
+
+
+STAGES = TinyStaged().stage_names()
+
+
+def _model(**options):
+  return TinyStaged(**options)
+
+
+@pytest.fixture(scope="module")
+def variables():
+  """Random parameters and BN statistics without compiling the model's init."""
+  shapes = jax.eval_shape(_model().init, jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
+  rng = np.random.default_rng(0)
+  out = jax.tree.map(lambda s: (0.2 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+  out["batch_stats"] = jax.tree.map(lambda v: np.abs(v) + 0.5, out["batch_stats"])
+  return out
+
+
+@pytest.fixture(scope="module")
+def batch():
+  rng = np.random.default_rng(1)
+  return {"image": rng.integers(0, 256, (8, SIZE, SIZE, 3), dtype=np.uint8),
+          "label": rng.integers(0, CLASSES, 8).astype(np.int32)}
+
+
+def _labels(regime, params, **options):
+  fields = transfer.regime_options(regime, stage_names=STAGES, **options)
+  labels = optim.param_labels(params, freeze=fields["freeze"], lr_multipliers=fields["lr_multipliers"])
+  return {name: set(jax.tree.leaves(sub)) for name, sub in labels.items()}
+
+
+def test_regime_labels(variables):
+  params = variables["params"]
+  assert all(v == {optim.DEFAULT} for v in _labels("scratch", params).values())
+  frozen = _labels("frozen", params)
+  assert frozen.pop("head") == {optim.DEFAULT}
+  assert all(v == {optim.FROZEN} for v in frozen.values())
+  top3 = _labels("finetune", params, trainable_stages=2)
+  assert top3["head"] == {optim.DEFAULT}
+  assert {n for n, v in top3.items() if v == {"lr0"}} == {"block_1", "last_conv"}
+  assert {n for n, v in top3.items() if v == {optim.FROZEN}} == set(STAGES[:-2])
+  options = transfer.regime_options("finetune", stage_names=STAGES, trainable_stages=2)["model_options"]
+  assert options == {"frozen_stages": 2, "frozen_bn_stages": 4}
+  with pytest.raises(ValueError, match="regime must be one of"):
+    transfer.regime_options("partial", stage_names=STAGES)
+  with pytest.raises(ValueError, match="trainable_stages"):
+    transfer.regime_options("finetune", stage_names=STAGES, trainable_stages=5)
+
+
+def _state(model, variables, config):
+  tx, _ = optim.make_optimizer(config, steps_per_epoch=1, total_steps=10)
+  params = jax.tree.map(jnp.asarray, variables["params"])
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]),
+                    opt_state=tx.init(params), key=raw_key(jax.random.key(0)), apply_fn=model.apply, tx=tx)
+
+
+SGD = Config(optimizer="sgd", momentum=0.0, learning_rate=0.5, weight_decay=0.0, schedule="constant",
+             num_classes=CLASSES, mean=None, std=None)
+
+
+def test_finetune_step_freezes_and_scales_backbone_lr(variables, batch):
+  config = transfer.transfer_config(SGD, "finetune", stage_names=STAGES, trainable_stages=2,
+                                    backbone_lr_multiplier=0.1)
+  model = _model(**config.model_options)
+  state = _state(model, variables, config)
+  new, _ = jax.jit(lambda s, b: step_lib.train_step(s, b, num_classes=CLASSES, freeze=config.freeze))(state, batch)
+
+  # Reference gradient of the same loss, computed directly.
+  x = step_lib.to_model_input(jnp.asarray(batch["image"]))
+  def loss(params):
+    logits, _ = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
+                            mutable=["batch_stats"])
+    return optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["label"], CLASSES)).mean()
+  grads = jax.jit(jax.grad(loss))(state.params)
+  old, upd = variables["params"], jax.device_get(new.params)
+  for name in STAGES[:-2]:  # frozen: bitwise unchanged, and no gradient reaches them
+    jax.tree.map(np.testing.assert_array_equal, upd[name], old[name])
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads[name]))
+  for name, lr in (("block_1", 0.05), ("last_conv", 0.05), ("head", 0.5)):
+    expected = jax.tree.map(lambda p, g: p - lr * np.asarray(g), old[name], grads[name])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), upd[name], expected)
+  # BatchNorm runs in inference mode everywhere (the tutorial's fine-tuning): statistics kept.
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(new.batch_stats), variables["batch_stats"])
+
+
+def test_cached_features_train_like_the_full_frozen_model(variables, batch):
+  config = transfer.transfer_config(SGD.replace(batch_size=8, epochs=1), "frozen", stage_names=STAGES)
+  model = _model(**config.model_options)
+  # The whole model, one step on the images.
+  state = _state(model, variables, config)
+  full, _ = jax.jit(lambda s, b: step_lib.train_step(s, b, num_classes=CLASSES, freeze=config.freeze))(state, batch)
+  # Cached: backbone once, then the head alone on its pooled features.
+  bottom, top = transfer.split_model(model, len(STAGES))
+  features, labels = transfer.compute_features(
+      lambda v, x: bottom.apply(v, x), {k: variables[k] for k in variables}, [batch])
+  assert features.shape == (8, 32)
+  head_vars = transfer.top_variables(variables, model, len(STAGES))
+  assert set(head_vars["params"]) == {"head"}
+  cached, history = transfer.fit_cached(jax.random.key(0), top, head_vars, (features, labels),
+                                        config=config, log=None)
+  assert len(history) == 1
+  np.testing.assert_allclose(cached.params["head"]["kernel"], full.params["head"]["kernel"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(cached.params["head"]["bias"], full.params["head"]["bias"], rtol=1e-4, atol=1e-5)
+  merged = transfer.merge_variables(variables, jax.device_get(cached.variables))
+  jax.tree.map(np.testing.assert_array_equal, merged["params"]["block_0"], variables["params"]["block_0"])
+  # Split in the middle: bottom then top equals the whole network.
+  bottom, top = transfer.split_model(model, 2)
+  mid = bottom.apply(variables, jnp.asarray(batch["image"], jnp.float32) / 255.0)
+  whole = model.apply(variables, jnp.asarray(batch["image"], jnp.float32) / 255.0)
+  np.testing.assert_allclose(top.apply(variables, mid), whole, rtol=1e-4, atol=1e-4)
+
+
+def test_pretrained_model_starts_from_given_variables(variables):
+  model = transfer.PretrainedModel(_model(), variables)
+  tx = optax.sgd(0.1)
+  state = create_train_state(jax.random.key(5), model, tx, (1, SIZE, SIZE, 3))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), variables["params"])
+  assert model.stage_names() == STAGES and model.num_classes == CLASSES
+
+
+def test_save_run_is_loadable(tmp_path):
+  from jcv.train import loop
+  stages = mobilenet.mobilenet_v2(num_classes=0).stage_names()
+  config = transfer.transfer_config(SGD.replace(model="mobilenet_v2", image_size=32,
+                                                model_options={"width": 0.35}),
+                                    "frozen", stage_names=stages)
+  model = mobilenet.mobilenet_v2(num_classes=CLASSES, **config.model_options)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
+  transfer.save_run(tmp_path / "run", config, model, variables, class_names=["a", "b", "c"],
+                    metrics={"top1": 0.5, "loss": 1.0})
+  loaded_config, names, state, _ = loop.load_run(tmp_path / "run")
+  assert names == ["a", "b", "c"] and loaded_config.model_options["frozen_stages"] == 19
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), variables["params"])
