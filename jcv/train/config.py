@@ -22,6 +22,7 @@ class Config:
   train_split: str = "train"
   eval_split: str = "test"            # "" disables evaluation
   val_fraction: float | None = None   # carve a validation split from train (image folders)
+  source_options: dict = dataclasses.field(default_factory=dict)  # image_folder options, e.g. {"cache": False}
   image_size: int = 32
   crop: str = "none"                  # host crop: random_resized | pad_crop | none (resize + centre crop)
   num_workers: int = 0                # grain worker processes (0 = in-process)

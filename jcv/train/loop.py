@@ -69,7 +69,7 @@ def source_spec(config: Config, split: str):
 def _source(config: Config, split: str):
   from jcv.data import sources
   return sources.resolve(source_spec(config, split), split=split, data_dir=config.data_dir,
-                         val_fraction=config.val_fraction, seed=config.seed)
+                         val_fraction=config.val_fraction, seed=config.seed, **config.source_options)
 
 
 def build_model(config: Config, num_classes: int):
@@ -113,6 +113,7 @@ def run_eval(state, loader, eval_fn, mesh, *, max_in_flight: int = 16) -> dict:
         totals[k] += float(sums[k])
     pending.clear()
   for batch in loader:
+    batch = {"image": batch["image"], "label": batch["label"], "mask": batch["mask"]}
     pending.append(eval_fn(state, parallel.shard_batch(batch, mesh)))
     if len(pending) >= max_in_flight:
       drain()
@@ -236,6 +237,12 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
       _train_fn(config, num_classes=num_classes, augment_fn=augment_fn, schedule=schedule),
       mesh, mode=config.parallel)
   eval_fn = parallel.compile_eval_step(_eval_fn(config), mesh, mode=config.parallel)
+  # Compile ahead of time, so that no process enters the first collective while another
+  # is still compiling (CPU gloo connections time out after ~30 s).
+  image_shape = (config.image_size, config.image_size, 3)
+  train_fn = train_fn.lower(state, parallel.batch_spec(mesh, config.batch_size, image_shape)).compile()
+  if eval_ld is not None:
+    eval_fn = eval_fn.lower(state, parallel.batch_spec(mesh, eval_bs * pcount, image_shape, mask=True)).compile()
 
   def save(metrics=None):
     checkpointer.save(state, data_state=iterator.get_state(), config=config.to_dict(), metrics=metrics)
@@ -250,8 +257,12 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
     with _stop_signals() as signals:
       if start_step == 0 and augment_fn is not None and is_main:
         _log_augmented_grid(logger, augment_fn, train_ld.iter_from(0), config)
+      if pcount > 1:
+        import orbax.checkpoint as ocp
+        ocp.multihost.sync_global_processes("jcv_fit_start", timeout=600)
       while step < total_steps:
         batch = next(iterator)
+        batch = {"image": batch["image"], "label": batch["label"]}
         state, metrics = train_fn(state, parallel.shard_batch(batch, mesh))
         step += 1
         pending.append(metrics)

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = [
-    "DATA_AXIS", "initialize_distributed", "make_mesh", "replicate", "shard_batch",
+    "DATA_AXIS", "initialize_distributed", "make_mesh", "replicate", "shard_batch", "batch_spec",
     "compile_train_step", "compile_eval_step", "fetch",
 ]
 
@@ -83,6 +83,16 @@ def shard_batch(batch, mesh: Mesh):
       raise ValueError(f"per-process batch {x.shape[0]} is not divisible by the {local} local devices")
     return jax.make_array_from_process_local_data(sharding, x)
   return jax.tree.map(put, batch)
+
+
+def batch_spec(mesh: Mesh, global_batch: int, image_shape, *, mask: bool = False) -> dict:
+  """ShapeDtypeStructs of a global uint8 batch sharded on ``data`` (for ahead-of-time lowering)."""
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  spec = {"image": jax.ShapeDtypeStruct((global_batch, *image_shape), np.uint8, sharding=sharding),
+          "label": jax.ShapeDtypeStruct((global_batch,), np.int32, sharding=sharding)}
+  if mask:
+    spec["mask"] = jax.ShapeDtypeStruct((global_batch,), np.bool_, sharding=sharding)
+  return spec
 
 
 def compile_train_step(train_fn, mesh: Mesh, *, mode: str = "jit"):

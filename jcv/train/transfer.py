@@ -34,7 +34,7 @@ from jcv.train.state import TrainState, raw_key
 
 __all__ = [
     "REGIMES", "PretrainedModel", "cache_features", "cached_transfer", "compute_features", "evaluate_cached", "fit_cached",
-    "merge_variables", "predict_cached", "regime_options", "save_run", "split_model", "top_variables",
+    "merge_variables", "pool_cached", "predict_cached", "regime_options", "save_run", "split_model", "top_variables",
     "transfer_config",
 ]
 
@@ -265,6 +265,17 @@ def cache_features(model, variables: dict, sources: dict, *, stage: int, image_s
   return cached
 
 
+def pool_cached(model, variables: dict, cached: dict, *, stage: int, batch_size: int = 128) -> dict:
+  """Runs the stages ``[stage, ...)`` of ``model`` (inference mode) over cached feature maps
+  -> {split: (pooled features, labels)}."""
+  names = model.stage_names()
+  rest = model.clone(num_classes=0, start_stage=stage, end_stage=None, frozen_stages=0)
+  run = jax.jit(functools.partial(rest.apply, _subtree(variables, set(names[stage:]))))
+  return {split: (np.concatenate([np.asarray(run(x[i:i + batch_size]))
+                                  for i in range(0, len(x), batch_size)]), y)
+          for split, (x, y) in cached.items()}
+
+
 def cached_transfer(key, model, variables: dict, cached: dict, *, stage: int, config: Config,
                     log=print) -> dict:
   """Trains the top of ``model`` (stages ``[stage, ...)`` + head) on :func:`cache_features` output.
@@ -274,8 +285,13 @@ def cached_transfer(key, model, variables: dict, cached: dict, *, stage: int, co
   "variables" (full, trained), "history", "val", "test", "test_logits", "test_labels",
   "train_s"}.
   """
-  _, top = split_model(model, stage)
   started = time.time()
+  count = len(model.stage_names())
+  if stage < count and model.frozen_stages >= count:
+    # Everything below the head is frozen: pool the cached maps once, train the head alone.
+    cached = pool_cached(model, variables, cached, stage=stage)
+    stage = count
+  _, top = split_model(model, stage)
   state, history = fit_cached(key, top, top_variables(variables, model, stage), cached["train"],
                               config=config, validation=cached.get("val"), log=log)
   out = {"state": state, "history": history, "train_s": time.time() - started,

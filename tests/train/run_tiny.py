@@ -34,10 +34,6 @@ def dump_params(workdir):
 
 if __name__ == "__main__":
   train, evaluation = array_sources(256, 40)
-  try:
-    args = [a for a in sys.argv[1:]]
-    cli.run(args, base=BASE, fit_kwargs={"train_source": train, "eval_source": evaluation})
-  finally:
-    pass
+  cli.run(sys.argv[1:], base=BASE, fit_kwargs={"train_source": train, "eval_source": evaluation})
   workdir = sys.argv[sys.argv.index("--workdir") + 1]
   dump_params(workdir)

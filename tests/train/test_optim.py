@@ -198,3 +198,20 @@ def test_l2_in_loss_equals_lecture_formula():
   g = jax.grad(lambda p: 0.01 * losses.l2_penalty(p, optim.decay_mask(p)))(params)
   np.testing.assert_allclose(g["Dense_0"]["kernel"], 0.01 * params["Dense_0"]["kernel"], rtol=1e-6)
   np.testing.assert_array_equal(g["Dense_0"]["bias"], 0.0)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  from jcv.train import loop
+  from run_tiny import BASE
+  cfg = BASE.replace(dtype="bfloat16")
+  model = loop.build_model(cfg, 10)
+  tx, sched = optim.make_optimizer(cfg, steps_per_epoch=10, total_steps=100)
+  state = jax.eval_shape(lambda: create_train_state(jax.random.key(0), model, tx, (1, 8, 8, 3)))
+  batch = {"image": jax.ShapeDtypeStruct((4, 8, 8, 3), jnp.uint8), "label": jax.ShapeDtypeStruct((4,), jnp.int32)}
+  step = functools.partial(train_step, num_classes=10, schedule=sched)
+  new_state, metrics = jax.eval_shape(step, state, batch)
+  assert {x.dtype for x in jax.tree.leaves(new_state.params)} == {jnp.dtype(jnp.float32)}
+  assert metrics["loss"].dtype == jnp.float32
+  x = jnp.zeros((4, 8, 8, 3), jnp.float32)
+  jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(state.variables))
+  assert "bf16" in jaxpr  # the convolutions and matmuls run in bfloat16

@@ -1,0 +1,100 @@
+"""The shared experiment flags, and ``python -m jcv evaluate|predict`` as real subprocesses."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "train"))
+
+from jcv.train import Config, cli, loop, predict_logits  # noqa: E402
+from run_tiny import BASE  # noqa: E402
+from tiny import random_images  # noqa: E402
+
+CLASSES = ["cat", "dog", "fox"]
+
+
+def test_flags_map_to_config_fields():
+  presets = {"small": Config(epochs=3, model="resnet20")}
+  parser = cli.make_parser(presets=presets, default_preset="small")
+  args = parser.parse_args(["--workdir", "w", "--data-dir", "d", "--epochs", "5", "--steps", "7",
+                            "--batch-size", "64", "--seed", "3", "--parallel", "pmap",
+                            "--checkpoint-every", "9", "--set", "label_smoothing=0.1",
+                            "--set", "augment=['flip', ('pad_crop', {'padding': 2})]",
+                            "--set", "optimizer=adamw", "--set", "freeze=('backbone',)"])
+  cfg = cli.config_from_args(args, presets=presets)
+  assert (cfg.model, cfg.data_dir, cfg.epochs, cfg.steps, cfg.batch_size, cfg.seed, cfg.parallel,
+          cfg.checkpoint_every) == ("resnet20", "d", 5, 7, 64, 3, "pmap", 9)
+  assert cfg.label_smoothing == 0.1 and cfg.optimizer == "adamw" and cfg.freeze == ("backbone",)
+  assert cfg.augment == ("flip", ("pad_crop", {"padding": 2}))
+  assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_bad_flags_raise_clear_errors():
+  parser = cli.make_parser()
+  with pytest.raises(ValueError, match="unknown config field 'learning_rat'"):
+    cli.config_from_args(parser.parse_args(["--workdir", "w", "--set", "learning_rat=0.1"]))
+  with pytest.raises(ValueError, match="key=value"):
+    cli.config_from_args(parser.parse_args(["--workdir", "w", "--set", "oops"]))
+  with pytest.raises(ValueError, match="parallel must be one of"):
+    cli.config_from_args(parser.parse_args(["--workdir", "w", "--set", "parallel=tpu"]))
+
+
+def _write_folder(root: pathlib.Path):
+  for split, n, seed in (("train", 24, 0), ("test", 13, 1)):
+    images, labels = random_images(n, num_classes=3, seed=seed)
+    for i, (img, lab) in enumerate(zip(images, labels)):
+      d = root / split / CLASSES[lab]
+      d.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(img).save(d / f"{i:03d}.png")
+
+
+def _jcv(*args):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "jcv", *map(str, args)], capture_output=True, text=True,
+                        env=env, timeout=600)
+
+
+def test_evaluate_and_predict_commands(tmp_path):
+  folder = tmp_path / "data"
+  _write_folder(folder)
+  run = tmp_path / "run"
+  cfg = BASE.replace(dataset=str(folder), source_options={"cache": False}, batch_size=8, steps=3,
+                     eval_batch_size=8, plots=False)
+  loop.fit(cfg, workdir=run)
+  assert json.loads((run / "class_names.json").read_text()) == CLASSES
+
+  out = _jcv("evaluate", "--workdir", run, "--data-dir", folder, "--split", "test")
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  assert set(got) == {"top1", "top5", "loss", "n"} and got["n"] == 13
+
+  # Reference: the same checkpoint applied to the 13 decoded files at once, numpy metrics.
+  config, names, state, _ = loop.load_run(run)
+  files = sorted((folder / "test").rglob("*.png"))
+  images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+  labels = np.array([names.index(f.parent.name) for f in files])
+  logits = np.asarray(predict_logits(state, images, mean=config.mean, std=config.std), np.float64)
+  assert got["top1"] == pytest.approx(np.mean(logits.argmax(1) == labels), abs=1e-6)
+  logp = logits - logits.max(1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+  assert got["loss"] == pytest.approx(-np.mean(logp[np.arange(13), labels]), rel=1e-5)
+
+  out = _jcv("predict", "--workdir", run, files[0], files[1])
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [json.loads(line) for line in out.stdout.strip().splitlines() if line.startswith("{")]
+  assert [r["file"] for r in rows] == [str(files[0]), str(files[1])]
+  probs = np.exp(logp[:2])
+  for row, p in zip(rows, probs):
+    assert [name for name, _ in row["top"]] == [names[i] for i in np.argsort(-p)[:5]]
+    np.testing.assert_allclose([q for _, q in row["top"]], np.sort(p)[::-1][:5], rtol=1e-4)
+
+
+def test_evaluate_on_a_non_run_folder_fails_clearly(tmp_path):
+  out = _jcv("evaluate", "--workdir", tmp_path, "--data-dir", tmp_path)
+  assert out.returncode == 2
+  assert "no checkpoints/ folder" in out.stderr
