@@ -209,3 +209,25 @@ def test_cards_describe_and_list_is_sorted():
     text = card.describe()
     assert name in text and card.paper in text
     assert card.reference_params is not None and card.input_size > 0
+
+
+@pytest.mark.parametrize("name", ["alexnet", "zfnet", "vgg16_bn", "spp_net", "googlenet",
+                                  "inception_v3", "inception_resnet_v2", "resnet50"])
+def test_train_mode_traces_with_batch_stats_and_dropout(name):
+  """Training-mode call (mutable BN statistics, dropout rng) of every family, shapes only."""
+  size = max(FEATURES[name][1], 64)
+  model = M.create(name, num_classes=5)
+
+  def train_call(x):
+    variables = model.init(jax.random.key(0), x[:1])
+    logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                                  rngs={"dropout": jax.random.key(1)})
+    return logits, updates, variables
+
+  logits, updates, variables = jax.eval_shape(
+      train_call, jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32))
+  assert logits.shape == (2, 5)
+  if "batch_stats" in variables:
+    assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
+  else:  # the pre-BatchNorm nets
+    assert name in ("alexnet", "zfnet", "spp_net") and not updates.get("batch_stats")
