@@ -142,6 +142,13 @@ def test_cached_features_train_like_the_full_frozen_model(variables, batch):
   assert len(history) == 1
   np.testing.assert_allclose(cached.params["head"]["kernel"], full.params["head"]["kernel"], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(cached.params["head"]["bias"], full.params["head"]["bias"], rtol=1e-4, atol=1e-5)
+  # Cached below the top stages: the frozen regime pools the maps once, then trains the head.
+  bottom2, _ = transfer.split_model(model, 2)
+  maps = transfer.compute_features(lambda v, x: bottom2.apply(v, x), variables, [batch])
+  two_level = transfer.cached_transfer(jax.random.key(0), model, variables, {"train": maps},
+                                       stage=2, config=config, log=None)
+  np.testing.assert_allclose(two_level["state"].params["head"]["kernel"], full.params["head"]["kernel"],
+                             rtol=1e-4, atol=1e-5)
   merged = transfer.merge_variables(variables, jax.device_get(cached.variables))
   jax.tree.map(np.testing.assert_array_equal, merged["params"]["block_0"], variables["params"]["block_0"])
   # Split in the middle: bottom then top equals the whole network.
