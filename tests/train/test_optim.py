@@ -44,7 +44,7 @@ def test_decay_mask_excludes_bias_and_bn_scale():
 
 
 def test_decay_mask_on_real_model():
-  variables = TinyCNN().init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  variables = jax.eval_shape(TinyCNN().init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
   mask = optim.decay_mask(variables["params"])
   assert mask["Conv_0"] == {"kernel": True}
   assert mask["BatchNorm_0"] == {"scale": False, "bias": False}
