@@ -402,7 +402,7 @@ def classifier_head(x, *, num_classes: int, dropout_rate: float = 0.0, train: bo
 
   Call inside a compact ``__call__``. ``num_classes=0`` returns the pooled features ``[B, C]``.
   """
-  x = jnp.mean(x, axis=(1, 2)) if x.ndim == 4 else x
+  x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32) if x.ndim == 4 else x  # f32 sum even in bf16
   if num_classes == 0:
     return x.astype(jnp.float32)
   if dropout_rate > 0:

@@ -39,7 +39,7 @@ class AdvancedCNN(nn.Module):
       for i in range(self.convs_per_stage):
         x = ConvBNAct(width, 3, name=f"conv{s + 1}_{i + 1}", **common)(x, train)
       x = max_pool(x, 2, 2)
-    x = jnp.mean(x, axis=(1, 2))
+    x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)  # f32 sum even in bf16
     if self.num_classes == 0:
       return x.astype(jnp.float32)
     x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="fc")(x))
