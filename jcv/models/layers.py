@@ -100,7 +100,10 @@ class ConvBNAct(nn.Module):
   """Conv + BatchNorm + activation: the course's basic block.
 
   ``act=None`` gives a linear (no activation) output, e.g. MobileNetV2's projection.
-  ``groups=-1`` means depthwise (one group per input channel).
+  ``groups=-1`` means depthwise (one group per input channel). ``bn_use_scale=False`` is a
+  BN with a shift only (Keras' Inception-ResNet-v2), ``bn_scale_init=zeros`` the
+  "zero-init residual" trick, ``use_bias=True`` keeps a conv bias before BN (torchvision's
+  VGG-BN); ``use_bn=False`` is a plain conv with bias (AlexNet, VGG).
   """
   features: int
   kernel_size: int | Sequence[int] = 3

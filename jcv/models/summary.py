@@ -2,6 +2,8 @@
 
 Nothing is compiled or executed: shapes come from ``jax.eval_shape`` and costs from
 ``jax.jit(...).lower(...).cost_analysis()`` (XLA's HLO cost model of the unoptimised graph).
+From a shell: ``python -c "import jcv.models as M; M.summary('resnet50', input_size=160)"``.
+
 MACs are counted for convolutions and dense layers (flops / 2 of each layer without its
 bias), the convention of papers and model zoos. XLA counts only the multiply-adds that touch
 the image, not the zero padding, so its MACs are a few percent below the "nominal" count
@@ -202,3 +204,4 @@ def summary(name: str, *, input_size: int | None = None, print_fn=print, **optio
   if print_fn is not None:
     print_fn(text)
   return text
+
