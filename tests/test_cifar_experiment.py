@@ -36,6 +36,19 @@ def test_presets_follow_airbench():
   assert gpu.label_smoothing == 0.2 and gpu.tta_flip and gpu.freeze == (r"^whiten/kernel$",)
   for c in (cpu, gpu):
     c.validate()
+  # The group regexes hit exactly the parameters airbench treats specially.
+  import jax
+  import jax.numpy as jnp
+  import jcv.models as M
+  from jcv.train import optim
+  model = M.create("cifar_cnn", **cpu.model_options)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
+  labels = optim.param_labels(params, freeze=cpu.freeze, lr_multipliers=cpu.lr_multipliers)
+  flat = {path: label for path, label in zip(jax.tree.leaves(optim.param_paths(params)), jax.tree.leaves(labels))}
+  assert {p for p, l in flat.items() if l == optim.FROZEN} == {"whiten/kernel"}
+  assert {p for p, l in flat.items() if l == "lr0"} == {f"block{i}/bn{j}/bias" for i in (1, 2, 3) for j in (1, 2)}
+  decayed = jax.tree.leaves(optim.decay_mask(params))
+  assert sum(decayed) == 8  # the 6 block convs, the head and the (frozen) whitening kernel
 
 
 def test_smoke_run_whitens_and_trains(shared_dir, tmp_path):
