@@ -20,7 +20,8 @@ def training_curves(history: list[dict], path) -> pathlib.Path:
   plt = _plt()
   fig, axes = plt.subplots(1, 3, figsize=(14, 4))
   for split, style in (("train", "-"), ("eval", "o-")):
-    rows = [r for r in history if r.get("split") == split]
+    # A resumed run may have logged some steps twice: keep the last record of each step.
+    rows = sorted({r["step"]: r for r in history if r.get("split") == split}.values(), key=lambda r: r["step"])
     if not rows:
       continue
     steps = [r["step"] for r in rows]

@@ -247,7 +247,7 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
   def save(metrics=None):
     checkpointer.save(state, data_state=iterator.get_state(), config=config.to_dict(), metrics=metrics)
 
-  history_best, last_eval, stopped_by = None, None, None
+  last_eval, stopped_by = None, None
   running = _Running()
   progress = _progress(config, is_main, start_step, total_steps)
   pending: list = []
@@ -284,7 +284,6 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
           eval_metrics["epoch"] = step / steps_per_epoch
           logger.scalars(step, eval_metrics, split="eval")
           last_eval = eval_metrics
-          history_best = _better(history_best, eval_metrics, config.best_metric)
           timer.restart()
         if eval_metrics is not None or epoch_end or ckpt_now or signals or step == total_steps:
           save({k: v for k, v in eval_metrics.items() if k in ("loss", "top1", "top5")}
@@ -297,10 +296,13 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
     checkpointer.wait()
     logger.flush()
   checkpointer.close()
+  if last_eval is None and eval_ld is not None and step >= total_steps:  # re-run of a finished run
+    last_eval = run_eval(state, eval_ld, eval_fn, mesh, max_in_flight=config.max_steps_in_flight)
+    last_eval["epoch"] = step / steps_per_epoch
 
   results = {
       "final": {"train": running.last, "eval": last_eval},
-      "best": history_best,
+      "best": _best_eval(workdir / "metrics.jsonl", config.best_metric) if is_main else None,
       "best_step": checkpointer.best_step(),
       "steps": step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
       "epochs": step / steps_per_epoch,
@@ -391,11 +393,18 @@ def _drain(pending, running, step, timer):
   timer.mark(step)
 
 
-def _better(best, metrics, name):
-  if best is None or name not in metrics:
-    return dict(metrics)
-  higher = name != "loss"
-  return dict(metrics) if (metrics[name] > best[name]) == higher and metrics[name] != best[name] else best
+def _best_eval(jsonl_path, name):
+  """The best eval record of the whole run (all resumed segments) by ``name``."""
+  if not pathlib.Path(jsonl_path).exists():
+    return None
+  evals = [r for r in log_lib.read_jsonl(jsonl_path) if r.get("split") == "eval" and name in r]
+  if not evals:
+    return None
+  pick = min if name == "loss" else max
+  best = dict(pick(evals, key=lambda r: r[name]))
+  best.pop("split", None)
+  best.pop("time", None)
+  return best
 
 
 def _progress(config, is_main, start, total):
