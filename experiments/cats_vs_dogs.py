@@ -43,11 +43,11 @@ def parse_args(argv=None):
   p.add_argument("--scratch-image-size", type=int, default=96,
                  help="input size of the from-scratch variants (they are the slow ones on a CPU)")
   p.add_argument("--val-fraction", type=float, default=0.1)
-  p.add_argument("--epochs-frozen", type=int, default=10)
-  p.add_argument("--epochs-finetune", type=int, default=6)
+  p.add_argument("--epochs-frozen", type=int, default=20)
+  p.add_argument("--epochs-finetune", type=int, default=4)
   p.add_argument("--epochs-scratch", type=int, default=3)
   p.add_argument("--epochs-cnn", type=int, default=3)
-  p.add_argument("--trainable-stages", type=int, default=5,
+  p.add_argument("--trainable-stages", type=int, default=3,
                  help="finetune: how many top stages of MobileNetV2 train (19 = all)")
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--limit", type=int, default=None, help="use only this many images per split (smoke tests)")
@@ -113,7 +113,8 @@ def run_cached(args, variants, srcs, workdir):
   split = len(stages) - args.trainable_stages
   cache_started = time.time()
   cached = transfer.cache_features(model, variables, {k: srcs[k] for k in ("train", "val", "test")},
-                                   stage=split, image_size=args.image_size, flip=True, **MEAN_STD)
+                                   stage=split, image_size=args.image_size, flip=True,
+                                   directory=workdir / "features", **MEAN_STD)
   cache_s = time.time() - cache_started
   results = {}
   # frozen: only the head trains (the cached top stages run frozen, in inference mode).

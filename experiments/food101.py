@@ -127,7 +127,7 @@ def run_cached(args, srcs, class_names, workdir):
   split = len(stages) - args.trainable_stages
   started = time.time()
   cached = transfer.cache_features(model, variables, srcs, stage=split, image_size=args.image_size,
-                                   flip=True, **MEAN_STD)
+                                   flip=True, directory=workdir / "features", **MEAN_STD)
   timing = {"features_s": time.time() - started}
   head_cfg = transfer.transfer_config(base_config(args, num_classes, epochs=args.epochs_head), "frozen",
                                       stage_names=stages)

@@ -244,12 +244,15 @@ def top_variables(variables: dict, model, stage: int) -> dict:
 
 def cache_features(model, variables: dict, sources: dict, *, stage: int, image_size: int,
                    mean=None, std=None, flip: bool = True, batch_size: int = 64,
-                   log=print) -> dict:
+                   directory=None, log=print) -> dict:
   """Runs the bottom ``stage`` stages of ``model`` once over every source -> {split: (x, y)}.
 
   Images get the eval transform (resize, centre crop to ``image_size``); ``flip`` adds the
-  mirrored images of the "train" split as a second view.
+  mirrored images of the "train" split as a second view. With ``directory``, each split is
+  also saved there as ``<split>.npz`` and loaded from it next time (same stage/size/flip and
+  example count; delete the folder after changing weights or data).
   """
+  import pathlib
   from jcv.data import pipeline
 
   bottom, _ = split_model(model, stage)
@@ -257,9 +260,20 @@ def cache_features(model, variables: dict, sources: dict, *, stage: int, image_s
   apply = functools.partial(bottom.apply, train=False)
   cached, started = {}, time.time()
   for split, source in sources.items():
+    views = 2 if flip and split == "train" else 1
+    path = None if directory is None else pathlib.Path(directory) / f"s{stage}_{image_size}px_{split}.npz"
+    if path is not None and path.is_file():
+      with np.load(path, allow_pickle=False) as data:
+        if len(data["labels"]) == views * len(source):
+          cached[split] = (data["features"], data["labels"])
+          if log is not None:
+            log(f"loaded cached {split} features from {path}")
+          continue
     loader = pipeline.eval_loader(source, batch_size=batch_size, image_size=image_size)
-    cached[split] = compute_features(apply, bottom_vars, loader, mean=mean, std=std,
-                                     flip=flip and split == "train")
+    cached[split] = compute_features(apply, bottom_vars, loader, mean=mean, std=std, flip=views == 2)
+    if path is not None:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      np.savez(path, features=cached[split][0], labels=cached[split][1])
     if log is not None:
       log(f"cached {split}: features {cached[split][0].shape}, {time.time() - started:.1f}s so far")
   return cached
