@@ -21,6 +21,14 @@ def test_resize_down_antialiased_matches_pil(photo):
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_resize_matches_jax_image_resize(batch):
+  # Same weights as jax.image.resize, applied as taps instead of a dense contraction.
+  for height, width, method in [(30, 50, "linear"), (100, 61, "cubic"), (41, 130, "lanczos3"), (20, 20, "nearest")]:
+    got = ops.resize(batch, height=height, width=width, method=method)
+    want = jax.image.resize(batch, (3, height, width, 3), method=method)
+    np.testing.assert_allclose(got, want, atol=1e-5, err_msg=method)
+
+
 def test_crops_and_flips(batch):
   np.testing.assert_array_equal(ops.crop(batch, top=3, left=5, height=20, width=30), batch[:, 3:23, 5:35])
   np.testing.assert_array_equal(ops.center_crop(batch, height=32, width=32), batch[:, 20:52, 32:64])
