@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import sys
 import time
 
 import numpy as np
@@ -54,6 +55,24 @@ def image_grid(images, *, columns: int = 8) -> np.ndarray:
   return grid
 
 
+def _summary_writer_class():
+  """tensorboardX.SummaryWriter, imported without pulling in PyTorch.
+
+  tensorboardX's writer module does ``try: import torch`` at import time, which costs
+  seconds when PyTorch is installed (here: for the benchmarks). jcv only logs numpy and
+  floats, so unless torch is already loaded, that import is made to fail just for this.
+  """
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricLogger:
   """Scalars to TensorBoard and ``metrics.jsonl`` (one record per call, with step and split)."""
 
@@ -63,7 +82,7 @@ class MetricLogger:
     self._tb = None
     self._jsonl = None
     if enabled:
-      from tensorboardX import SummaryWriter
+      SummaryWriter = _summary_writer_class()
       self.workdir.mkdir(parents=True, exist_ok=True)
       self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
       self._jsonl = open(self.workdir / "metrics.jsonl", "a")

@@ -9,7 +9,7 @@ import pytest
 
 from jcv.train import Config, checkpoint, create_train_state, loop, optim, parallel, predict_logits
 from run_tiny import BASE
-from tiny import TinyCNN, array_sources
+from tiny import TinyCNN, array_sources, read_tensorboard
 
 
 def test_few_hundred_steps_on_8_devices_do_not_hang(tmp_path):
@@ -63,7 +63,14 @@ def test_evaluate_counts_every_example_once_with_padded_last_batch(tmp_path):
   assert results["final"]["eval"]["n"] == 37
   for name in ("curves.png", "confusion.png", "mistakes.png", "config.json", "class_names.json"):
     assert (tmp_path / name).stat().st_size > 0
-  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  tb = read_tensorboard(tmp_path / "tensorboard")
+  for tag in ("train/loss", "train/top1", "train/top5", "train/lr", "train/grad_norm", "train/img_per_s",
+              "eval/loss", "eval/top1", "eval/top5"):
+    assert tag in tb, sorted(tb)
+  assert tb["eval/top1"][-1] == (4, pytest.approx(got["top1"], abs=1e-6))
+  assert tb["train/augmented_batch"] == [(0, "image")]
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert {r["split"] for r in records} == {"train", "eval"}
 
 
 def test_half_written_checkpoint_is_ignored_with_warning(tmp_path):

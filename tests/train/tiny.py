@@ -37,3 +37,23 @@ def array_sources(n_train=256, n_eval=100, *, size=8, num_classes=10):
   x, y = random_images(n_train, size=size, num_classes=num_classes, seed=0)
   xe, ye = random_images(n_eval, size=size, num_classes=num_classes, seed=1)
   return ArraySource(x, y, class_names=names), ArraySource(xe, ye, class_names=names)
+
+
+def read_tensorboard(folder):
+  """{tag: [(step, value or "image")]} from the TFRecord event files under ``folder``."""
+  import pathlib
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  out = {}
+  for path in sorted(pathlib.Path(folder).rglob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    pos = 0
+    while pos + 12 <= len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4  # length, its crc, the record, its crc
+      for v in event.summary.value:
+        kind = v.WhichOneof("value")
+        out.setdefault(v.tag, []).append((event.step, v.simple_value if kind == "simple_value" else kind))
+  return out
