@@ -37,6 +37,7 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_equal(tmp_path):
   resumed = json.loads((tmp_path / "run" / "results.json").read_text())
   assert resumed["resumed_from_step"] and resumed["resumed_from_step"] > stopped_at
 
+  assert any((tmp_path / "jax_cache").iterdir()), "persistent compilation cache was not written"
   a, b = subprocs.load_params(tmp_path / "ref"), subprocs.load_params(tmp_path / "run")
   assert int(a.pop("step")) == int(b.pop("step")) == 40
   assert a.keys() == b.keys()
