@@ -32,6 +32,8 @@ def test_flags_map_to_config_fields():
   assert cfg.label_smoothing == 0.1 and cfg.optimizer == "adamw" and cfg.freeze == ("backbone",)
   assert cfg.augment == ("flip", ("pad_crop", {"padding": 2}))
   assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+  bare = Config().set(["freeze=backbone", "augment=flip", "data_dir=../shared/data/x", "steps=None"])
+  assert (bare.freeze, bare.augment, bare.data_dir, bare.steps) == (("backbone",), ("flip",), "../shared/data/x", None)
 
 
 def test_bad_flags_raise_clear_errors():

@@ -80,6 +80,15 @@ class Config:
   plots: bool = True
   progress: bool = True
 
+  def __post_init__(self):
+    # A single pattern / op given as a bare string (``--set freeze=backbone``) means a 1-tuple.
+    for name in ("freeze", "augment", "step_decay_epochs"):
+      value = getattr(self, name)
+      if isinstance(value, (str, int, float)):
+        object.__setattr__(self, name, (value,))
+      elif isinstance(value, list):
+        object.__setattr__(self, name, _to_tuple(value))
+
   def replace(self, **changes) -> "Config":
     """A copy with the given fields changed (unknown names raise ValueError)."""
     unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
