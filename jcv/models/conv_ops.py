@@ -10,9 +10,12 @@ an exact lowering per backend when the function is traced:
   - 1x1 convolutions (any stride) are a strided slice and a matrix multiply;
   - depthwise convolutions (``groups == in_channels``, any channel multiplier) are
     ``kh * kw`` shifted multiply-adds that XLA fuses into one loop, forward and backward;
-  - other ungrouped convolutions keep XLA's forward and input-gradient convolution but
-    compute the kernel gradient as im2col + matrix multiply (a ``jax.custom_vjp``);
-  - anything else (1 < groups < in_channels) stays with XLA.
+  - ungrouped convolutions with tiny outputs (at most 2x2 pixels, or at most 7x7 with 256+
+    input channels) are im2col + one matrix multiply, forward and backward;
+  - first layers (at most 4 input channels) keep XLA's forward convolution but compute the
+    kernel gradient as im2col + matrix multiply (a ``jax.custom_vjp``);
+  - everything else (other ungrouped convs, 1 < groups < in_channels) stays with XLA, whose
+    CPU convolution is competitive there (``benchmarks/layers.py``).
 
 All lowerings compute the same function as ``lax.conv_general_dilated`` (tests compare them
 to 1e-5 in float32). bfloat16 inputs are computed with float32 accumulation and rounded once.
@@ -127,7 +130,12 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding="SAME",
   if groups == cin and kin == 1:
     return _depthwise(x, kernel, strides, pads, dilation)
   if groups == 1:
-    return _conv_im2col_grad(x, kernel, strides, pads, dilation)
+    out_pixels = (_out_size(x.shape[1], kh, strides[0], dilation[0], pads[0])
+                  * _out_size(x.shape[2], kw, strides[1], dilation[1], pads[1]))
+    if out_pixels <= 4 or (out_pixels <= 49 and cin >= 256):
+      return _conv_im2col(x, kernel, strides, pads, dilation)
+    if cin <= 4:
+      return _conv_im2col_grad(x, kernel, strides, pads, dilation)
   return _xla_conv(x, kernel, strides, pads, groups, dilation)
 
 
@@ -289,6 +297,20 @@ def _im2col(x, k_hw, strides, pads, dilation):
             _out_size(w, k_hw[1], strides[1], dilation[1], pads[1]))
   taps = list(_taps(_pad_hw(x, pads), k_hw, out_hw, strides, dilation))
   return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+
+
+def _conv_im2col(x, kernel, strides, pads, dilation):
+  """im2col + one matrix multiply (autodiff gives matmul gradients too).
+
+  XLA:CPU's convolution is slow on tiny feature maps with many channels (2x2x256: 14x the
+  CPU time of this), and matmuls use every core.
+  """
+  kh, kw, cin, cout = kernel.shape
+  patches = _im2col(x, (kh, kw), strides, pads, dilation)
+  out_dtype = jnp.result_type(x.dtype, kernel.dtype)
+  y = lax.dot_general(patches.reshape(-1, kh * kw * cin), kernel.reshape(kh * kw * cin, cout),
+                      (((1,), (0,)), ((), ())), preferred_element_type=_acc_dtype(out_dtype))
+  return y.astype(out_dtype).reshape(patches.shape[:3] + (cout,))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

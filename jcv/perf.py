@@ -1,0 +1,109 @@
+"""CPU performance setup for jcv processes: XLA flags, host devices, glibc malloc tuning.
+
+JAX on a CPU leaves speed on the table in three places that a library cannot fix from inside
+a jitted function:
+
+* **one XLA device per process.** XLA:CPU runs each convolution on one core. With
+  ``host_devices=N`` (``--xla_force_host_platform_device_count``) and jcv's data-parallel
+  step (``jcv.train.parallel``: the batch is split over a ``data`` mesh axis), each device
+  runs its share of every layer on its own core.
+* **page faults.** XLA:CPU allocates its temporary arena (hundreds of MB for a CNN training
+  step) at every execution; glibc serves large blocks with fresh ``mmap`` pages that the
+  kernel must fault in and zero each time. ``tune_malloc`` keeps freed memory in the heap
+  (``mallopt``: one arena, no mmap for large blocks, no trimming), which removed about half
+  of the minor faults of a MobileNetV2 step here. Memory is then not returned to the OS
+  until the process exits, which suits a training process.
+* **compile time.** ``enable_compilation_cache`` turns on JAX's persistent cache.
+
+Call :func:`setup_cpu` at the very start of a program, before anything initialises a JAX
+backend (flags are read once). It never overrides a flag already in ``$XLA_FLAGS``.
+The convolution lowerings themselves live in :mod:`jcv.models.conv_ops`.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+import warnings
+
+__all__ = ["backend_initialized", "enable_compilation_cache", "setup_cpu", "tune_malloc"]
+
+# mallopt parameter numbers from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
+
+
+def backend_initialized() -> bool:
+  """True once a JAX backend exists (XLA flags set after that have no effect)."""
+  try:
+    from jax._src import xla_bridge
+    return bool(xla_bridge.backends_are_initialized())
+  except Exception:  # private API moved: assume the safe answer
+    return False
+
+
+def tune_malloc() -> bool:
+  """Keeps freed memory in glibc's heap so XLA's per-step buffers reuse mapped pages.
+
+  Linux/glibc only (returns False elsewhere, and changes nothing). Call it early: the arena
+  limit only affects threads that have not allocated yet.
+  """
+  if platform.system() != "Linux":
+    return False
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):
+    return False
+  ok = True
+  for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1),
+                       (_M_TOP_PAD, 64 << 20)):
+    ok &= mallopt(param, value) == 1
+  return bool(ok)
+
+
+def _add_flag(flags: list[str], flag: str) -> None:
+  name = flag.split("=", 1)[0]
+  if not any(f.split("=", 1)[0] == name for f in flags):
+    flags.append(flag)
+
+
+def setup_cpu(*, host_devices: int | None = None, malloc: bool = True) -> dict:
+  """Prepares this process for fast CPU training; call before the first JAX computation.
+
+  ``host_devices``: number of XLA CPU devices (``None`` leaves it alone; ``"cores"`` or 0
+  uses ``os.cpu_count()``). Use with jcv's data-parallel step so each device gets a share of
+  the batch; the per-device batch must divide evenly. ``malloc``: apply :func:`tune_malloc`.
+  Flags already present in ``$XLA_FLAGS`` win. Returns what was done.
+  """
+  done = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "malloc": False}
+  if malloc:
+    done["malloc"] = tune_malloc()
+  if host_devices is not None:
+    count = (os.cpu_count() or 1) if host_devices in (0, "cores") else int(host_devices)
+    if count < 1:
+      raise ValueError(f"host_devices must be >= 1 (or 'cores'), got {host_devices!r}")
+    if backend_initialized():
+      warnings.warn("jcv.perf.setup_cpu: a JAX backend is already initialised; the XLA flags "
+                    "take effect only in a new process", RuntimeWarning, stacklevel=2)
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    _add_flag(flags, f"--xla_force_host_platform_device_count={count}")
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    done["xla_flags"] = os.environ["XLA_FLAGS"]
+  return done
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None, *,
+                             min_compile_time_s: float = 0.5) -> str:
+  """Turns on JAX's persistent compilation cache at ``path`` (default ``~/.cache/jcv/jax``).
+
+  Compiling a CNN training step takes tens of seconds on a small CPU; later runs of the same
+  program and shapes load it from the cache instead. Returns the directory used.
+  """
+  import jax
+  path = os.fspath(path) if path is not None else os.path.join(
+      os.path.expanduser("~"), ".cache", "jcv", "jax")
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
+  return path
