@@ -30,8 +30,12 @@ __all__ = ["CifarCNN", "cifar_cnn", "dirac_init", "torch_default_init", "whiteni
 BLOCK_WIDTHS = (64, 256, 256)
 
 
-# PyTorch's default Conv2d/Linear init, U(+-1/sqrt(fan_in)), which airbench builds on.
-torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+_TORCH_DEFAULT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def torch_default_init(key, shape, dtype=jnp.float32):
+  """PyTorch's default Conv2d/Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (airbench's base)."""
+  return _TORCH_DEFAULT(key, shape, dtype)
 
 
 def dirac_init(key, shape, dtype=jnp.float32):
