@@ -237,3 +237,20 @@ def test_in_memory_batches_are_padded_windows_or_their_mirror(cifar_root, tmp_pa
     flips += mirrored and not plain
     assert batch["label"][list(idx).index(i)] == src.labels[i]
   assert 0 < flips < 16
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cats_vs_dogs", "food101_mini"])
+def test_loaders_feed_batches_from_the_shared_folders(shared_dir, name):
+  root = shared_dir / "data" / name
+  train = sources.image_folder(root, split="train", cache=False)
+  test = sources.image_folder(root, split="test", cache=False)
+  it = iter(pipeline.train_loader(train, batch_size=4, image_size=48, seed=0, process_index=0, process_count=1))
+  b = next(it)
+  it.close()
+  assert b["image"].shape == (4, 48, 48, 3) and b["image"].dtype == np.uint8 and b["image"].std() > 5
+  assert ((b["label"] >= 0) & (b["label"] < len(train.class_names))).all()
+  ev = pipeline.eval_loader(test, batch_size=4, image_size=48, process_index=0, process_count=1)
+  assert len(ev) == len(test) // 4
+  e = next(iter(ev))
+  assert e["mask"].all() and e["image"].shape == (4, 48, 48, 3)
+  np.testing.assert_array_equal(e["label"], test.labels[:4])
