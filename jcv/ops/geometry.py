@@ -38,24 +38,32 @@ def resize(image, *, height, width, method="linear", antialias=True):
   for name, value in (("height", height), ("width", width)):
     if not isinstance(value, (int, np.integer)) or value < 1:
       raise ValueError(f"resize: expected {name} to be an int >= 1; got {value!r}.")
-  shape = image.shape[:-3] + (int(height), int(width), image.shape[-1])
+  return _resize(image, height=int(height), width=int(width), method=method, antialias=bool(antialias))
+
+
+@functools.partial(jax.jit, static_argnames=("height", "width", "method", "antialias"))
+def _resize(image, *, height, width, method, antialias):
   if method == "nearest":
+    shape = image.shape[:-3] + (height, width, image.shape[-1])
     return jax.image.resize(image, shape, method=method, antialias=antialias)
   # jax.image.resize contracts with dense [out, in] weight matrices (O(in * out) per line, slow
   # on CPU); the same weights applied as a few gathered taps per output cost O(out * taps).
   out = image
-  for axis, size in ((-3, int(height)), (-2, int(width))):
+  for axis, size in ((-3, height), (-2, width)):
     if out.shape[axis] != size:
       out = _resize_axis(out, axis, *_resize_taps(out.shape[axis], size, method, antialias))
   return out
+
+
+_dense_resize = jax.jit(jax.image.resize, static_argnames=("shape", "method", "antialias"))
 
 
 @functools.lru_cache(maxsize=64)
 def _resize_taps(in_size, out_size, method, antialias):
   """jax.image.resize's 1-D weights as (indices [out, taps], weights [out, taps]) numpy arrays."""
   with jax.ensure_compile_time_eval():
-    dense = np.asarray(jax.image.resize(jnp.eye(in_size, dtype=jnp.float32), (in_size, out_size),
-                                        method=method, antialias=antialias))  # [in, out]
+    dense = np.asarray(_dense_resize(np.eye(in_size, dtype=np.float32), shape=(in_size, out_size),
+                                     method=method, antialias=antialias))  # [in, out]
   nonzero = dense != 0
   first = np.argmax(nonzero, axis=0)
   last = in_size - 1 - np.argmax(nonzero[::-1], axis=0)

