@@ -45,3 +45,14 @@ def test_offline_error_names_both_ways_out(tmp_path):
 def test_unknown_name_is_value_error(tmp_path):
   with pytest.raises(ValueError, match="unknown tfds dataset"):
     sources.resolve("no_such_dataset_xyz", split="train", data_dir=tmp_path)
+
+
+def test_download_failure_names_both_ways_out(tmp_path, monkeypatch):
+  def offline(*args, **kwargs):
+    raise OSError("[Errno 101] Network is unreachable")
+
+  monkeypatch.setattr(tfds, "data_source", offline)
+  with pytest.raises(RuntimeError, match="could not be downloaded") as info:
+    sources.tfds_source("food101", split="train", data_dir=tmp_path, download=True)
+  assert "data_dir" in str(info.value) and "image folder" in str(info.value)
+  assert "Network is unreachable" in str(info.value)
