@@ -169,3 +169,58 @@ def test_flat_variance_scaling_matches_flax_distribution(mode, distribution):
   np.testing.assert_allclose(ours.std(), flax.std(), rtol=0.02)
   np.testing.assert_allclose(np.abs(ours).max(), np.abs(flax).max(), rtol=0.25)
   assert abs(ours.mean()) < 0.02 * ours.std()
+
+
+def _torch_bn(torch, channels, rng):
+  bn = torch.nn.BatchNorm2d(channels, eps=1e-5).eval()
+  with torch.no_grad():
+    for t in (bn.weight, bn.bias, bn.running_mean):
+      t.copy_(torch.from_numpy(rng.normal(size=channels).astype(np.float32)))
+    bn.running_var.copy_(torch.from_numpy(rng.uniform(0.5, 2, size=channels).astype(np.float32)))
+  return bn
+
+
+def _port(conv, bn):
+  """Flax variables of a ConvBNAct from a torch Conv2d + BatchNorm2d."""
+  kernel = conv.weight.detach().numpy().transpose(2, 3, 1, 0)  # OIHW -> HWIO
+  return ({"conv": {"kernel": kernel}, "bn": {"scale": bn.weight.detach().numpy(),
+                                                "bias": bn.bias.detach().numpy()}},
+          {"bn": {"mean": bn.running_mean.numpy(), "var": bn.running_var.numpy()}})
+
+
+@pytest.mark.parametrize("block_name,features,strides", [("basic", 8, 2), ("basic", 4, 1),
+                                                         ("bottleneck", 3, 2)])
+def test_residual_blocks_match_pytorch(block_name, features, strides):
+  """torchvision's BasicBlock/Bottleneck written out in torch, weights copied, eval mode."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(1)
+  cin = 4
+  expansion = 1 if block_name == "basic" else 4
+  out = features * expansion
+  if block_name == "basic":
+    specs = [("conv1", cin, features, 3, strides, 1), ("conv2", features, features, 3, 1, 1)]
+  else:
+    specs = [("conv1", cin, features, 1, 1, 0), ("conv2", features, features, 3, strides, 1),
+             ("conv3", features, out, 1, 1, 0)]
+  if strides != 1 or cin != out:
+    specs.append(("downsample", cin, out, 1, strides, 0))
+  convs = {name: (torch.nn.Conv2d(i, o, k, s, p, bias=False), _torch_bn(torch, o, rng))
+           for name, i, o, k, s, p in specs}
+  x = rng.normal(size=(2, 9, 9, cin)).astype(np.float32)
+  xt = torch.from_numpy(x).permute(0, 3, 1, 2)
+  with torch.no_grad():
+    y = xt
+    main = [n for n in convs if n != "downsample"]
+    for i, name in enumerate(main):
+      conv, bn = convs[name]
+      y = bn(conv(y))
+      if i < len(main) - 1:
+        y = torch.relu(y)
+    shortcut = xt if "downsample" not in convs else convs["downsample"][1](convs["downsample"][0](xt))
+    want = torch.relu(y + shortcut).permute(0, 2, 3, 1).numpy()
+  params, stats = {}, {}
+  for name, (conv, bn) in convs.items():
+    params[name], stats[name] = _port(conv, bn)
+  block = (layers.BasicBlock if block_name == "basic" else layers.Bottleneck)(features, strides=strides)
+  got = block.apply({"params": params, "batch_stats": stats}, jnp.asarray(x))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
