@@ -134,6 +134,11 @@ class Config:
     _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
     if self.batch_size <= 0:
       raise ValueError(f"batch_size must be a positive integer, got {self.batch_size}")
+    for name in ("epochs", "log_every", "eval_every", "keep_checkpoints", "image_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.steps is not None and self.steps < 1:
+      raise ValueError(f"steps must be >= 1 or None, got {self.steps}")
     if not 1 <= self.max_steps_in_flight <= 30:
       raise ValueError(f"max_steps_in_flight must be in [1, 30], got {self.max_steps_in_flight}")
     if (self.mean is None) != (self.std is None):

@@ -293,6 +293,8 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
           break
   finally:
     progress.close()
+    if hasattr(iterator, "close"):
+      iterator.close()
     checkpointer.wait()
     logger.flush()
   checkpointer.close()
