@@ -34,21 +34,30 @@ def median(values) -> float:
 
 def interleaved_times(fns: dict[str, Callable[[], object]], *, rounds: int = 5,
                       iters_per_round: int = 2, warmup: int = 2,
-                      budget_s: float | None = None) -> dict[str, list[float]]:
-  """Times each callable in interleaved rounds; returns per-iteration seconds per name.
+                      budget_s: float | None = None,
+                      cpu_times: dict | None = None) -> dict[str, list[float]]:
+  """Times each callable in interleaved rounds; returns per-iteration wall seconds per name.
 
   Each callable is warmed up ``warmup`` times first. With ``budget_s``, stops after the first
   round in which the total elapsed time passed the budget (at least one round always runs).
+  If ``cpu_times`` is a dict, it receives the per-iteration CPU seconds of this process (all
+  threads) per name: on a machine shared with other jobs that is the steadier measure of the
+  work done, while wall time also counts waiting for a core.
   """
   for fn in fns.values():
     for _ in range(warmup):
       fn()
   times = {name: [] for name in fns}
+  if cpu_times is not None:
+    cpu_times.update({name: [] for name in fns})
   start = time.perf_counter()
   for r in range(rounds):
     for name, fn in fns.items():
       for _ in range(iters_per_round):
+        cpu = time.process_time()
         times[name].append(time_once(fn))
+        if cpu_times is not None:
+          cpu_times[name].append(time.process_time() - cpu)
     if budget_s is not None and time.perf_counter() - start > budget_s:
       break
   return times

@@ -284,12 +284,14 @@ def _run_config(name, size, batch, dtype, frameworks, args, log):
       for mode in args.modes:
         fns = {fw: r[mode] for fw, r in runners.items()}
         log(f"  timing {mode}: {', '.join(fns)} interleaved ...")
+        cpu = {}
         times = interleaved_times(fns, rounds=args.rounds, iters_per_round=args.iters,
-                                  warmup=args.warmup, budget_s=args.budget)
+                                  warmup=args.warmup, budget_s=args.budget, cpu_times=cpu)
         for fw, ts in times.items():
           sec = median(ts)
           row = {"model": name, "image_size": size, "batch": batch, "dtype": dtype, "mode": mode,
                  "framework": fw, "img_per_s": batch / sec, "ms_per_step": 1e3 * sec,
+                 "cpu_ms_per_step": 1e3 * median(cpu[fw]),
                  "n_timed": len(ts), "compile_s": facts[fw].get(f"{mode}_compile_s")}
           jf = facts.get("jcv", {})
           gflop = jf.get(f"{mode}_gflop_per_img")
@@ -311,8 +313,10 @@ def _run_config(name, size, batch, dtype, frameworks, args, log):
         for r in rows:
           if r["mode"] == mode and base is not None:
             r["jcv_ratio"] = base["img_per_s"] / r["img_per_s"]
-        log("  " + "  ".join(f"{r['framework']} {r['img_per_s']:.1f} img/s"
-                             + (f" (jcv x{r['jcv_ratio']:.2f})" if r['framework'] != 'jcv' else "")
+            r["jcv_cpu_ratio"] = r["cpu_ms_per_step"] / base["cpu_ms_per_step"]
+        log("  " + "  ".join(f"{r['framework']} {r['img_per_s']:.1f} img/s, {r['cpu_ms_per_step']:.0f} cpu-ms"
+                             + (f" (jcv x{r['jcv_ratio']:.2f}, cpu x{r['jcv_cpu_ratio']:.2f})"
+                                if r['framework'] != 'jcv' else "")
                              for r in rows if r["mode"] == mode))
       peak = _device_peak_mb()
       for r in rows:
@@ -334,16 +338,19 @@ def _markdown(rows, info):
   lines = [f"Machine: {info['cpu']} ({info['cpu_count']} cores), devices {info['devices']}, "
            f"jax {info['jax']}, torch {info.get('torch')}, load {info['load_avg_1_5_15']} -> "
            f"{info.get('load_avg_after')} (1/5/15 min), {info['time_utc']}.", "",
-           "| model | px | batch | dtype | mode | framework | img/s | ms/step | jcv ratio | "
-           "GFLOP/img | TFLOP/s | MFU | compile s |",
-           "|" + " --- |" * 13]
+           "jcv ratio = jcv img/s / framework img/s (wall clock, interleaved); cpu ratio = the "
+           "same from process CPU time per step (steadier when other jobs share the cores).", "",
+           "| model | px | batch | dtype | mode | framework | img/s | ms/step | CPU ms/step | "
+           "jcv ratio | cpu ratio | GFLOP/img | TFLOP/s | MFU | compile s |",
+           "|" + " --- |" * 15]
   for r in rows:
     def f(key, fmt):
       v = r.get(key)
       return format(v, fmt) if isinstance(v, (int, float)) else ""
     lines.append(f"| {r['model']} | {r['image_size']} | {r['batch']} | {r['dtype']} | {r['mode']} | "
                  f"{r['framework']} | {f('img_per_s', '.1f')} | {f('ms_per_step', '.1f')} | "
-                 f"{f('jcv_ratio', '.2f')} | {f('gflop_per_img', '.2f')} | "
+                 f"{f('cpu_ms_per_step', '.0f')} | {f('jcv_ratio', '.2f')} | {f('jcv_cpu_ratio', '.2f')} | "
+                 f"{f('gflop_per_img', '.2f')} | "
                  f"{f('achieved_tflops', '.3f')} | {f('mfu', '.1%')} | {f('compile_s', '.1f')} |")
   return "\n".join(lines) + "\n"
 
@@ -371,7 +378,9 @@ def _chart(rows, path):
       vals.append(match[0]["img_per_s"] if match else 0)
     ax.bar(np.arange(len(groups)) + i * width, vals, width, label=fw)
   ax.set_xticks(np.arange(len(groups)) + width * (len(frameworks) - 1) / 2)
-  ax.set_xticklabels([f"{m}\n{px}px b{b} {d[:4]}\n{mode}" for m, px, b, d, mode in groups], fontsize=7)
+  short = {"float32": "f32", "bfloat16": "bf16"}
+  ax.set_xticklabels([f"{m}\n{px}px b{b} {short.get(d, d)}\n{mode}" for m, px, b, d, mode in groups],
+                     fontsize=7)
   ax.set_ylabel("images / s (median)")
   ax.set_yscale("log")
   ax.legend()
@@ -398,7 +407,12 @@ def main(argv=None):
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--budget", type=float, default=120.0, help="seconds of timing per config (soft)")
   p.add_argument("--out", default="benchmarks/results/throughput")
+  p.add_argument("--no-tune-malloc", action="store_true",
+                 help="skip jcv.perf.tune_malloc (applies to every framework in the process)")
   args = p.parse_args(argv)
+  if not args.no_tune_malloc:
+    import jcv.perf
+    args.tune_malloc = jcv.perf.tune_malloc()
   args.modes = [m for m in args.modes.split(",") if m]
   for m in args.modes:
     if m not in ("train", "infer"):

@@ -46,7 +46,11 @@ def main(argv=None):
   p.add_argument("--crop", default="none", help="loader crop: none, pad_crop, random_resized")
   p.add_argument("--threads", type=int, default=None, help="loader decode threads")
   p.add_argument("--out", default="benchmarks/results/train_e2e.json")
+  p.add_argument("--no-tune-malloc", action="store_true", help="skip jcv.perf.tune_malloc")
   args = p.parse_args(argv)
+  if not args.no_tune_malloc:
+    import jcv.perf
+    jcv.perf.tune_malloc()
 
   import jax
   import jax.numpy as jnp
