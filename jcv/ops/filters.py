@@ -42,10 +42,12 @@ def _correlate_separable(image, kernel_y, kernel_x, mode):
 
 def _weighted_sum(terms, weights):
   total = None
+  static = _is_static(weights)
   for term, weight in zip(terms, weights):
-    if _is_static(weights) and weight == 0:
+    if static and weight == 0:
       continue
-    part = term if (_is_static(weights) and weight == 1) else term * weight
+    # Python floats are weakly typed, so float16/bfloat16 images keep their dtype.
+    part = term if (static and weight == 1) else term * (float(weight) if static else weight)
     total = part if total is None else total + part
   return total if total is not None else jnp.zeros_like(terms[0])
 
@@ -236,7 +238,7 @@ def bilateral_filter(image, *, kernel_size, sigma_color, sigma_space, border="re
         continue
       neighbour = padded[..., r + dy:r + dy + height, r + dx:r + dx + width, :]
       distance = jnp.sum(jnp.abs(neighbour - image), axis=-1, keepdims=True)
-      space = np.exp(-(dy * dy + dx * dx) / (2.0 * sigma_space * sigma_space)) \
+      space = float(np.exp(-(dy * dy + dx * dx) / (2.0 * sigma_space * sigma_space))) \
           if isinstance(sigma_space, (int, float, np.number)) \
           else jnp.exp(-(dy * dy + dx * dx) / (2.0 * sigma_space * sigma_space))
       weight = space * jnp.exp(distance * distance * color_coeff)

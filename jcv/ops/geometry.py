@@ -80,7 +80,7 @@ def _resize_axis(image, axis, indices, weights):
   shape[axis] = weights.shape[0]
   out = None
   for k in range(weights.shape[1]):
-    part = jnp.take(image, indices[:, k], axis=axis) * weights[:, k].reshape(shape)
+    part = jnp.take(image, indices[:, k], axis=axis) * jnp.asarray(weights[:, k].reshape(shape), image.dtype)
     out = part if out is None else out + part
   return out
 

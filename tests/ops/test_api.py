@@ -3,6 +3,7 @@ import importlib
 import inspect
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -90,3 +91,9 @@ def test_leading_dims_jit_and_vmap_agree():
     nested = fn(images)
     flat = jax.vmap(fn)(images.reshape((6, 16, 20, 3)))
     np.testing.assert_allclose(np.asarray(nested).reshape(np.shape(flat)), flat, atol=1e-5, err_msg=name)
+
+
+def test_low_precision_dtype_preserved():
+  image = np.random.default_rng(4).random((1, 12, 12, 3)).astype(jnp.bfloat16)
+  for name in ("rgb_to_lab", "gaussian_blur", "convolve", "bilateral_filter", "clahe", "resize", "canny"):
+    assert _call(name, image).dtype == jnp.bfloat16, name
