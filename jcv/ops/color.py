@@ -84,8 +84,9 @@ def rgb_to_hls(image):
   """
   image = _checks.check_image(image, op="rgb_to_hls", channels=3)
   hue = pix.rgb_to_hsv(image)[..., 0]
-  high = jnp.max(image, axis=-1)
-  low = jnp.min(image, axis=-1)
+  red, green, blue = image[..., 0], image[..., 1], image[..., 2]
+  high = jnp.maximum(jnp.maximum(red, green), blue)
+  low = jnp.minimum(jnp.minimum(red, green), blue)
   lightness = (high + low) / 2
   chroma = high - low
   denom = 1 - jnp.abs(2 * lightness - 1)
