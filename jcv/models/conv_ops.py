@@ -10,8 +10,8 @@ an exact lowering per backend when the function is traced:
   - 1x1 convolutions (any stride) are a strided slice and a matrix multiply;
   - depthwise convolutions (``groups == in_channels``, any channel multiplier) are
     ``kh * kw`` shifted multiply-adds that XLA fuses into one loop, forward and backward;
-  - ungrouped convolutions with tiny outputs (at most 2x2 pixels, or at most 7x7 with 256+
-    input channels) are im2col + one matrix multiply, forward and backward;
+  - ungrouped convolutions with tiny outputs (at most 2x2 pixels, 4x4 with 256+ or 7x7 with
+    512+ input channels) are im2col + one matrix multiply, forward and backward;
   - first layers (at most 4 input channels) keep XLA's forward convolution but compute the
     kernel gradient as im2col + matrix multiply (a ``jax.custom_vjp``);
   - everything else (other ungrouped convs, 1 < groups < in_channels) stays with XLA, whose
@@ -132,7 +132,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding="SAME",
   if groups == 1:
     out_pixels = (_out_size(x.shape[1], kh, strides[0], dilation[0], pads[0])
                   * _out_size(x.shape[2], kw, strides[1], dilation[1], pads[1]))
-    if out_pixels <= 4 or (out_pixels <= 49 and cin >= 256):
+    if out_pixels <= 4 or (out_pixels <= 16 and cin >= 256) or (out_pixels <= 49 and cin >= 512):
       return _conv_im2col(x, kernel, strides, pads, dilation)
     if cin <= 4:
       return _conv_im2col_grad(x, kernel, strides, pads, dilation)
