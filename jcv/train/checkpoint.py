@@ -102,6 +102,7 @@ class RunCheckpointer:
     return sorted(self._mgr.all_steps())
 
   def latest_step(self) -> int | None:
+    """The newest completed step, or None."""
     return self._mgr.latest_step()
 
   def best_step(self) -> int | None:
@@ -150,5 +151,6 @@ class RunCheckpointer:
     self._mgr.wait_until_finished()
 
   def close(self):
+    """Waits for pending saves and releases Orbax's resources."""
     self._mgr.wait_until_finished()
     self._mgr.close()

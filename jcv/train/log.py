@@ -111,15 +111,18 @@ class MetricLogger:
     self._tb.add_hparams(flat, {f"hparam/{k}": float(v) for k, v in metrics.items()}, name="hparams")
 
   def text(self, name: str, text: str):
+    """A text note in TensorBoard."""
     if self.enabled:
       self._tb.add_text(name, text)
 
   def flush(self):
+    """Pushes buffered events and records to disk."""
     if self.enabled:
       self._tb.flush()
       self._jsonl.flush()
 
   def close(self):
+    """Flushes and closes the writers."""
     if self.enabled:
       self._tb.close()
       self._jsonl.close()

@@ -8,6 +8,16 @@ import time
 import numpy as np
 
 RUN_TINY = pathlib.Path(__file__).resolve().parent / "run_tiny.py"
+LAUNCHED: list = []  # every process started here, so a failing test can stop its leftovers
+
+
+def kill_leftovers():
+  """SIGKILLs processes started by ``launch`` that are still running (only those)."""
+  while LAUNCHED:
+    proc = LAUNCHED.pop()
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
 
 
 def launch(workdir, *args, devices=8, env=None):
@@ -20,6 +30,7 @@ def launch(workdir, *args, devices=8, env=None):
   proc = subprocess.Popen([sys.executable, str(RUN_TINY), "--workdir", str(workdir), *map(str, args)],
                           env=full_env, stdout=log, stderr=subprocess.STDOUT)
   proc.log_path = log.name
+  LAUNCHED.append(proc)
   return proc
 
 
