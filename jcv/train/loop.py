@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
-import os
 import pathlib
 import platform
 import signal

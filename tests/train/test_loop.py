@@ -1,7 +1,6 @@
 """The loop in-process: hundreds of steps on 8 devices, NaN stop, padded evaluation, checkpoints."""
 import json
 import math
-import warnings
 
 import jax
 import numpy as np
