@@ -1,4 +1,5 @@
 """The loop in-process: hundreds of steps on 8 devices, NaN stop, padded evaluation, checkpoints."""
+import functools
 import json
 import math
 
@@ -72,10 +73,34 @@ def test_evaluate_counts_every_example_once_with_padded_last_batch(tmp_path):
   assert {r["split"] for r in records} == {"train", "eval"}
 
 
-def test_half_written_checkpoint_is_ignored_with_warning(tmp_path):
+@functools.lru_cache(maxsize=1)
+def _small_state():
   tx, _ = optim.make_optimizer(Config(), steps_per_epoch=1, total_steps=1)
-  state = parallel.replicate(create_train_state(jax.random.key(0), TinyCNN(), tx, (1, 8, 8, 3)),
-                             parallel.make_mesh())
+  return parallel.replicate(create_train_state(jax.random.key(0), TinyCNN(), tx, (1, 8, 8, 3)),
+                            parallel.make_mesh())
+
+
+def test_keeps_last_k_and_the_best(tmp_path):
+  state = _small_state()
+  ck = checkpoint.RunCheckpointer(tmp_path, keep=2, best_metric="top1")
+  top1 = {1: 0.2, 2: 0.9, 3: None, 4: 0.5, 5: None, 6: 0.4}
+  for step, value in top1.items():
+    ck.save(state.replace(step=state.step + step), data_state={"next_batch": step},
+            metrics=None if value is None else {"top1": value, "loss": 1.0})
+  ck.wait()
+  assert ck.all_steps() == [2, 5, 6]  # the best (2) and the last two
+  assert ck.best_step() == 2 and ck.latest_step() == 6
+  ck.close()
+  low = checkpoint.RunCheckpointer(tmp_path / "by_loss", keep=1, best_metric="loss", best_mode="min")
+  for step, loss in ((1, 0.3), (2, 0.1), (3, 0.2)):
+    low.save(state.replace(step=state.step + step), metrics={"loss": loss, "top1": 0.0})
+  low.wait()
+  assert low.all_steps() == [2, 3] and low.best_step() == 2
+  low.close()
+
+
+def test_half_written_checkpoint_is_ignored_with_warning(tmp_path):
+  state = _small_state()
   ck = checkpoint.RunCheckpointer(tmp_path, keep=3)
   ck.save(state.replace(step=state.step + 3), data_state={"next_batch": 3})
   ck.save(state.replace(step=state.step + 5), data_state={"next_batch": 5})
