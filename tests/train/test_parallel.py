@@ -66,3 +66,23 @@ def test_shard_batch_rejects_indivisible_batch():
   mesh = parallel.make_mesh()
   with pytest.raises(ValueError, match="not divisible"):
     parallel.shard_batch({"image": np.zeros((12, 8, 8, 3), np.uint8)}, mesh)
+
+
+def test_eval_sums_equal_in_both_modes_with_padding():
+  from jcv.train import eval_step
+  cfg = Config()
+  tx, _ = optim.make_optimizer(cfg, steps_per_epoch=1, total_steps=1)
+  images, labels = random_images(16)
+  mask = np.arange(16) < 11  # the last 5 rows are padding
+  batch = {"image": images, "label": labels, "mask": mask}
+  sums = {}
+  for mode, ndev in (("jit", 1), ("jit", 8), ("pmap", 8)):
+    mesh = parallel.make_mesh(jax.devices()[:ndev])
+    state = parallel.replicate(create_train_state(jax.random.key(0), TinyCNN(), tx, (1, 8, 8, 3)), mesh)
+    fn = parallel.compile_eval_step(eval_step, mesh, mode=mode)
+    sums[(mode, ndev)] = parallel.fetch(fn(state, parallel.shard_batch(batch, mesh)))
+  ref = sums[("jit", 1)]
+  assert float(ref["count"]) == 11
+  for got in sums.values():
+    for k in ("loss", "top1", "top5", "count"):
+      assert float(got[k]) == pytest.approx(float(ref[k]), rel=1e-5)
