@@ -267,11 +267,16 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
         epoch_end = step % steps_per_epoch == 0
         log_now = step % config.log_every == 0 or step == total_steps
         ckpt_now = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
-        if (len(pending) >= config.max_steps_in_flight or log_now or epoch_end or ckpt_now
-            or signals or step == total_steps):
+        # Drain points are the same on every process; a stop request is only acted on there,
+        # and agreed on by all processes (each may have received the signal at another step).
+        drain_now = (len(pending) >= config.max_steps_in_flight or log_now or epoch_end or ckpt_now
+                     or step == total_steps or (signals and pcount == 1))
+        stop = False
+        if drain_now:
           _drain(pending, running, step, timer)
           progress.update(step - progress.n)
           progress.set_postfix(loss=f"{running.last['loss']:.3f}", img_s=f"{timer.rate():.0f}")
+          stop = _any_process(bool(signals)) if pcount > 1 else bool(signals)
         if log_now:
           logger.scalars(step, {**running.mean(), "img_per_s": timer.rate()}, split="train")
           running.reset()
@@ -283,11 +288,11 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
           logger.scalars(step, eval_metrics, split="eval")
           last_eval = eval_metrics
           timer.restart()
-        if eval_metrics is not None or epoch_end or ckpt_now or signals or step == total_steps:
+        if eval_metrics is not None or epoch_end or ckpt_now or stop or step == total_steps:
           save({k: v for k, v in eval_metrics.items() if k in ("loss", "top1", "top5")}
                if eval_metrics is not None else None)
-        if signals:
-          stopped_by = signal.Signals(signals[0]).name
+        if stop:
+          stopped_by = signal.Signals(signals[0]).name if signals else "SIGTERM"
           break
   finally:
     progress.close()
@@ -376,6 +381,12 @@ class _Throughput:
 
   def overall(self):
     return self.total_steps * self.batch_size / self.total_time if self.total_time else None
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process if ``flag`` is True on any of them (a small collective)."""
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def _drain(pending, running, step, timer):
