@@ -45,8 +45,8 @@ def parse_args(argv=None):
   p.add_argument("--val-fraction", type=float, default=0.1)
   p.add_argument("--epochs-frozen", type=int, default=20)
   p.add_argument("--epochs-finetune", type=int, default=4)
-  p.add_argument("--epochs-scratch", type=int, default=3)
-  p.add_argument("--epochs-cnn", type=int, default=3)
+  p.add_argument("--epochs-scratch", type=int, default=2)
+  p.add_argument("--epochs-cnn", type=int, default=2)
   p.add_argument("--trainable-stages", type=int, default=3,
                  help="finetune: how many top stages of MobileNetV2 train (19 = all)")
   p.add_argument("--batch-size", type=int, default=32)
