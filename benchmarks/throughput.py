@@ -120,6 +120,20 @@ def _jcv_runner(name, size, batch, dtype, lowering, data):
   def inference():
     compiled_infer(variables, x).block_until_ready()
 
+  # FLOPs of the architecture: XLA's count for the program with XLA's own convolutions (the
+  # CPU lowering's im2col on tiny maps also multiplies padding zeros, which would inflate it).
+  try:
+    with conv_ops.lowering("xla"):
+      ref_step = jax.jit(functools.partial(train_step, num_classes=num_classes))
+      ref_infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
+      for mode, lowered in (("train", ref_step.lower(state, batch_arrays)),
+                            ("infer", ref_infer.lower(variables, x))):
+        cost = lowered.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        if cost and cost.get("flops", 0) > 0:
+          facts[f"{mode}_gflop_per_img"] = float(cost["flops"]) / batch / 1e9
+  except Exception:  # keep the compiled program's count
+    pass
   return {"train": train, "infer": inference}, facts
 
 
