@@ -174,36 +174,57 @@ def median_blur(image, *, kernel_size, border="edge"):
   """Median over a ``kernel_size x kernel_size`` window, per channel (OpenCV ``cv2.medianBlur``).
 
   Border: "edge" (replicate) by default, which is what OpenCV's medianBlur uses. The median
-  is taken with a min/max sorting network, which XLA fuses and prunes to the middle output.
+  is taken with min/max only: for 3x3 from column-sorted triples shared between neighbouring
+  windows, otherwise with a sorting network that XLA fuses and prunes to the middle output.
   Gradients flow to the selected (median) pixel, shared equally among exact ties.
   """
   image = _checks.check_image(image, op="median_blur")
   size = _checks.check_kernel_size(kernel_size, op="median_blur")
   mode = _checks.check_border(border, op="median_blur")
-  r = size // 2
-  height, width = image.shape[-3], image.shape[-2]
-  padded = _checks.pad_spatial(image, r, r, mode=mode)
-  values = [padded[..., i:i + height, j:j + width, :] for i in range(size) for j in range(size)]
-  return _median(*values)
+  padded = _checks.pad_spatial(image, size // 2, size // 2, mode=mode)
+  return _median_window(padded, size)
 
 
-@jax.custom_jvp
-def _median(*values):
-  values = list(values)
+def _windows(padded, size):
+  height, width = padded.shape[-3] - size + 1, padded.shape[-2] - size + 1
+  return [padded[..., i:i + height, j:j + width, :] for i in range(size) for j in range(size)]
+
+
+def _median3(a, b, c):
+  return jnp.maximum(jnp.minimum(a, b), jnp.minimum(jnp.maximum(a, b), c))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _median_window(padded, size):
+  """Median of every size x size window of an already padded [..., H + 2r, W + 2r, C] array."""
+  if size == 3:
+    # Sort each vertical triple once (shared by the three windows that contain it); the median
+    # of 9 is then med3(max of the lows, median of the mids, min of the highs).
+    height, width = padded.shape[-3] - 2, padded.shape[-2] - 2
+    a, b, c = (padded[..., i:i + height, :, :] for i in range(3))
+    low1, high1 = jnp.minimum(a, b), jnp.maximum(a, b)
+    low, high = jnp.minimum(low1, c), jnp.maximum(high1, c)
+    mid = jnp.maximum(low1, jnp.minimum(high1, c))
+    cols = lambda x: [x[..., :, j:j + width, :] for j in range(3)]  # noqa: E731
+    max_low = functools.reduce(jnp.maximum, cols(low))
+    min_high = functools.reduce(jnp.minimum, cols(high))
+    return _median3(max_low, _median3(*cols(mid)), min_high)
+  values = _windows(padded, size)
   for i, j in _sorting_network(len(values)):
     values[i], values[j] = jnp.minimum(values[i], values[j]), jnp.maximum(values[i], values[j])
   return values[len(values) // 2]
 
 
-@_median.defjvp
-def _median_jvp(primals, tangents):
+@_median_window.defjvp
+def _median_window_jvp(size, primals, tangents):
   # The median's derivative is that of the selected input (averaged over exact ties); a
   # custom rule keeps XLA from differentiating the whole sorting network (slow to compile).
-  out = _median(*primals)
-  hits = [(p == out).astype(out.dtype) for p in primals]
+  (padded,), (tangent,) = primals, tangents
+  out = _median_window(padded, size)
+  hits = [(v == out).astype(out.dtype) for v in _windows(padded, size)]
   count = functools.reduce(jnp.add, hits)
-  tangent = functools.reduce(jnp.add, [h * t for h, t in zip(hits, tangents)]) / count
-  return out, tangent
+  weighted = [h * t for h, t in zip(hits, _windows(tangent, size))]
+  return out, functools.reduce(jnp.add, weighted) / count
 
 
 def bilateral_filter(image, *, kernel_size, sigma_color, sigma_space, border="reflect"):
