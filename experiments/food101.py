@@ -90,15 +90,20 @@ def load_sources(args) -> dict:
 
 
 def check_weights(args):
-  path = pathlib.Path(args.weights)
-  if path.is_file():
+  """Fails fast, in one sentence, when the weights are neither local, cached nor downloadable."""
+  if pathlib.Path(args.weights).is_file():
     return
   import jcv.weights
   if args.weights not in jcv.weights.known_weights():
     raise SystemExit(f"--weights {args.weights}: no such file and not a known download name")
-  if not _online():
-    raise SystemExit("the ImageNet weights are not cached and this machine is offline: pass "
-                     f"--weights {SHARED / 'weights' / 'mobilenet_v2_1.0_224_backbone.npz'}")
+  url = jcv.weights.download.weight_url(args.weights)
+  if (jcv.weights.download.cache_dir() / url.rsplit("/", 1)[-1]).is_file() or _online():
+    return
+  local = SHARED / "weights" / "mobilenet_v2_1.0_224_backbone.npz"
+  if args.data_dir:
+    raise SystemExit(f"this machine is offline and the ImageNet weights are not cached: add --weights {local}")
+  raise SystemExit("this machine is offline, so neither tfds food101 nor the ImageNet weights can be "
+                   f"downloaded: run with --data-dir {SHARED / 'data' / 'food101_mini'} --weights {local}")
 
 
 def base_config(args, num_classes, **changes):
