@@ -212,9 +212,10 @@ def compare(workdir):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6, 4))
-  for r in results:
+  for r, style in zip(results, ("-o", "--s", "-^", "-d")):
     curve = [h for h in r["history"] if h.get("val_top1") is not None]
-    ax.plot([h["epoch"] for h in curve], [h["val_top1"] for h in curve], marker="o", label=r["variant"])
+    ax.plot([h["epoch"] for h in curve], [h["val_top1"] for h in curve], style, markersize=4,
+            label=r["variant"] + (" (continues frozen)" if r["variant"] == "finetune" else ""))
   ax.set_xlabel("epoch")
   ax.set_ylabel("validation top-1")
   ax.set_title("cats vs dogs: validation accuracy")
