@@ -4,6 +4,8 @@
       prints one JSON line {"top1", "top5", "loss", "n"}
   python -m jcv predict --workdir RUN IMAGE [IMAGE ...] [--top-k 5]
       prints one JSON line per image: {"file", "top": [[class, probability], ...]}
+  python -m jcv summary MODEL [--input-size N]
+      prints the model card and a per-layer table (output shape, params, MACs)
 """
 from __future__ import annotations
 
@@ -49,12 +51,18 @@ def main(argv=None):
   pr.add_argument("--checkpoint", choices=("best", "latest"), default="best")
   pr.add_argument("--top-k", type=int, default=5)
   pr.add_argument("images", nargs="+")
+  sm = sub.add_parser("summary", help="model card and per-layer table of a registered model")
+  sm.add_argument("model")
+  sm.add_argument("--input-size", type=int, help="square input size (default: the card's)")
   args = p.parse_args(argv)
   try:
     if args.command == "evaluate":
       from jcv.train import loop
       print(json.dumps(loop.evaluate(args.workdir, data_dir=args.data_dir, split=args.split,
                                      which=args.checkpoint, batch_size=args.batch_size)))
+    elif args.command == "summary":
+      from jcv import models
+      models.summary(args.model, input_size=args.input_size)
     else:
       for row in predict(args.workdir, args.images, top_k=args.top_k, which=args.checkpoint):
         print(json.dumps(row))
