@@ -100,3 +100,12 @@ def test_evaluate_on_a_non_run_folder_fails_clearly(tmp_path):
   out = _jcv("evaluate", "--workdir", tmp_path, "--data-dir", tmp_path)
   assert out.returncode == 2
   assert "no checkpoints/ folder" in out.stderr
+
+
+def test_summary_command_prints_card_and_layers(capsys):
+  from jcv.__main__ import main
+  assert main(["summary", "resnet20"]) == 0
+  out = capsys.readouterr().out
+  assert "269,722" in out and "stage3_block3/conv2" in out
+  assert main(["summary", "no_such_model"]) == 2
+  assert "available: " in capsys.readouterr().err
