@@ -158,7 +158,8 @@ def run_fit(args, name, workdir):
     cfg = base_config(args, model="advanced_cnn", epochs=args.epochs_cnn, image_size=args.scratch_image_size,
                       weight_decay=1e-4, weight_decay_mode="l2", learning_rate=1e-3)
   else:
-    cfg = base_config(args, model="mobilenet_v2", epochs=args.epochs_scratch,
+    # BN momentum 0.9, not Keras' 0.999: a short run from scratch must move the running statistics.
+    cfg = base_config(args, model="mobilenet_v2", epochs=args.epochs_scratch, model_options={"bn_momentum": 0.9},
                       image_size=args.scratch_image_size, learning_rate=2e-3, weight_decay=1e-4)
   run_dir = workdir / name
   results = fit(cfg, workdir=run_dir)
