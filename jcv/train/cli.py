@@ -71,13 +71,16 @@ def run(argv=None, *, presets=None, default_preset: str | None = None, base: Con
   parallel.initialize_distributed(coordinator_address=args.coordinator_address,
                                   num_processes=args.num_processes, process_id=args.process_id)
   config = config_from_args(args, presets=presets, base=base)
+  import jax
+  if jax.default_backend() == "cpu":
+    from jcv import perf
+    perf.tune_malloc()  # reuse XLA's per-step buffers instead of faulting in fresh pages
   from jcv.train import loop
   try:
     results = loop.fit(config, workdir=args.workdir, **(fit_kwargs or {}))
   except loop.NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  import jax
   if jax.process_index() == 0:
     summary = {"final_eval": results["final"]["eval"], "best": results["best"],
                "steps": results["steps"], "wall_time_s": round(results["wall_time_s"], 1),
