@@ -4,12 +4,12 @@ Subpackages are imported lazily so ``import jcv`` stays fast:
 ``jcv.ops`` (image processing), ``jcv.data`` (sources, host transforms, on-device
 augmentation, loaders), ``jcv.models`` (architectures by name), ``jcv.weights``
 (pretrained ports), ``jcv.train`` (train/eval steps, parallelism, checkpoints, loop),
-``jcv.plots`` (figures).
+``jcv.plots`` (figures), ``jcv.perf`` (CPU speed setup: XLA host devices, malloc, compilation cache).
 """
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["data", "models", "ops", "plots", "train", "weights"]
+__all__ = ["data", "models", "ops", "perf", "plots", "train", "weights"]
 
 
 def __getattr__(name):

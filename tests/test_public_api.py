@@ -24,7 +24,7 @@ BAD_KEY_NAMES = {"rng", "prng", "prng_key", "rng_key", "seed_key"}
 
 
 def _public_modules():
-  names = ["jcv", "jcv.plots"]
+  names = ["jcv", "jcv.plots", "jcv.perf"]
   for pkg_name in PACKAGES:
     pkg = importlib.import_module(pkg_name)
     names.append(pkg_name)
