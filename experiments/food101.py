@@ -53,6 +53,8 @@ def parse_args(argv=None):
   p.add_argument("--finetune-learning-rate", type=float, default=2e-4)
   p.add_argument("--backbone-lr-multiplier", type=float, default=0.3)
   p.add_argument("--label-smoothing", type=float, default=0.1)
+  p.add_argument("--crop-views", type=int, default=0,
+                 help="cached mode: extra random-resized-crop views of every training image")
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--seed", type=int, default=0)
   return p.parse_args(argv)
@@ -132,7 +134,8 @@ def run_cached(args, srcs, class_names, workdir):
   split = len(stages) - args.trainable_stages
   started = time.time()
   cached = transfer.cache_features(model, variables, srcs, stage=split, image_size=args.image_size,
-                                   flip=True, directory=workdir / "features", **MEAN_STD)
+                                   flip=True, crop_views=args.crop_views, directory=workdir / "features",
+                                   **MEAN_STD)
   timing = {"features_s": time.time() - started}
   head_cfg = transfer.transfer_config(base_config(args, num_classes, epochs=args.epochs_head), "frozen",
                                       stage_names=stages)

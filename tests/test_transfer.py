@@ -181,3 +181,25 @@ def test_save_run_is_loadable(tmp_path):
   loaded_config, names, state, _ = loop.load_run(tmp_path / "run")
   assert names == ["a", "b", "c"] and loaded_config.model_options["frozen_stages"] == 19
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), variables["params"])
+
+
+def test_cache_features_views_and_disk_cache(variables, tmp_path):
+  from jcv.data.sources import ArraySource
+  rng = np.random.default_rng(3)
+  images = rng.integers(0, 256, (10, 20, 20, 3), dtype=np.uint8)
+  source = ArraySource(images, np.arange(10) % CLASSES)
+  model = _model()
+  kwargs = dict(stage=2, image_size=SIZE, batch_size=4, directory=tmp_path, log=None)
+  cached = transfer.cache_features(model, variables, {"train": source, "test": source}, crop_views=2, **kwargs)
+  x, y = cached["train"]
+  assert x.shape[0] == 2 * 10 + 2 * 8  # original + mirror, then 2 epochs of crops (ragged batch dropped)
+  np.testing.assert_array_equal(y[:10], source.labels)
+  np.testing.assert_array_equal(y[10:20], source.labels)
+  assert cached["test"][0].shape[0] == 10
+  # The mirror view is the mirrored image's features (eval transform: resize + centre crop).
+  mirrored = ArraySource(images[:, :, ::-1].copy(), source.labels)
+  flipped = transfer.cache_features(model, variables, {"test": mirrored}, stage=2, image_size=SIZE,
+                                    batch_size=4, log=None)["test"][0]
+  np.testing.assert_allclose(x[10:20], flipped, rtol=1e-5, atol=1e-5)
+  again = transfer.cache_features(model, variables, {"train": source}, crop_views=2, **kwargs)
+  np.testing.assert_array_equal(again["train"][0], x)  # read back from tmp_path

@@ -243,12 +243,14 @@ def top_variables(variables: dict, model, stage: int) -> dict:
 
 
 def cache_features(model, variables: dict, sources: dict, *, stage: int, image_size: int,
-                   mean=None, std=None, flip: bool = True, batch_size: int = 64,
-                   directory=None, log=print) -> dict:
+                   mean=None, std=None, flip: bool = True, crop_views: int = 0,
+                   batch_size: int = 64, directory=None, log=print) -> dict:
   """Runs the bottom ``stage`` stages of ``model`` once over every source -> {split: (x, y)}.
 
   Images get the eval transform (resize, centre crop to ``image_size``); ``flip`` adds the
-  mirrored images of the "train" split as a second view. With ``directory``, each split is
+  mirrored images of the "train" split as a second view; ``crop_views=K`` adds K more views
+  of it made by the training transform (random-resized crop, scale 0.25-1, and flip), an
+  offline stand-in for augmentation. With ``directory``, each split is
   also saved there as ``<split>.npz`` and loaded from it next time (same stage/size/flip and
   example count; delete the folder after changing weights or data).
   """
@@ -261,16 +263,24 @@ def cache_features(model, variables: dict, sources: dict, *, stage: int, image_s
   cached, started = {}, time.time()
   for split, source in sources.items():
     views = 2 if flip and split == "train" else 1
-    path = None if directory is None else pathlib.Path(directory) / f"s{stage}_{image_size}px_{split}.npz"
+    tag = f"_crops{crop_views}" if split == "train" and crop_views else ""
+    path = None if directory is None else pathlib.Path(directory) / f"s{stage}_{image_size}px_{split}{tag}.npz"
     if path is not None and path.is_file():
       with np.load(path, allow_pickle=False) as data:
-        if len(data["labels"]) == views * len(source):
+        n, expected = len(data["labels"]), views * len(source)
+        if n == expected or (tag and n > expected):
           cached[split] = (data["features"], data["labels"])
           if log is not None:
             log(f"loaded cached {split} features from {path}")
           continue
     loader = pipeline.eval_loader(source, batch_size=batch_size, image_size=image_size)
     cached[split] = compute_features(apply, bottom_vars, loader, mean=mean, std=std, flip=views == 2)
+    if split == "train" and crop_views:
+      crops = pipeline.train_loader(source, batch_size=batch_size, image_size=image_size, seed=0,
+                                    crop="random_resized", flip=True, scale=(0.25, 1.0))
+      batches = (b for _, b in zip(range(crop_views * crops.steps_per_epoch), crops.iter_from(0)))
+      extra = compute_features(apply, bottom_vars, batches, mean=mean, std=std)
+      cached[split] = tuple(np.concatenate([a, b]) for a, b in zip(cached[split], extra))
     if path is not None:
       path.parent.mkdir(parents=True, exist_ok=True)
       np.savez(path, features=cached[split][0], labels=cached[split][1])
