@@ -20,8 +20,10 @@ Presets:
 - ``gpu``: airbench94's full-width net, batch 1024, 10 epochs, bfloat16. Unmeasured here (no
   GPU in the session that wrote it); airbench94 itself reaches 94.0 % in 3.8 s on an A100.
 
-Measured (cpu preset, ../shared/data/cifar10 test split, 2-core Xeon shared with other jobs):
-see docs/cifar10.md (filled in from the run's results.json).
+Measured (../shared/data/cifar10 test split, flip TTA, 2-core Xeon shared with other jobs):
+- ``--preset cpu``: 86.08 % top-1 in 40.4 min wall at load 6-8 (126 img/s). Below the 90 %
+  target, and over 20 min because of the load.
+- ``--preset cpu --epochs 3``: 83.16 % in 61.8 min at load 18-22.
 """
 from __future__ import annotations
 
