@@ -81,16 +81,24 @@ class InvertedResidual(nn.Module):
 class StagedNet(nn.Module):
   """Base of staged backbones: runs stages ``[start_stage, end_stage)`` and the head.
 
-  Subclasses define the fields ``num_classes, dropout_rate, frozen_stages, frozen_bn_stages,
-  start_stage, end_stage, dtype``, ``stage_names()`` and ``_stage_modules()`` (one callable
-  ``f(x, train)`` per stage, built inside the compact ``__call__``).
+  Subclasses define the fields ``num_classes, dropout_rate, dtype``, ``stage_names()`` and
+  ``_stage_modules()`` (one callable ``f(x, train)`` per stage, built inside the compact
+  ``__call__``); the stage options below are shared.
 
   Stage ``len(stage_names())`` is the head (global average pool, dropout, Dense ``head``);
   it accepts a feature map or already pooled features [B, F].
   """
+  frozen_stages: int = 0
+  frozen_bn_stages: int = 0
+  start_stage: int = 0
+  end_stage: int | None = None
 
   def _stage_modules(self) -> list:
     raise NotImplementedError
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return self._run(x, train)
 
   def _run(self, x, train: bool):
     stages = self._stage_modules()
@@ -132,10 +140,6 @@ class MobileNetV2(StagedNet):
   dropout_rate: float = 0.0
   bn_momentum: float = 0.999
   bn_epsilon: float = 1e-3
-  frozen_stages: int = 0
-  frozen_bn_stages: int = 0
-  start_stage: int = 0
-  end_stage: int | None = None
   dtype: Any = None
 
   def stage_names(self) -> list[str]:
@@ -156,10 +160,6 @@ class MobileNetV2(StagedNet):
     stages.append(ConvBNAct(last, 1, act=nn.relu6, name="last_conv", **common))
     return stages
 
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    return self._run(x, train)
-
 
 class MobileNetV1(StagedNet):
   """MobileNetV1 (Keras layout: ReLU6, BN eps 1e-3, 1x1-conv classifier as a Dense ``head``)."""
@@ -168,10 +168,6 @@ class MobileNetV1(StagedNet):
   dropout_rate: float = 1e-3
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
-  frozen_stages: int = 0
-  frozen_bn_stages: int = 0
-  start_stage: int = 0
-  end_stage: int | None = None
   dtype: Any = None
 
   def stage_names(self) -> list[str]:
@@ -184,10 +180,6 @@ class MobileNetV1(StagedNet):
     for i, (c, s) in enumerate(_MOBILENET_V1_BLOCKS):
       stages.append(_SeparableBlock(int(c * self.width), strides=s, name=f"block_{i}", **common))
     return stages
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    return self._run(x, train)
 
 
 MobileNetV2.__doc__ += _STAGE_DOC
