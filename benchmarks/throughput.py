@@ -6,7 +6,8 @@ For each model (any name ``jcv.models.create`` knows), image size, batch size an
   backward, SGD-momentum update, BatchNorm statistics; state donated) and ``model.apply`` in
   inference mode, both jitted; compile time, FLOPs per image (XLA cost analysis), XLA's
   memory estimate, the backend's peak memory when it reports one, achieved FLOP/s and MFU on a
-  known accelerator;
+  known accelerator. On a CPU the step runs as ``jcv.train`` runs it there: data-parallel over
+  one XLA CPU device per core (``--host-devices``; XLA:CPU gives each convolution one core);
 * ``flax_xla`` (``--baseline``): the same jcv model with XLA's own convolution everywhere
   (``jcv.models.conv_ops`` lowering "xla"), i.e. what stock Flax ``nn.Conv`` gives;
 * ``torch`` / ``torch_compile`` (``--compare torch,torch_compile``): the same architecture
@@ -78,13 +79,18 @@ def _is_oom(err: BaseException) -> bool:
 
 # --- jcv ------------------------------------------------------------------------------------
 
-def _jcv_runner(name, size, batch, dtype, lowering, data):
-  """Compiles jcv's train step and inference; returns callables and compile/cost facts."""
+def _jcv_runner(name, size, batch, dtype, lowering, data, devices=1, parallel_mode="jit"):
+  """Compiles jcv's train step and inference; returns callables and compile/cost facts.
+
+  ``devices > 1``: the step as ``jcv.train`` runs it on that many devices (``jcv.train.parallel``:
+  batch sharded over a ``data`` mesh axis, state replicated), inference sharded likewise.
+  """
   import jax
   import jax.numpy as jnp
   import optax
   import jcv.models
   from jcv.models import conv_ops
+  from jcv.train import parallel
   from jcv.train.state import create_train_state
   from jcv.train.step import train_step
 
@@ -96,8 +102,17 @@ def _jcv_runner(name, size, batch, dtype, lowering, data):
     model = jcv.models.create(name, num_classes=num_classes, dtype=model_dtype)
     state = create_train_state(jax.random.key(0), model, optax.sgd(0.01, momentum=0.9),
                                (1, size, size, 3))
-    batch_arrays = {"image": jnp.asarray(data["uint8"]), "label": jnp.asarray(data["labels"])}
-    step = jax.jit(functools.partial(train_step, num_classes=num_classes), donate_argnums=0)
+    step_fn = functools.partial(train_step, num_classes=num_classes)
+    if devices > 1:
+      if batch % devices:
+        raise ValueError(f"batch {batch} does not split over {devices} devices")
+      mesh = parallel.make_mesh(jax.devices()[:devices])
+      state = parallel.replicate(state, mesh)
+      batch_arrays = parallel.shard_batch({"image": data["uint8"], "label": data["labels"]}, mesh)
+      step = parallel.compile_train_step(step_fn, mesh, mode=parallel_mode)
+    else:
+      batch_arrays = {"image": jnp.asarray(data["uint8"]), "label": jnp.asarray(data["labels"])}
+      step = jax.jit(step_fn, donate_argnums=0)
     t0 = time.perf_counter()
     compiled_step = step.lower(state, batch_arrays).compile()
     facts["train_compile_s"] = time.perf_counter() - t0
@@ -106,6 +121,8 @@ def _jcv_runner(name, size, batch, dtype, lowering, data):
     variables = jax.tree.map(jnp.copy, state.variables)  # the train step donates state
     infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
     x = jnp.asarray(data["float"])
+    if devices > 1:
+      x = parallel.shard_batch(data["float"], mesh)
     t0 = time.perf_counter()
     compiled_infer = infer.lower(variables, x).compile()
     facts["infer_compile_s"] = time.perf_counter() - t0
@@ -126,8 +143,11 @@ def _jcv_runner(name, size, batch, dtype, lowering, data):
     with conv_ops.lowering("xla"):
       ref_step = jax.jit(functools.partial(train_step, num_classes=num_classes))
       ref_infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
-      for mode, lowered in (("train", ref_step.lower(state, batch_arrays)),
-                            ("infer", ref_infer.lower(variables, x))):
+      host = lambda tree: jax.tree.map(lambda a: jnp.asarray(np.asarray(jax.device_get(a))), tree)
+      ref_state, ref_vars = host(jax.tree.map(jnp.copy, state)), host(variables)
+      ref_batch, ref_x = host(batch_arrays), host(x)
+      for mode, lowered in (("train", ref_step.lower(ref_state, ref_batch)),
+                            ("infer", ref_infer.lower(ref_vars, ref_x))):
         cost = lowered.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         if cost and cost.get("flops", 0) > 0:
@@ -262,9 +282,12 @@ def _make_data(batch, size, num_classes, seed=0):
           "float": ((uint8.astype(np.float32) / 255.0) - 0.5) / 0.25}
 
 
-def _build(framework, name, size, batch, dtype, data):
+def _build(framework, name, size, batch, dtype, data, args=None):
   if framework == "jcv":
-    return _jcv_runner(name, size, batch, dtype, "auto", data)
+    devices = getattr(args, "jcv_devices", 1)
+    return _jcv_runner(name, size, batch, dtype, "auto", data,
+                       devices=devices if batch % max(devices, 1) == 0 else 1,
+                       parallel_mode=getattr(args, "parallel", "jit"))
   if framework == "flax_xla":
     return _jcv_runner(name, size, batch, dtype, "xla", data)
   if framework in ("torch", "torch_compile"):
@@ -286,7 +309,7 @@ def _run_config(name, size, batch, dtype, frameworks, args, log):
       for fw in frameworks:
         log(f"  building {fw} ...")
         try:
-          runners[fw], facts[fw] = _build(fw, name, size, batch, dtype, data)
+          runners[fw], facts[fw] = _build(fw, name, size, batch, dtype, data, args)
         except Exception as err:  # a missing or failing peer is reported, not fatal
           if _is_oom(err):
             raise
@@ -405,6 +428,19 @@ def _chart(rows, path):
   return True
 
 
+def _setup_host_devices(args):
+  """Sets XLA's CPU device count before JAX starts (no effect on GPU/TPU runs)."""
+  import jcv.perf
+  value = str(args.host_devices)
+  if value == "cores":
+    cores = os.cpu_count() or 1
+    count = 1 << (cores.bit_length() - 1)
+  else:
+    count = int(value)
+  if count > 1:
+    jcv.perf.setup_cpu(host_devices=count, malloc=False)
+
+
 def main(argv=None):
   """Command-line entry point; returns the list of result rows."""
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -423,7 +459,14 @@ def main(argv=None):
   p.add_argument("--out", default="benchmarks/results/throughput")
   p.add_argument("--no-tune-malloc", action="store_true",
                  help="skip jcv.perf.tune_malloc (applies to every framework in the process)")
+  p.add_argument("--host-devices", default="cores",
+                 help="on a CPU: XLA CPU devices for jcv's data-parallel step, as jcv.train uses "
+                      "them ('cores' = one per core, rounded down to a power of two; 1 = a "
+                      "single device). The stock-Flax baseline always runs on one device.")
+  p.add_argument("--parallel", default="jit", choices=("jit", "pmap"),
+                 help="jcv.train.parallel mode for the multi-device jcv step")
   args = p.parse_args(argv)
+  _setup_host_devices(args)
   if not args.no_tune_malloc:
     import jcv.perf
     args.tune_malloc = jcv.perf.tune_malloc()
@@ -436,6 +479,8 @@ def main(argv=None):
   import jcv.models
   info = machine_info()
   args.device_kind = jax.devices()[0].device_kind
+  args.jcv_devices = len(jax.devices()) if jax.default_backend() == "cpu" else 1
+  info["jcv_devices"] = args.jcv_devices
   peers = [c for c in args.compare.split(",") if c]
   for c in peers:
     if c not in ("torch", "torch_compile", "keras"):

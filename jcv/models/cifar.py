@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcv.models.layers import Conv
+from jcv.models.layers import Conv, max_pool
 from jcv.models.registry import ModelCard, register
 
 __all__ = ["CifarCNN", "cifar_cnn", "dirac_init", "torch_default_init", "whitening_kernel",
@@ -65,7 +65,7 @@ class _ConvGroup(nn.Module):
                                    name=name)
     x = Conv(self.features, (3, 3), use_bias=False, kernel_init=dirac_init, dtype=self.dtype,
              name="conv1")(x)
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = max_pool(x, 2, 2)
     x = _gelu(bn("bn1")(x))
     x = Conv(self.features, (3, 3), use_bias=False, kernel_init=dirac_init, dtype=self.dtype,
              name="conv2")(x)

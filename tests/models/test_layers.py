@@ -47,6 +47,21 @@ def test_max_pool_matches_numpy(size, k, s, p, ceil):
   np.testing.assert_allclose(got, _np_pool(x, k, s, p, ceil, "max"), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("size,k,p,ceil", [(31, 2, 0, False), (31, 2, 0, True), (8, 2, 0, False),
+                                           (7, 3, 1, True), (9, 3, 0, False)])
+def test_block_max_pool_values_and_gradient_match_reduce_window(size, k, p, ceil):
+  """The CPU path (window == stride: reshape + max) against numpy and XLA's reduce_window."""
+  from jcv.models import conv_ops
+  x = jnp.asarray(RNG.normal(size=(2, size, size + 1, 3)).astype(np.float32))  # no ties
+  with conv_ops.lowering("cpu"):
+    got = layers.max_pool(x, k, k, padding=p, ceil_mode=ceil)
+    grad = jax.grad(lambda x: jnp.sum(jnp.sin(layers.max_pool(x, k, k, padding=p, ceil_mode=ceil))))(x)
+  np.testing.assert_array_equal(got, _np_pool(np.asarray(x), k, k, p, ceil, "max"))
+  with conv_ops.lowering("xla"):
+    want = jax.grad(lambda x: jnp.sum(jnp.sin(layers.max_pool(x, k, k, padding=p, ceil_mode=ceil))))(x)
+  np.testing.assert_allclose(grad, want, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("include", [True, False])
 def test_avg_pool_matches_numpy(include):
   x = RNG.normal(size=(2, 9, 8, 4)).astype(np.float32)
