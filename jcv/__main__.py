@@ -26,7 +26,8 @@ def predict(workdir, files, *, top_k: int = 5, which: str = "best") -> list[dict
   config, class_names, state, _ = loop.load_run(workdir, which=which)
   images = np.stack([transforms.eval_resize_crop(decode.decode_image(f), config.image_size) for f in files])
   logits = jax.jit(lambda s, x: step.predict_logits(s, x, mean=config.mean, std=config.std,
-                                                    tta_flip=config.tta_flip))(state, images)
+                                                    tta_flip=config.tta_flip,
+                                                    tta_translate=config.tta_translate))(state, images)
   probs = np.asarray(jax.nn.softmax(logits, axis=-1))
   out = []
   for f, p in zip(files, probs):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 __all__ = [
   "OPS", "color_jitter", "cutmix", "cutout", "label_smoothing", "make_augment", "mixup", "normalize",
-  "pad_and_crop", "random_erasing", "random_flip", "random_resized_crop", "scale_to_range", "tta_flip",
+  "pad_and_crop", "random_erasing", "random_flip", "random_resized_crop", "scale_to_range", "tta_flip", "tta_translate",
   "tta_multicrop",
 ]
 
@@ -275,6 +275,21 @@ def label_smoothing(labels: Array, *, epsilon: float = 0.1) -> Array:
 def tta_flip(apply_fn: Callable[[Array], Array], images: Array) -> Array:
   """Mean of ``apply_fn`` over the images and their left-right mirror images."""
   return 0.5 * (apply_fn(images) + apply_fn(images[:, :, ::-1]))
+
+
+def tta_translate(apply_fn: Callable[[Array], Array], images: Array, *, pixels: int = 1,
+                  flip: bool = False) -> Array:
+  """airbench's "mirror + translate" TTA: ``0.5 * f(x) + 0.25 * (f(x shifted by (-p, -p)) +
+  f(x shifted by (+p, +p)))``, shifts with reflect padding, each view flip-averaged if ``flip``."""
+  _check_batch(images, "tta_translate")
+  if pixels < 1:
+    raise ValueError(f"pixels must be >= 1, got {pixels}")
+  view = (lambda x: tta_flip(apply_fn, x)) if flip else apply_fn
+  h, w = images.shape[1:3]
+  p = pixels
+  padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
+  shifted = [padded[:, :h, :w], padded[:, 2 * p:2 * p + h, 2 * p:2 * p + w]]
+  return 0.5 * view(images) + 0.25 * (view(shifted[0]) + view(shifted[1]))
 
 
 def tta_multicrop(apply_fn: Callable[[Array], Array], images: Array, *, size: int, flip: bool = False) -> Array:

@@ -50,7 +50,7 @@ class Config:
   grad_clip_norm: float | None = None
   rms_decay: float = 0.9              # rmsprop: decay of the squared-gradient average
   # --- schedule ---
-  schedule: str = "cosine"            # cosine | onecycle | step | constant
+  schedule: str = "cosine"            # cosine | onecycle | triangle | step | constant
   warmup_epochs: float = 0.0
   final_lr_fraction: float = 0.0      # cosine end value as a fraction of the peak
   step_decay_epochs: tuple = ()       # step: epochs at which lr is multiplied by step_decay_factor
@@ -61,6 +61,9 @@ class Config:
   # --- parameter groups (transfer learning) ---
   freeze: tuple = ()                  # regexes on "/"-joined param paths: not trained, BN stats kept
   lr_multipliers: dict = dataclasses.field(default_factory=dict)  # regex -> lr multiplier
+  lookahead_every: int = 0            # >0: lookahead (airbench's schedule) syncing every N steps
+  lookahead_decay: float = 0.95 ** 5  # slow-weight decay reached at the end of training
+  lookahead_power: float = 3.0        # decay(step) = lookahead_decay * (step / total) ** power
   # --- run length and parallelism ---
   epochs: int = 10
   steps: int | None = None            # stop after this many optimizer steps in total
@@ -76,6 +79,7 @@ class Config:
   log_every: int = 50                 # steps between logged training metrics
   eval_every: int = 1                 # epochs between evaluations
   tta_flip: bool = False              # average logits with the horizontally flipped image at eval
+  tta_translate: int = 0              # >0: also average views shifted by this many pixels (airbench)
   compilation_cache: str | None = "auto"  # "auto": <workdir>/../.jax_cache; None disables
   plots: bool = True
   progress: bool = True
@@ -128,7 +132,7 @@ class Config:
   def validate(self) -> "Config":
     """Raises ValueError on inconsistent settings; returns self."""
     _choice("optimizer", self.optimizer, ("sgd", "adamw", "rmsprop", "lamb"))
-    _choice("schedule", self.schedule, ("cosine", "onecycle", "step", "constant"))
+    _choice("schedule", self.schedule, ("cosine", "onecycle", "triangle", "step", "constant"))
     _choice("parallel", self.parallel, ("jit", "pmap"))
     _choice("weight_decay_mode", self.weight_decay_mode, ("decoupled", "l2"))
     _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))

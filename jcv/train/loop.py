@@ -99,7 +99,8 @@ def _train_fn(config: Config, *, num_classes, augment_fn, schedule):
 
 
 def _eval_fn(config: Config):
-  return functools.partial(step_lib.eval_step, mean=config.mean, std=config.std, tta_flip=config.tta_flip)
+  return functools.partial(step_lib.eval_step, mean=config.mean, std=config.std,
+                           tta_flip=config.tta_flip, tta_translate=config.tta_translate)
 
 
 def run_eval(state, loader, eval_fn, mesh, *, max_in_flight: int = 16) -> dict:
@@ -126,7 +127,8 @@ def collect_logits(state, loader, config: Config, mesh):
   """(logits [N, C], labels [N], dataset indices [N]) over one pass of an eval loader (one process)."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   fn = jax.jit(functools.partial(step_lib.predict_logits, mean=config.mean, std=config.std,
-                                 tta_flip=config.tta_flip), out_shardings=replicated)
+                                 tta_flip=config.tta_flip, tta_translate=config.tta_translate),
+               out_shardings=replicated)
   logits, labels, index = [], [], []
   for b, batch in enumerate(loader):
     out = parallel.fetch(fn(state, parallel.shard_batch({"image": batch["image"]}, mesh)["image"]))

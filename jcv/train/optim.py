@@ -7,14 +7,15 @@ with ``re.search``.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 __all__ = [
     "param_paths", "decay_mask", "param_labels", "make_schedule", "make_optimizer",
-    "FROZEN", "DEFAULT",
+    "lookahead", "LookaheadState", "FROZEN", "DEFAULT",
 ]
 
 FROZEN = "frozen"
@@ -66,6 +67,13 @@ def make_schedule(config, *, steps_per_epoch: int, total_steps: int) -> optax.Sc
     return optax.cosine_onecycle_schedule(
         transition_steps=total_steps, peak_value=lr, pct_start=config.onecycle_pct_start,
         div_factor=config.onecycle_div_factor, final_div_factor=config.onecycle_final_div_factor)
+  if name == "triangle":  # airbench's: linear up from lr/div to lr at pct_start, linear down
+    start = lr / config.onecycle_div_factor
+    peak_step = max(1, int(config.onecycle_pct_start * total_steps))
+    return optax.join_schedules(
+        [optax.linear_schedule(start, lr, peak_step),
+         optax.linear_schedule(lr, start / config.onecycle_final_div_factor, total_steps - peak_step)],
+        [peak_step])
   if name == "cosine":
     if warmup:
       return optax.warmup_cosine_decay_schedule(
@@ -79,7 +87,7 @@ def make_schedule(config, *, steps_per_epoch: int, total_steps: int) -> optax.Sc
   elif name == "constant":
     main = optax.constant_schedule(lr)
   else:
-    raise ValueError(f"schedule must be one of cosine, onecycle, step, constant; got {name!r}")
+    raise ValueError(f"schedule must be one of cosine, onecycle, triangle, step, constant; got {name!r}")
   if not warmup:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
@@ -135,7 +143,56 @@ def make_optimizer(config, *, steps_per_epoch: int, total_steps: int
       frozen = lambda p: jax.tree.map(lambda l: l == FROZEN, param_labels(p, freeze=config.freeze))
       prefix.append(optax.masked(optax.set_to_zero(), frozen))
     tx = optax.chain(*prefix, optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  if config.lookahead_every:
+    tx = lookahead(tx, sync_every=config.lookahead_every, total_steps=total_steps,
+                   decay=config.lookahead_decay, power=config.lookahead_power)
   return tx, schedule
+
+
+class LookaheadState(NamedTuple):
+  """State of :func:`lookahead`: the inner optimizer's state, the slow weights, the step count."""
+  inner: optax.OptState
+  slow: optax.Params
+  count: jax.Array
+
+
+def lookahead(inner: optax.GradientTransformation, *, sync_every: int, total_steps: int,
+              decay: float = 0.95 ** 5, power: float = 3.0) -> optax.GradientTransformation:
+  """Lookahead with airbench's schedule (Zhang et al. 2019; Jordan 2024).
+
+  ``inner`` updates the fast weights every step; every ``sync_every`` steps the slow weights
+  move to ``d * slow + (1 - d) * fast`` and the fast weights are reset to them, with
+  ``d = decay * (step / total_steps) ** power`` (0 early: no effect; ``decay`` at the end).
+  At ``total_steps`` the fast weights become the slow ones (``d = 1``), so training ends on
+  the averaged weights. Needs ``params`` in ``update`` and one extra copy of them in memory.
+  """
+  if sync_every < 1:
+    raise ValueError(f"lookahead sync_every must be >= 1, got {sync_every}")
+  total = max(int(total_steps), 1)
+
+  def init(params):
+    return LookaheadState(inner.init(params), jax.tree.map(jnp.asarray, params),
+                          jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("lookahead needs params in update()")
+    inner_updates, inner_state = inner.update(updates, state.inner, params)
+    fast = optax.apply_updates(params, inner_updates)
+    count = state.count + 1
+    last = count >= total
+    sync = (count % sync_every == 0) | last
+    d = jnp.where(last, 1.0, decay * (count.astype(jnp.float32) / total) ** power)
+
+    def mix(slow, f):
+      blended = (d * slow.astype(jnp.float32) + (1 - d) * f.astype(jnp.float32)).astype(slow.dtype)
+      return jnp.where(sync & (slow != f), blended, slow)  # untouched (frozen) weights stay bitwise
+    slow = jax.tree.map(mix, state.slow, fast)
+    new_fast = jax.tree.map(lambda s, f: jnp.where(sync, s, f), slow, fast)
+    new_updates = jax.tree.map(lambda n, p: (n - p).astype(p.dtype), new_fast, params)
+    return new_updates, LookaheadState(inner_state, slow, count)
+
+  return optax.GradientTransformation(init, update)
 
 
 def _scaled(schedule, factor):

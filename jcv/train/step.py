@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jcv.data import augment as augment_lib
 from jcv.train import losses
 from jcv.train.optim import decay_mask, param_paths
 
@@ -97,24 +98,28 @@ def train_step(state, batch, *, augment_fn: Callable | None = None, num_classes:
   return state.apply_gradients(grads, batch_stats=new_stats), metrics
 
 
-def predict_logits(state, images, *, mean=None, std=None, tta_flip: bool = False):
-  """Inference-mode logits (float32) for uint8 NHWC images; optional flip TTA (mean logits)."""
+def predict_logits(state, images, *, mean=None, std=None, tta_flip: bool = False,
+                   tta_translate: int = 0):
+  """Inference-mode logits (float32) for uint8 NHWC images; optional TTA (mean logits): flip,
+  and/or ``tta_translate`` pixels (``jcv.data.augment.tta_translate``: airbench's level 2)."""
   x = to_model_input(images, mean=mean, std=std)
-  logits = state.apply_fn(state.variables, x, train=False).astype(jnp.float32)
+  apply = lambda v: state.apply_fn(state.variables, v, train=False).astype(jnp.float32)
+  if tta_translate:
+    return augment_lib.tta_translate(apply, x, pixels=tta_translate, flip=tta_flip)
   if tta_flip:
-    flipped = state.apply_fn(state.variables, x[:, :, ::-1, :], train=False).astype(jnp.float32)
-    logits = 0.5 * (logits + flipped)
-  return logits
+    return augment_lib.tta_flip(apply, x)
+  return apply(x)
 
 
-def eval_step(state, batch, *, mean=None, std=None, tta_flip: bool = False,
+def eval_step(state, batch, *, mean=None, std=None, tta_flip: bool = False, tta_translate: int = 0,
               axis_name: str | None = None):
   """Metric sums over the real examples of ``batch`` (``batch["mask"]`` marks padding).
 
   Returns {"loss", "top1", "top5", "count"} as sums; divide by "count" after summing
   over batches so every example counts exactly once.
   """
-  logits = predict_logits(state, batch["image"], mean=mean, std=std, tta_flip=tta_flip)
+  logits = predict_logits(state, batch["image"], mean=mean, std=std, tta_flip=tta_flip,
+                          tta_translate=tta_translate)
   labels = batch["label"]
   mask = batch.get("mask")
   mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)

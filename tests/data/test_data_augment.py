@@ -190,6 +190,25 @@ def test_tta_helpers_average_views(photos):
                              rtol=1e-5)
 
 
+def test_tta_translate_is_airbench_level_2(photos):
+  """0.5 f(x) + 0.25 f(up-left shift) + 0.25 f(down-right shift), reflect padding (np.pad), each
+  view flip-averaged: a position-dependent apply_fn sees every view."""
+  xs = _f(photos)
+  weights = np.random.default_rng(0).normal(size=xs.shape[1:]).astype(np.float32)
+  apply_fn = lambda im: jnp.sum(im * weights, axis=(1, 2, 3))
+  f = lambda im: np.sum(im * weights, axis=(1, 2, 3), dtype=np.float64)
+  pad = np.pad(xs, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+  h, w = xs.shape[1:3]
+  views = [xs, pad[:, :h, :w], pad[:, 2:, 2:]]
+  plain = 0.5 * f(views[0]) + 0.25 * (f(views[1]) + f(views[2]))
+  np.testing.assert_allclose(A.tta_translate(apply_fn, jnp.asarray(xs)), plain, rtol=1e-4, atol=1e-3)
+  flipped = [0.5 * (f(v) + f(v[:, :, ::-1])) for v in views]
+  np.testing.assert_allclose(A.tta_translate(apply_fn, jnp.asarray(xs), flip=True),
+                             0.5 * flipped[0] + 0.25 * (flipped[1] + flipped[2]), rtol=1e-4, atol=1e-3)
+  with pytest.raises(ValueError, match="pixels"):
+    A.tta_translate(apply_fn, jnp.asarray(xs), pixels=0)
+
+
 def test_make_augment_composes_and_validates(photos):
   x, y = jnp.asarray(photos), jnp.arange(8) % 10
   plain = A.make_augment([], num_classes=10)

@@ -130,6 +130,14 @@ def test_onecycle_values():
   assert max(float(s(t)) for t in range(101)) == pytest.approx(1.0, rel=1e-5)
 
 
+def test_triangle_matches_airbench_schedule():
+  """airbench94's triangle(steps, start=0.2, end=0.07, peak=0.23) as numpy.interp."""
+  s = _sched(schedule="triangle", onecycle_pct_start=0.23, onecycle_div_factor=5.0,
+             onecycle_final_div_factor=0.2 / 0.07)
+  want = np.interp(np.arange(101), [0, int(0.23 * 100), 100], [0.2, 1.0, 0.07])
+  np.testing.assert_allclose([float(s(t)) for t in range(101)], want, rtol=1e-5)
+
+
 def test_step_decay_and_constant_values():
   s = _sched(schedule="step", step_decay_epochs=(3, 6), step_decay_factor=0.1)
   assert [float(s(t)) for t in (0, 29, 30, 59, 60, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
@@ -215,3 +223,49 @@ def test_bfloat16_compute_keeps_float32_params():
   x = jnp.zeros((4, 8, 8, 3), jnp.float32)
   jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(state.variables))
   assert "bf16" in jaxpr  # the convolutions and matmuls run in bfloat16
+
+
+def test_lookahead_matches_airbench_loop():
+  """Plain SGD + lookahead (sync every 3 of 10 steps) against a numpy transcription of airbench's
+  loop: every k steps ema = d*ema + (1-d)*w, w = ema; at the last step w = ema (d = 1)."""
+  lr, total, k, decay, power = 0.1, 10, 3, 0.7, 2.0
+  cfg = Config(optimizer="sgd", learning_rate=lr, momentum=0.0, weight_decay=0.0, schedule="constant",
+               lookahead_every=k, lookahead_decay=decay, lookahead_power=power,
+               freeze=("BatchNorm_0/scale",))
+  tx, _ = optim.make_optimizer(cfg, steps_per_epoch=total, total_steps=total)
+  params = jax.tree.map(jnp.asarray, _params())
+  state = tx.init(params)
+  w = jax.tree.map(lambda p: np.asarray(p, np.float64), _params())
+  ema = jax.tree.map(np.copy, w)
+  frozen = np.asarray(params["BatchNorm_0"]["scale"])
+  for step in range(1, total + 1):
+    g = _grads(step)
+    upd, state = tx.update(g, state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, upd)
+    w = jax.tree.map(lambda w_, g_: w_ - lr * g_, w, g)
+    w["BatchNorm_0"]["scale"] = frozen.astype(np.float64)
+    if step % k == 0 or step == total:
+      d = 1.0 if step == total else decay * (step / total) ** power
+      ema = jax.tree.map(lambda e, w_: d * e + (1 - d) * w_, ema, w)
+      w = jax.tree.map(np.copy, ema)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), params, w)
+  np.testing.assert_array_equal(params["BatchNorm_0"]["scale"], frozen)  # frozen stays bitwise
+  # The run ends on the slow weights, which differ from plain SGD's last iterate.
+  plain = jax.tree.map(lambda p: np.asarray(p, np.float64), _params())
+  for step in range(1, total + 1):
+    plain = jax.tree.map(lambda w_, g_: w_ - lr * g_, plain, _grads(step))
+  assert np.abs(params["Dense_0"]["kernel"] - plain["Dense_0"]["kernel"]).max() > 1e-3
+
+
+def test_lookahead_rejects_bad_period_and_missing_params():
+  with pytest.raises(ValueError, match="sync_every"):
+    optim.lookahead(optax_sgd(), sync_every=0, total_steps=10)
+  tx = optim.lookahead(optax_sgd(), sync_every=2, total_steps=10)
+  state = tx.init(_params())
+  with pytest.raises(ValueError, match="params"):
+    tx.update(_grads(1), state)
+
+
+def optax_sgd():
+  import optax
+  return optax.sgd(0.1)
