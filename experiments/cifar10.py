@@ -105,10 +105,8 @@ def main(argv=None) -> dict:
   # On a GPU machine this only adds CPU devices, which the GPU run does not use.
   cores = os.cpu_count() or 1
   jcv.perf.setup_cpu(host_devices=1 << (cores.bit_length() - 1))
-  args = cli.make_parser(__doc__, presets=PRESETS, default_preset="cpu").parse_args(argv)
-  config = cli.config_from_args(args, presets=PRESETS)
   return cli.run(argv, presets=PRESETS, default_preset="cpu", description=__doc__,
-                 fit_kwargs=fit_kwargs(config))
+                 fit_kwargs=fit_kwargs)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,35 @@
 """Food-101 (homework 3, the project's main job): fine-tune ImageNet MobileNetV2.
 
-  python experiments/food101.py                                 # tfds food101 (downloads)
-  python experiments/food101.py --data-dir ../shared/data/food101_mini \
-      --weights ../shared/weights/mobilenet_v2_1.0_224_backbone.npz   # 10 classes, CPU, minutes
+  # food101_mini (10 classes, ../shared): about 16 min on a 2-core CPU
+  python experiments/food101.py --data-dir ../shared/data/food101_mini \\
+      --weights ../shared/weights/mobilenet_v2_1.0_224_backbone.npz
+  # the same, 2 steps at 64 px, as a smoke test (under a minute)
+  python experiments/food101.py --data-dir ../shared/data/food101_mini \\
+      --weights ../shared/weights/mobilenet_v2_1.0_224_backbone.npz --steps 2 --image-size 64 --workdir /tmp/f
+  # tfds food101 (101 classes; downloads about 5 GB)
+  python experiments/food101.py
 
-Two ways to train, picked by ``--mode`` (default ``auto`` = ``fit``):
+Two ways to train, picked by ``--mode`` (``auto`` = ``fit``); the defaults of each are the
+recipe ``RECIPES[--preset][--mode]`` listed below (``--preset``: ``gpu`` when JAX sees a GPU
+or TPU, else ``cpu``):
 
 - ``fit``: jcv.train.fit on every device with augmentation (random-resized crop, flip,
-  colour jitter), Orbax checkpoints and exact resume (rerun the same command). On a GPU/TPU:
-  bfloat16, 224 px, 20 epochs, top 3 stages. On a CPU (``RECIPES["cpu_fit"]``, chosen on the
-  validation split): the whole network, 192 px, 8 epochs, AdamW 1e-3 for the head and 1e-4
-  for the backbone (BatchNorm in inference mode), label smoothing 0.1; food101_mini: val
-  80.0%, test top-1 81.4% in 16 min on a shared 2-core CPU (docs/transfer.md).
+  colour jitter), Orbax checkpoints and exact resume (rerun the same command). ``cpu``
+  (chosen on the validation split): the whole network, 192 px, 8 epochs, AdamW 1e-3 for the
+  head and 1e-4 for the backbone (BatchNorm in inference mode), label smoothing 0.1;
+  food101_mini: val 80.0%, test top-1 81.4% in 16 min on a shared 2-core CPU
+  (docs/transfer.md). ``gpu`` (unmeasured): bfloat16, 224 px, 20 epochs, top 3 stages,
+  batch 64 per device.
 - ``cached`` (a quicker CPU baseline): the frozen bottom of MobileNetV2 runs once over every
   image (plus its mirror image), then the new head trains alone and, after it, the top
   ``--trainable-stages`` stages with it at a lower learning rate (jcv.train.transfer);
   food101_mini test top-1 78.8% in 6 min.
+
+The shared flags mean what they mean in every jcv experiment: ``--epochs`` is the whole run
+(fit: the one schedule; cached: head-only + fine-tuning epochs, split as the recipe splits
+them unless ``--epochs-head`` says), ``--steps N`` stops after N optimizer steps in all,
+``--batch-size`` is global; ``--set key=value`` (any jcv.train.Config field),
+``--parallel`` and ``--checkpoint-every`` apply to ``--mode fit``.
 
 Both report top-1/top-5 and per-class accuracy on the test split, and write to the workdir:
 results.json, confusion.png (confusion matrix), predictions.png (a grid of test images with
@@ -25,7 +39,6 @@ validation split carved from train (``--val-fraction``).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -33,44 +46,75 @@ import socket
 import sys
 import time
 
+from jcv.train import cli
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("JCV_SHARED", REPO.parent / "shared"))
-# Defaults of the options left unset, per mode ("cpu_fit": --mode fit on a CPU, chosen on the
-# validation split of food101_mini; see docs/transfer.md).
+# Every default of a run: RECIPES[preset][mode]. A flag given on the command line wins over
+# its key (same name); dtype, num_workers, warmup_epochs and weight_decay have no flag (fit
+# mode: --set). In fit mode finetune_learning_rate is the head's rate for the whole run and
+# the backbone's is that times backbone_lr_multiplier; in cached mode learning_rate is the
+# head-only phase's rate and the first epochs_head of the epochs are that phase.
+CACHED = {"image_size": 224, "epochs": 20, "epochs_head": 15, "trainable_stages": 3,
+          "learning_rate": 1e-3, "finetune_learning_rate": 2e-4, "backbone_lr_multiplier": 0.3,
+          "warmup_epochs": 0.5, "weight_decay": 1e-4, "label_smoothing": 0.1, "batch_size": 32,
+          "crop_views": 0}
 RECIPES = {
-    "cached": {"image_size": 224, "epochs_head": 15, "epochs_finetune": 5, "trainable_stages": 3,
-               "finetune_learning_rate": 2e-4, "backbone_lr_multiplier": 0.3},
-    "fit": {"image_size": 224, "epochs_head": 15, "epochs_finetune": 5, "trainable_stages": 3,
-            "finetune_learning_rate": 2e-4, "backbone_lr_multiplier": 0.3},
-    "cpu_fit": {"image_size": 192, "epochs_head": 0, "epochs_finetune": 8, "trainable_stages": 19,
-                "finetune_learning_rate": 1e-3, "backbone_lr_multiplier": 0.1},
+    # cpu fit: chosen on the validation split of food101_mini (docs/transfer.md).
+    "cpu": {"fit": {"image_size": 192, "epochs": 8, "trainable_stages": 19, "finetune_learning_rate": 1e-3,
+                    "backbone_lr_multiplier": 0.1, "warmup_epochs": 1.0, "weight_decay": 1e-4,
+                    "label_smoothing": 0.1, "batch_size": 32, "dtype": "float32", "num_workers": 0},
+            "cached": CACHED},
+    # gpu fit: unmeasured; the batch is 64 per device unless --batch-size says.
+    "gpu": {"fit": {"image_size": 224, "epochs": 20, "trainable_stages": 3, "finetune_learning_rate": 2e-4,
+                    "backbone_lr_multiplier": 0.3, "warmup_epochs": 1.0, "weight_decay": 1e-4,
+                    "label_smoothing": 0.1, "batch_size_per_device": 64, "dtype": "bfloat16",
+                    "num_workers": 8},
+            "cached": CACHED},
 }
+AUGMENT = ("flip", ("color_jitter", {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02}))
 MEAN_STD = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # [0, 1] -> [-1, 1], as MobileNetV2 wants
+CACHED_ONLY = ("epochs_head", "learning_rate", "crop_views")  # flags fit mode has no use for
+
+
+def _epilog() -> str:
+  return cli.describe_presets({f"{preset} {mode}": recipe for preset, modes in RECIPES.items()
+                               for mode, recipe in modes.items()},
+                              title="recipes (RECIPES[preset][mode]; a flag of the same name overrides its item):")
+
+
+def make_parser():
+  recipe = " (default: the recipe's)"
+  p = cli.make_parser(__doc__, presets=RECIPES, default_workdir=str(REPO / "runs" / "food101"),
+                      epilog=_epilog(), helps={
+      "data_dir": "an image folder root/{train,test}/<class>/<file>, or a tfds data_dir for food101 "
+                  "(default: tfds food101 in ~/tensorflow_datasets, downloaded if missing)",
+      "preset": "recipe set (see below; default: gpu if JAX sees a GPU/TPU, else cpu)",
+      "epochs": "total epochs (fit: the whole schedule; cached: head-only + fine-tuning, see "
+                "--epochs-head)" + recipe,
+      "seed": "random seed (data split, init, order)",
+      "set": "fit mode: any other jcv.train.Config field, e.g. --set weight_decay=5e-4 (repeatable)"})
+  p.set_defaults(seed=0)
+  p.add_argument("--mode", default="auto", choices=("auto", "cached", "fit"), help="auto = fit")
+  p.add_argument("--weights", default="mobilenet_v2_1.0_224_no_top",
+                 help="ImageNet MobileNetV2: a local .npz/.h5 file or a jcv.weights download name")
+  p.add_argument("--image-size", type=int, help="input size in pixels" + recipe)
+  p.add_argument("--val-fraction", type=float, default=0.1, help="validation split carved from train")
+  p.add_argument("--trainable-stages", type=int, help="top MobileNetV2 stages to fine-tune (19 = all)" + recipe)
+  p.add_argument("--finetune-learning-rate", type=float,
+                 help="the head's learning rate while fine-tuning (fit: the whole run)" + recipe)
+  p.add_argument("--backbone-lr-multiplier", type=float, help="backbone rate = head rate x this" + recipe)
+  p.add_argument("--label-smoothing", type=float, help="label smoothing" + recipe)
+  p.add_argument("--epochs-head", type=int,
+                 help="cached mode: how many of --epochs train the head alone (default: the recipe's share)")
+  p.add_argument("--learning-rate", type=float, help="cached mode: the head-only phase's learning rate" + recipe)
+  p.add_argument("--crop-views", type=int,
+                 help="cached mode: extra random-resized-crop views of every training image" + recipe)
+  return p
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--data-dir", default=None,
-                 help="image folder root/{train,test}/<class>/<file>; default: tfds food101")
-  p.add_argument("--tfds-data-dir", default=None, help="tfds data_dir (default ~/tensorflow_datasets)")
-  p.add_argument("--weights", default="mobilenet_v2_1.0_224_no_top",
-                 help="a local .npz/.h5 file or a jcv.weights download name")
-  p.add_argument("--workdir", default=str(REPO / "runs" / "food101"))
-  p.add_argument("--mode", default="auto", choices=("auto", "cached", "fit"))
-  p.add_argument("--image-size", type=int, default=None, help="default: see RECIPES")
-  p.add_argument("--val-fraction", type=float, default=0.1)
-  p.add_argument("--epochs-head", type=int, default=None, help="fit mode: epochs = head + finetune")
-  p.add_argument("--epochs-finetune", type=int, default=None)
-  p.add_argument("--trainable-stages", type=int, default=None, help="top MobileNetV2 stages to fine-tune (19 = all)")
-  p.add_argument("--learning-rate", type=float, default=1e-3, help="head learning rate")
-  p.add_argument("--finetune-learning-rate", type=float, default=None, help="fit mode: the head's learning rate")
-  p.add_argument("--backbone-lr-multiplier", type=float, default=None)
-  p.add_argument("--label-smoothing", type=float, default=0.1)
-  p.add_argument("--crop-views", type=int, default=0,
-                 help="cached mode: extra random-resized-crop views of every training image")
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--seed", type=int, default=0)
-  return p.parse_args(argv)
+  return make_parser().parse_args(argv)
 
 
 def _online(host="storage.googleapis.com", port=443, timeout=3.0) -> bool:
@@ -81,26 +125,31 @@ def _online(host="storage.googleapis.com", port=443, timeout=3.0) -> bool:
     return False
 
 
+def _image_folder(args) -> bool:
+  """Whether --data-dir is an image folder (else a tfds data_dir, or unset: tfds food101)."""
+  return bool(args.data_dir) and (pathlib.Path(args.data_dir) / "train").is_dir()
+
+
 def load_sources(args) -> dict:
   """{"train", "val", "test"} sources from an image folder or tfds food101."""
   from jcv.data import sources
-  if args.data_dir:
-    if not pathlib.Path(args.data_dir).is_dir():
-      raise SystemExit(f"--data-dir {args.data_dir} is not a folder")
+  if args.data_dir and not pathlib.Path(args.data_dir).is_dir():
+    raise SystemExit(f"--data-dir {args.data_dir} is not a folder (an image folder, or an existing tfds data_dir)")
+  if _image_folder(args):
     return {"train": sources.image_folder(args.data_dir, split="train", val_fraction=args.val_fraction, seed=args.seed),
             "val": sources.image_folder(args.data_dir, split="val", val_fraction=args.val_fraction, seed=args.seed),
             "test": sources.image_folder(args.data_dir, split="test")}
   import tensorflow_datasets as tfds
-  builder = tfds.builder("food101", data_dir=args.tfds_data_dir)
+  builder = tfds.builder("food101", data_dir=args.data_dir)
   if not builder.is_prepared() and not _online():
     raise SystemExit(
         "tfds food101 is not downloaded and this machine is offline: run with "
         f"--data-dir {SHARED / 'data' / 'food101_mini'} --weights "
         f"{SHARED / 'weights' / 'mobilenet_v2_1.0_224_backbone.npz'} (or download food101 on a "
-        "machine with internet and pass --tfds-data-dir)")
+        "machine with internet and pass its tfds data_dir as --data-dir)")
   val = f"train[:{int(args.val_fraction * 100)}%]"
   rest = f"train[{int(args.val_fraction * 100)}%:]"
-  get = lambda split: sources.tfds_source("food101", split=split, data_dir=args.tfds_data_dir, download=True)
+  get = lambda split: sources.tfds_source("food101", split=split, data_dir=args.data_dir, download=True)
   return {"train": get(rest), "val": get(val), "test": get("validation")}
 
 
@@ -115,20 +164,54 @@ def check_weights(args):
   if (jcv.weights.download.cache_dir() / url.rsplit("/", 1)[-1]).is_file() or _online():
     return
   local = SHARED / "weights" / "mobilenet_v2_1.0_224_backbone.npz"
-  if args.data_dir:
+  if _image_folder(args):
     raise SystemExit(f"this machine is offline and the ImageNet weights are not cached: add --weights {local}")
   raise SystemExit("this machine is offline, so neither tfds food101 nor the ImageNet weights can be "
                    f"downloaded: run with --data-dir {SHARED / 'data' / 'food101_mini'} --weights {local}")
 
 
+def resolve_recipe(args) -> None:
+  """Fills every option left unset from RECIPES[args.preset][args.mode] (after jax starts),
+  and, in cached mode, splits --epochs into args.epochs_head + args.epochs_finetune."""
+  from jcv.train import transfer
+  if args.mode == "auto":
+    args.mode = "fit"
+  if args.preset is None:
+    args.preset = cli.backend_preset()
+  if args.mode == "fit":
+    given = [f"--{name.replace('_', '-')}" for name in CACHED_ONLY if getattr(args, name) is not None]
+    if given:
+      raise SystemExit(f"{', '.join(given)}: cached mode only (fit mode: --finetune-learning-rate, --epochs)")
+  elif cli.fit_only_flags(args):
+    raise SystemExit(f"{', '.join(cli.fit_only_flags(args))}: fit mode only (cached mode has flags of its own)")
+  recipe = RECIPES[args.preset][args.mode]
+  epochs_head = args.epochs_head
+  for name, value in recipe.items():
+    if getattr(args, name, None) is None:
+      setattr(args, name, value)
+  if args.batch_size is None:
+    import jax
+    args.batch_size = args.batch_size_per_device * jax.device_count()
+  if args.mode == "fit":
+    try:
+      cli.apply_args(base_config(args, 1), args)  # a bad --set fails now, not after loading the data
+    except ValueError as e:
+      raise SystemExit(f"error: {e}")
+  else:
+    try:
+      args.epochs_head, args.epochs_finetune = transfer.split_epochs(
+          args.epochs, epochs_head, recipe=(recipe["epochs"], recipe["epochs_head"]))
+    except ValueError as e:
+      raise SystemExit(f"--epochs-head: {e}")
+
+
 def base_config(args, num_classes, **changes):
   from jcv.train import Config
-  cfg = Config(dataset=args.data_dir or "food101", data_dir=args.data_dir or args.tfds_data_dir,
+  cfg = Config(dataset=args.data_dir if _image_folder(args) else "food101", data_dir=args.data_dir,
                val_fraction=args.val_fraction, train_split="train", eval_split="val",
-               image_size=args.image_size, crop="random_resized",
-               augment=("flip", ("color_jitter", {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02})),
+               image_size=args.image_size, crop="random_resized", augment=AUGMENT,
                model="mobilenet_v2", num_classes=num_classes, batch_size=args.batch_size, seed=args.seed,
-               optimizer="adamw", learning_rate=args.learning_rate, weight_decay=1e-4, schedule="cosine",
+               optimizer="adamw", weight_decay=args.weight_decay, schedule="cosine",
                label_smoothing=args.label_smoothing, progress=False, **MEAN_STD)
   return cfg.replace(**changes)
 
@@ -150,23 +233,27 @@ def run_cached(args, srcs, class_names, workdir):
                                    flip=True, crop_views=args.crop_views, directory=workdir / "features",
                                    **MEAN_STD)
   timing = {"features_s": time.time() - started}
-  head_cfg = transfer.transfer_config(base_config(args, num_classes, epochs=args.epochs_head), "frozen",
-                                      stage_names=stages)
+  epochs_head, epochs_finetune = args.epochs_head, args.epochs_finetune
+  steps_head, steps_finetune = transfer.split_steps(args.steps, epochs_head, examples=len(cached["train"][1]),
+                                                    batch_size=args.batch_size)
+  head_cfg = transfer.transfer_config(
+      base_config(args, num_classes, epochs=epochs_head, steps=steps_head, learning_rate=args.learning_rate),
+      "frozen", stage_names=stages)
   head = transfer.cached_transfer(jax.random.key(args.seed), model.clone(**head_cfg.model_options), variables,
                                   cached, stage=split, config=head_cfg)
   timing["head_s"] = head["train_s"]
   history = head["history"]
   final, cfg = head, head_cfg
-  if args.epochs_finetune > 0:
+  if epochs_finetune > 0 and steps_finetune != 0:
     cfg = transfer.transfer_config(
-        base_config(args, num_classes, epochs=args.epochs_finetune, learning_rate=args.finetune_learning_rate,
-                    warmup_epochs=0.5),
+        base_config(args, num_classes, epochs=epochs_finetune, steps=steps_finetune,
+                    learning_rate=args.finetune_learning_rate, warmup_epochs=args.warmup_epochs),
         "finetune", stage_names=stages, trainable_stages=args.trainable_stages,
         backbone_lr_multiplier=args.backbone_lr_multiplier)
     final = transfer.cached_transfer(jax.random.key(args.seed + 1), model.clone(**cfg.model_options),
                                      head["variables"], cached, stage=split, config=cfg)
     timing["finetune_s"] = final["train_s"]
-    history = history + [{**h, "epoch": h["epoch"] + args.epochs_head} for h in final["history"]]
+    history = history + [{**h, "epoch": h["epoch"] + epochs_head} for h in final["history"]]
   model = model.clone(**cfg.model_options)
   transfer.save_run(workdir, cfg, model, final["variables"], class_names=class_names, metrics=final["val"])
   return {"logits": final["test_logits"], "labels": final["test_labels"], "history": history,
@@ -174,25 +261,25 @@ def run_cached(args, srcs, class_names, workdir):
           "config": cfg.to_dict()}
 
 
-# ---------------------------------------------------------------- accelerators: jcv.train.fit
+# ---------------------------------------------------------------- every device: jcv.train.fit
 
 
 def run_fit(args, srcs, class_names, workdir):
-  import jax
   import jcv.weights
   from jcv.data import pipeline
   from jcv.train import fit, loop, transfer
 
   num_classes = len(class_names)
   model, variables = jcv.weights.pretrained("mobilenet_v2", args.weights, num_classes=num_classes, seed=args.seed)
-  accelerated = jax.devices()[0].platform != "cpu"
   cfg = transfer.transfer_config(
-      base_config(args, num_classes, epochs=args.epochs_head + args.epochs_finetune,
-                  learning_rate=args.finetune_learning_rate, warmup_epochs=1.0,
-                  batch_size=max(args.batch_size, 64 * jax.device_count()) if accelerated else args.batch_size,
-                  dtype="bfloat16" if accelerated else "float32", num_workers=8 if accelerated else 0),
+      base_config(args, num_classes, epochs=args.epochs, learning_rate=args.finetune_learning_rate,
+                  warmup_epochs=args.warmup_epochs, dtype=args.dtype, num_workers=args.num_workers),
       "finetune", stage_names=model.stage_names(), trainable_stages=args.trainable_stages,
       backbone_lr_multiplier=args.backbone_lr_multiplier)
+  try:
+    cfg = cli.apply_args(cfg, args)  # --steps, --parallel, --checkpoint-every, --set ...
+  except ValueError as e:
+    raise SystemExit(f"error: {e}")
   module = model.clone(**cfg.model_options)
   results = fit(cfg, workdir=workdir, train_source=srcs["train"], eval_source=srcs["val"],
                 model=transfer.PretrainedModel(module, variables))
@@ -266,18 +353,13 @@ def report(args, srcs, class_names, out, workdir, wall_s):
 
 def main(argv=None):
   args = parse_args(argv)
+  cli.start(args)  # multi-host JAX if asked, CPU malloc tuning
   started = time.time()
+  resolve_recipe(args)
   check_weights(args)
   srcs = load_sources(args)
   class_names = list(srcs["train"].class_names)
   workdir = pathlib.Path(args.workdir)
-  if args.mode == "auto":
-    args.mode = "fit"
-  import jax
-  recipe = RECIPES["cpu_fit" if args.mode == "fit" and jax.devices()[0].platform == "cpu" else args.mode]
-  for name, value in recipe.items():
-    if getattr(args, name) is None:
-      setattr(args, name, value)
   run = run_cached if args.mode == "cached" else run_fit
   out = run(args, srcs, class_names, workdir)
   report(args, srcs, class_names, out, workdir, time.time() - started)

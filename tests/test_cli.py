@@ -109,3 +109,38 @@ def test_summary_command_prints_card_and_layers(capsys):
   assert "269,722" in out and "stage3_block3/conv2" in out
   assert main(["summary", "no_such_model"]) == 2
   assert "available: " in capsys.readouterr().err
+
+
+def test_script_parser_builds_on_the_shared_one():
+  with pytest.raises(SystemExit):  # --workdir is required unless the script gives a default
+    cli.make_parser().parse_args([])
+  parser = cli.make_parser("what it runs", presets={"cpu": Config(epochs=3)}, default_workdir="runs/x",
+                           helps={"epochs": "epochs of each variant"})
+  parser.set_defaults(batch_size=32, seed=0)
+  parser.add_argument("--variant", default="all")
+  args = parser.parse_args(["--variant", "one", "--steps", "4"])
+  assert (args.workdir, args.variant, args.steps, args.batch_size, args.preset) == ("runs/x", "one", 4, 32, None)
+  cfg = cli.apply_args(Config(epochs=3, batch_size=128), args)
+  assert (cfg.epochs, cfg.steps, cfg.batch_size, cfg.seed) == (3, 4, 32, 0)
+  text = " ".join(parser.format_help().split())
+  assert "epochs of each variant" in text and "(default: runs/x)" in text and "(default: 32)" in text
+  assert "(default: 0)" in text and "cpu: model=resnet20, image_size=32, epochs=3" in text
+  assert cli.fit_only_flags(parser.parse_args(["--set", "a=1", "--parallel", "pmap"])) == ["--parallel", "--set"]
+  with pytest.raises(ValueError, match="unknown shared flag"):
+    cli.make_parser(helps={"epoch": "typo"})
+
+
+def test_run_passes_the_final_config_to_a_fit_kwargs_function(tmp_path, capsys):
+  from tiny import array_sources
+  train, evaluation = array_sources(64, 16)
+  seen = []
+
+  def fit_kwargs(config):
+    seen.append(config)
+    return {"train_source": train, "eval_source": evaluation}
+
+  results = cli.run(["--workdir", str(tmp_path), "--steps", "2", "--set", "label_smoothing=0.1"],
+                    base=BASE, fit_kwargs=fit_kwargs)
+  assert [(c.steps, c.label_smoothing) for c in seen] == [(2, 0.1)]
+  assert results["steps"] == 2
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2

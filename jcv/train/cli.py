@@ -1,46 +1,127 @@
 """The flags every experiment script shares, and a ``run`` that turns them into ``fit``.
 
-An experiment script is a few presets plus::
+A script that is presets plus ``fit``::
 
   if __name__ == "__main__":
     jcv.train.cli.run(presets={"cpu": CPU, "gpu": GPU}, default_preset="cpu", description=__doc__)
+
+(``fit_kwargs=`` passes sources or a model to ``fit``: a dict, or a function of the final
+Config returning one). A script with its own options builds on the same parser::
+
+  parser = cli.make_parser(__doc__, presets=RECIPES, default_workdir="runs/x")
+  parser.add_argument("--variant", ...)
+  args = parser.parse_args()
+  cli.start(args)                                   # multi-host JAX, then CPU malloc tuning
+  config = cli.apply_args(build_config(args), args)  # the shared flags, then --set
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import textwrap
+from typing import Callable
 
 from jcv.train.config import Config
 
-__all__ = ["make_parser", "config_from_args", "run"]
+__all__ = ["HelpFormatter", "make_parser", "apply_args", "config_from_args", "start", "run",
+           "backend_preset", "fit_only_flags", "describe_presets"]
+
+# Flags that become the Config field of the same name.
+CONFIG_FLAGS = ("data_dir", "epochs", "steps", "batch_size", "seed", "parallel", "checkpoint_every")
+# Flags only a jcv.train.fit run uses (not the cached-feature transfer runs).
+FIT_ONLY = ("parallel", "checkpoint_every", "set")
+
+HELP = {
+    "workdir": "checkpoints, logs, figures and results.json go here; re-running resumes",
+    "data_dir": "an image folder (root/<split>/<class>/<file>) or a tfds data_dir",
+    "preset": "named preset",
+    "epochs": "total epochs of the run",
+    "steps": "stop after N optimizer steps in total (smoke tests)",
+    "batch_size": "global batch size (all devices and processes)",
+    "seed": "random seed",
+    "parallel": "data parallelism of jcv.train.fit: jit (GSPMD) or pmap (shard_map)",
+    "checkpoint_every": "also checkpoint every N steps",
+    "set": "any other Config field, e.g. --set learning_rate=0.05 (repeatable; Python literals)",
+    "no_progress": "no tqdm progress bar",
+}
 
 
-def make_parser(description: str | None = None, *, presets=None, default_preset: str | None = None
-                ) -> argparse.ArgumentParser:
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """Keeps the description's layout; appends "(default: X)" to options that have a default,
+  or "(default: <action.default_text>)" to those whose default is None and that have one."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if "default" in text or action.required:
+      return text
+    if action.default is None:
+      unset = getattr(action, "default_text", None)
+      return f"{text} (default: {unset})" if unset else text
+    if action.default is False or action.default == [] or action.default == argparse.SUPPRESS:
+      return text
+    return f"{text} (default: %(default)s)"
+
+
+def make_parser(description: str | None = None, *, presets=None, default_preset: str | None = None,
+                default_workdir: str | None = None, helps: dict | None = None,
+                epilog: str | None = None) -> argparse.ArgumentParser:
   """argparse parser with --workdir --data-dir --preset --epochs --steps --batch-size --seed
-  --parallel --checkpoint-every --set key=value, and multi-host flags."""
-  p = argparse.ArgumentParser(description=description,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", required=True,
-                 help="checkpoints, logs, figures and results.json go here; re-running resumes")
-  p.add_argument("--data-dir", help="an image folder (root/<split>/<class>/<file>) or a tfds data_dir")
-  p.add_argument("--preset", default=default_preset,
-                 choices=sorted(presets) if presets else None, help="named Config preset")
-  p.add_argument("--epochs", type=int)
-  p.add_argument("--steps", type=int, help="stop after N optimizer steps in total (smoke tests)")
-  p.add_argument("--batch-size", type=int, help="global batch size (all devices and processes)")
-  p.add_argument("--seed", type=int)
-  p.add_argument("--parallel", choices=("jit", "pmap"))
-  p.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="any other Config field, e.g. --set learning_rate=0.05 (repeatable)")
-  p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+  --parallel --checkpoint-every --set key=value --no-progress, and multi-host flags.
+
+  ``presets``: the names --preset accepts (Configs or any per-script recipe objects).
+  ``--workdir`` is required unless ``default_workdir`` is given. ``helps`` replaces the help
+  text of shared flags (keys are dest names, e.g. ``"data_dir"``); ``epilog`` defaults to a
+  summary of Config presets. Scripts add their own options to the returned parser.
+  """
+  unknown = set(helps or {}) - set(HELP)
+  if unknown:
+    raise ValueError(f"helps: unknown shared flag(s) {sorted(unknown)}; expected {sorted(HELP)}")
+  if epilog is None and presets:
+    epilog = describe_presets(presets)
+  h = {**HELP, "preset": HELP["preset"] + (" (listed below)" if epilog else ""), **(helps or {})}
+  p = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=HelpFormatter)
+  p.add_argument("--workdir", required=default_workdir is None, default=default_workdir, help=h["workdir"])
+  p.add_argument("--data-dir", help=h["data_dir"])
+  p.add_argument("--preset", default=default_preset, choices=sorted(presets) if presets else None,
+                 help=h["preset"])
+  preset_valued = [p.add_argument("--epochs", type=int, help=h["epochs"])]
+  p.add_argument("--steps", type=int, help=h["steps"])
+  preset_valued.append(p.add_argument("--batch-size", type=int, help=h["batch_size"]))
+  preset_valued.append(p.add_argument("--seed", type=int, help=h["seed"]))
+  for action in preset_valued if presets else ():
+    action.default_text = "the preset's"  # shown while the default stays None
+  p.add_argument("--parallel", choices=("jit", "pmap"), help=h["parallel"])
+  p.add_argument("--checkpoint-every", type=int, metavar="N", help=h["checkpoint_every"])
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=h["set"])
+  p.add_argument("--no-progress", action="store_true", help=h["no_progress"])
   g = p.add_argument_group("multi-host (or $JCV_COORDINATOR_ADDRESS, $JCV_NUM_PROCESSES, $JCV_PROCESS_ID)")
   g.add_argument("--coordinator-address", help="host:port of process 0")
   g.add_argument("--num-processes", type=int)
   g.add_argument("--process-id", type=int)
   return p
+
+
+def describe_presets(presets, *, title: str = "presets:",
+                     fields=("model", "image_size", "epochs", "batch_size", "optimizer", "learning_rate",
+                             "dtype")) -> str:
+  """A help epilog: one wrapped line per preset with its main Config ``fields`` (or, for a
+  dict recipe, every item)."""
+  lines = [title]
+  for name, preset in presets.items():
+    items = preset.items() if isinstance(preset, dict) else ((f, getattr(preset, f)) for f in fields)
+    text = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
+    lines.append(textwrap.fill(f"{name}: {text}", width=100, initial_indent="  ", subsequent_indent="      "))
+  return "\n".join(lines)
+
+
+def apply_args(config: Config, args: argparse.Namespace) -> Config:
+  """``config`` with the shared flags that were given (--data-dir --epochs --steps --batch-size
+  --seed --parallel --checkpoint-every --no-progress), then the --set items, validated."""
+  changes = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name, None) is not None}
+  if getattr(args, "no_progress", False):
+    changes["progress"] = False
+  return config.replace(**changes).set(getattr(args, "set", None) or []).validate()
 
 
 def config_from_args(args: argparse.Namespace, *, presets=None, base: Config | None = None) -> Config:
@@ -51,30 +132,52 @@ def config_from_args(args: argparse.Namespace, *, presets=None, base: Config | N
     config = presets[args.preset]
   else:
     config = base or Config()
-  changes = {name: getattr(args, name) for name in
-             ("data_dir", "epochs", "steps", "batch_size", "seed", "parallel", "checkpoint_every")
-             if getattr(args, name, None) is not None}
-  if getattr(args, "no_progress", False):
-    changes["progress"] = False
-  return config.replace(**changes).set(args.set).validate()
+  return apply_args(config, args)
 
 
-def run(argv=None, *, presets=None, default_preset: str | None = None, base: Config | None = None,
-        description: str | None = None, fit_kwargs: dict | None = None) -> dict:
-  """Parses flags, starts multi-host JAX if asked, runs ``fit`` and prints the results.
+def fit_only_flags(args: argparse.Namespace) -> list[str]:
+  """The given flags that only jcv.train.fit runs use (--parallel --checkpoint-every --set)."""
+  return [f"--{name.replace('_', '-')}" for name in FIT_ONLY if getattr(args, name, None)]
 
-  Exits with status 1 and the message on a non-finite loss, and 128 + signal after
-  SIGINT/SIGTERM (once the checkpoint is saved).
-  """
-  args = make_parser(description, presets=presets, default_preset=default_preset).parse_args(argv)
+
+def start(args: argparse.Namespace) -> None:
+  """Starts multi-host JAX when the flags (or $JCV_*) ask for it, then, on a CPU, tunes glibc
+  malloc. Call it before any other JAX computation."""
   from jcv.train import parallel
   parallel.initialize_distributed(coordinator_address=args.coordinator_address,
                                   num_processes=args.num_processes, process_id=args.process_id)
-  config = config_from_args(args, presets=presets, base=base)
   import jax
   if jax.default_backend() == "cpu":
     from jcv import perf
     perf.tune_malloc()  # reuse XLA's per-step buffers instead of faulting in fresh pages
+
+
+def backend_preset() -> str:
+  """``"cpu"`` on a machine without an accelerator, else ``"gpu"`` (GPU or TPU)."""
+  import jax
+  return "cpu" if jax.default_backend() == "cpu" else "gpu"
+
+
+def run(argv=None, *, presets=None, default_preset: str | None = None, base: Config | None = None,
+        description: str | None = None, fit_kwargs: dict | Callable[[Config], dict] | None = None,
+        default_workdir: str | None = None) -> dict:
+  """Parses flags, starts multi-host JAX if asked, runs ``fit`` and prints the results.
+
+  ``fit_kwargs`` (e.g. ``train_source``, ``model``) go to ``fit``; a callable gets the final
+  Config, after multi-host start-up. Exits with status 1 and the message on a non-finite
+  loss, and 128 + signal after SIGINT/SIGTERM (once the checkpoint is saved).
+  """
+  parser = make_parser(description, presets=presets, default_preset=default_preset,
+                       default_workdir=default_workdir)
+  args = parser.parse_args(argv)
+  start(args)
+  try:
+    config = config_from_args(args, presets=presets, base=base)
+  except ValueError as e:  # a bad --set: usage and the message, exit status 2
+    parser.error(str(e))
+  if callable(fit_kwargs):
+    fit_kwargs = fit_kwargs(config)
+  import jax
   from jcv.train import loop
   try:
     results = loop.fit(config, workdir=args.workdir, **(fit_kwargs or {}))

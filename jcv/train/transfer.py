@@ -34,8 +34,8 @@ from jcv.train.state import TrainState, raw_key
 
 __all__ = [
     "REGIMES", "PretrainedModel", "cache_features", "cached_transfer", "compute_features", "evaluate_cached", "fit_cached",
-    "merge_variables", "pool_cached", "predict_cached", "regime_options", "save_run", "split_model", "top_variables",
-    "transfer_config",
+    "merge_variables", "pool_cached", "predict_cached", "regime_options", "save_run", "split_epochs", "split_model",
+    "split_steps", "top_variables", "transfer_config",
 ]
 
 REGIMES = ("scratch", "frozen", "finetune")
@@ -327,6 +327,30 @@ def cached_transfer(key, model, variables: dict, cached: dict, *, stage: int, co
     out["test_logits"] = predict_cached(state, cached["test"][0])
     out["test_labels"] = cached["test"][1]
   return out
+
+
+def split_epochs(epochs: int, head: int | None, *, recipe: tuple[int, int]) -> tuple[int, int]:
+  """(head-only, fine-tuning) epochs of a two-phase run (head, then fine-tuning) of ``epochs``
+  in all: ``head`` if given, else the recipe's ``(total, head)`` share of ``epochs``
+  (recipe (20, 15), 8 epochs -> 6 + 2)."""
+  total, recipe_head = recipe
+  if head is None:
+    head = round(epochs * recipe_head / total)
+  if not 0 <= head <= epochs:
+    raise ValueError(f"head-only epochs must be in [0, {epochs}] (the total), got {head}")
+  return head, epochs - head
+
+
+def split_steps(steps: int | None, head_epochs: int, *, examples: int,
+                batch_size: int) -> tuple[int | None, int | None]:
+  """(head-only, fine-tuning) step limits of a two-phase :func:`fit_cached` run stopped after
+  ``steps`` in all: the head phase keeps its length if it fits, fine-tuning gets the rest
+  (0: skip it). ``examples``: cached training examples (views included)."""
+  if steps is None:
+    return None, None
+  per_epoch = examples // min(batch_size, examples)
+  head = min(steps, head_epochs * per_epoch)
+  return head, steps - head
 
 
 def save_run(workdir, config: Config, model, variables: dict, *, class_names, metrics=None,
