@@ -25,6 +25,7 @@ class Config:
   source_options: dict = dataclasses.field(default_factory=dict)  # image_folder options, e.g. {"cache": False}
   image_size: int = 32
   crop: str = "none"                  # host crop: random_resized | pad_crop | none (resize + centre crop)
+  crop_scale: tuple = (0.08, 1.0)     # random_resized: range of the crop's area fraction
   num_workers: int = 0                # grain worker processes (0 = in-process)
   augment: tuple = ("flip", ("pad_crop", {"padding": 4}))  # on-device ops for make_augment
   mean: tuple | None = (0.4914, 0.4822, 0.4465)  # on [0, 1] images; None = no normalisation
