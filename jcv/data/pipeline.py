@@ -107,6 +107,7 @@ class _TrainBatch(_Batcher):
     self.process_index, self.process_count = process_index, process_count
     self.steps_per_epoch = steps_per_epoch
     self._perm: tuple[int, np.ndarray] | None = None
+    self._base_flip: np.ndarray | None = None
 
   def permutation(self, epoch: int) -> np.ndarray:
     cached = self._perm
@@ -121,7 +122,19 @@ class _TrainBatch(_Batcher):
     start = (j * self.process_count + self.process_index) * self.batch_size
     return self.permutation(epoch)[start:start + self.batch_size]
 
-  def view(self, rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+  def flips(self, step: int, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    """Which examples of the batch to mirror: random, or "alternate" (airbench): a fixed random
+    half of the dataset in even epochs and the other half in odd ones."""
+    if not self.flip:
+      return None
+    if self.flip != "alternate":
+      return rng.random(len(idx)) < 0.5
+    if self._base_flip is None:
+      self._base_flip = np.random.default_rng([self.seed, 2]).random(len(self.source)) < 0.5
+    epoch = int(step) // self.steps_per_epoch
+    return self._base_flip[idx] ^ bool(epoch % 2)
+
+  def view(self, rng: np.random.Generator, image: np.ndarray, flip: bool = False) -> np.ndarray:
     size = self.image_size
     if self.crop == "random_resized":
       image = T.random_resized_crop(rng, image, size, scale=self.scale, ratio=self.ratio)
@@ -129,16 +142,14 @@ class _TrainBatch(_Batcher):
       image = T.center_crop(T.resize_shorter(image, size), size)
       if self.crop == "pad_crop":
         image = T.pad_crop(rng, image, padding=self.padding)
-    if self.flip:
-      image = T.random_flip(rng, image)
-    return image
+    return image[:, ::-1] if flip else image
 
   def _vectorized(self) -> bool:
     """In-memory images already at the output size: crop/flip whole batches in numpy."""
     shape = getattr(self.source, "uniform_shape", None)
     return shape == (self.image_size, self.image_size, 3) and self.crop in ("pad_crop", "none")
 
-  def _array_batch(self, rng: np.random.Generator, idx: np.ndarray) -> dict[str, np.ndarray]:
+  def _array_batch(self, rng: np.random.Generator, idx: np.ndarray, step: int) -> dict[str, np.ndarray]:
     images = self.source.images[idx]
     b, s = len(idx), self.image_size
     if self.crop == "pad_crop":
@@ -147,8 +158,8 @@ class _TrainBatch(_Batcher):
       windows = np.lib.stride_tricks.sliding_window_view(padded, (s, s), axis=(1, 2))  # [B, 2p+1, 2p+1, C, s, s]
       top, left = rng.integers(0, 2 * p + 1, size=(2, b))
       images = np.ascontiguousarray(windows[np.arange(b), top, left].transpose(0, 2, 3, 1))
-    if self.flip:
-      flip = rng.random(b) < 0.5
+    flip = self.flips(step, idx, rng)
+    if flip is not None:
       images[flip] = images[flip, :, ::-1]
     return {"image": images, "label": self.source.labels[idx].astype(np.int32),
             "skipped": np.asarray(0, np.int32)}
@@ -156,11 +167,13 @@ class _TrainBatch(_Batcher):
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     epoch, j = divmod(int(step), self.steps_per_epoch)
     rng = np.random.default_rng([self.seed, epoch, j, self.process_index, 1])
+    idx = self.indices(step)
     if self._vectorized():
-      return self._array_batch(rng, self.indices(step))
+      return self._array_batch(rng, idx, step)
     n = len(self.source)
     images, labels, skipped = [], [], 0
-    for i in self.indices(step):
+    flips = self.flips(step, idx, rng)
+    for k, i in enumerate(idx):
       rec = self.load(i)
       tries = 1
       while rec is None:  # replace a corrupt file by the next good example
@@ -169,7 +182,7 @@ class _TrainBatch(_Batcher):
         skipped += tries == 1
         rec = self.load((i + tries) % n)
         tries += 1
-      images.append(self.view(rng, rec["image"]))
+      images.append(self.view(rng, rec["image"], flip=flips is not None and bool(flips[k])))
       labels.append(rec["label"])
     return {"image": np.stack(images), "label": np.asarray(labels, np.int32),
             "skipped": np.asarray(skipped, np.int32)}
@@ -327,7 +340,7 @@ def train_loader(
   image_size: int,
   seed: int,
   crop: str = "random_resized",
-  flip: bool = False,
+  flip: bool | str = False,
   scale: tuple[float, float] = (0.08, 1.0),
   ratio: tuple[float, float] = (3 / 4, 4 / 3),
   padding: int = 4,
@@ -347,7 +360,9 @@ def train_loader(
   ``"random_resized"`` (Inception scale/ratio, resized to ``image_size``), ``"pad_crop"``
   (resize + centre crop to ``image_size``, zero-pad ``padding`` and random crop back, the
   CIFAR recipe) or ``"none"`` (resize shorter side + centre crop). ``flip`` adds a host-side
-  random horizontal flip (usually done on device instead). ``num_epochs=None`` repeats
+  horizontal flip: True = random (usually done on device instead), ``"alternate"`` = airbench's
+  alternating flip (a fixed random half of the images mirrored in even epochs, the other half in
+  odd ones, so every image is seen both ways in any two consecutive epochs). ``num_epochs=None`` repeats
   forever. ``num_threads`` decode in parallel in this process (PIL releases the GIL);
   ``num_workers`` > 0 adds grain worker processes; neither changes the batches.
   ``process_index/count`` default to ``jax.process_index()/process_count()``.
@@ -355,6 +370,8 @@ def train_loader(
   _check_common(source, batch_size, image_size)
   if crop not in CROPS:
     raise ValueError(f"crop must be one of {CROPS}; got {crop!r}")
+  if flip not in (True, False, "alternate"):
+    raise ValueError(f"flip must be True, False or 'alternate'; got {flip!r}")
   if not (0 < scale[0] <= scale[1] <= 1):
     raise ValueError(f"scale must satisfy 0 < low <= high <= 1; got {scale}")
   if not (0 < ratio[0] <= ratio[1]):

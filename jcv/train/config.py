@@ -26,6 +26,7 @@ class Config:
   image_size: int = 32
   crop: str = "none"                  # host crop: random_resized | pad_crop | none (resize + centre crop)
   crop_scale: tuple = (0.08, 1.0)     # random_resized: range of the crop's area fraction
+  host_flip: str = "none"             # none | random | alternate (airbench: mirrored every other epoch)
   num_workers: int = 0                # grain worker processes (0 = in-process)
   augment: tuple = ("flip", ("pad_crop", {"padding": 4}))  # on-device ops for make_augment
   mean: tuple | None = (0.4914, 0.4822, 0.4465)  # on [0, 1] images; None = no normalisation
@@ -133,6 +134,7 @@ class Config:
   def validate(self) -> "Config":
     """Raises ValueError on inconsistent settings; returns self."""
     _choice("optimizer", self.optimizer, ("sgd", "adamw", "rmsprop", "lamb"))
+    _choice("host_flip", self.host_flip, ("none", "random", "alternate"))
     _choice("schedule", self.schedule, ("cosine", "onecycle", "triangle", "step", "constant"))
     _choice("parallel", self.parallel, ("jit", "pmap"))
     _choice("weight_decay_mode", self.weight_decay_mode, ("decoupled", "l2"))

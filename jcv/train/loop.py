@@ -206,6 +206,7 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
     raise ValueError("num_classes is unknown: the source has no class_names; set config.num_classes")
   train_ld = pipeline.train_loader(train_src, batch_size=per_process, image_size=config.image_size,
                                    seed=config.seed, crop=config.crop, scale=tuple(config.crop_scale),
+                                   flip={"none": False, "random": True}.get(config.host_flip, config.host_flip),
                                    num_workers=config.num_workers)
   steps_per_epoch = train_ld.steps_per_epoch
   total_steps = config.steps or config.epochs * steps_per_epoch

@@ -239,6 +239,27 @@ def test_in_memory_batches_are_padded_windows_or_their_mirror(cifar_root, tmp_pa
   assert 0 < flips < 16
 
 
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch(cifar_root, tmp_path, in_memory):
+  """airbench's scheme: per image, epoch e is mirrored iff epoch e+1 is not; about half per epoch."""
+  src = sources.image_folder(cifar_root, split="test[:32]", cache=in_memory, cache_dir=tmp_path)
+  kw = dict(batch_size=16, image_size=32, seed=3, crop="none", process_index=0, process_count=1)
+  loader = pipeline.train_loader(src, flip="alternate", **kw)
+  it = iter(loader)
+  mirrored = {}  # (epoch, source index) -> was the image mirrored
+  for step in range(4 * loader.steps_per_epoch):
+    batch, epoch = next(it), step // loader.steps_per_epoch
+    for out, i in zip(batch["image"], loader.batch_indices(step)):
+      plain = T.center_crop(T.resize_shorter(np.asarray(src[int(i)]["image"]), 32), 32)
+      assert np.array_equal(out, plain) or np.array_equal(out, plain[:, ::-1])
+      mirrored[epoch, int(i)] = not np.array_equal(out, plain)
+  for i in range(32):
+    assert [mirrored[e, i] for e in range(4)] in ([True, False, True, False], [False, True, False, True])
+  assert 8 <= sum(mirrored[0, i] for i in range(32)) <= 24
+  with pytest.raises(ValueError, match="flip"):
+    pipeline.train_loader(src, flip="sometimes", **kw)
+
+
 @pytest.mark.parametrize("name", ["cifar10", "cats_vs_dogs", "food101_mini"])
 def test_loaders_feed_batches_from_the_shared_folders(shared_dir, name):
   root = shared_dir / "data" / name
