@@ -320,7 +320,7 @@ def main(argv=None):
     parser.error(str(e))
   if "finetune" in wanted:
     finetune_epochs(args)  # likewise a bad --epochs-head
-  cli.start(args)  # multi-host JAX if asked, CPU malloc tuning
+  cli.start(args, host_devices="cores")  # multi-host JAX if asked, CPU malloc tuning
   workdir = pathlib.Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   todo = [v for v in wanted if args.force or not (workdir / v / "result.json").exists()]

@@ -17,6 +17,7 @@ Config returning one). A script with its own options builds on the same parser::
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 import textwrap
@@ -140,9 +141,20 @@ def fit_only_flags(args: argparse.Namespace) -> list[str]:
   return [f"--{name.replace('_', '-')}" for name in FIT_ONLY if getattr(args, name, None)]
 
 
-def start(args: argparse.Namespace) -> None:
+def start(args: argparse.Namespace, *, host_devices: int | str | None = None) -> None:
   """Starts multi-host JAX when the flags (or $JCV_*) ask for it, then, on a CPU, tunes glibc
-  malloc. Call it before any other JAX computation."""
+  malloc. Call it before any other JAX computation.
+
+  ``host_devices="cores"``: one XLA CPU device per core (rounded down to a power of two, so
+  batch sizes divide), which jcv's data-parallel step uses on a CPU-only machine (XLA:CPU
+  runs each convolution on one core); an accelerator run ignores the extra CPU devices.
+  """
+  if host_devices is not None:
+    from jcv import perf
+    if host_devices == "cores":
+      cores = os.cpu_count() or 1
+      host_devices = 1 << (cores.bit_length() - 1)
+    perf.setup_cpu(host_devices=int(host_devices), malloc=False)
   from jcv.train import parallel
   parallel.initialize_distributed(coordinator_address=args.coordinator_address,
                                   num_processes=args.num_processes, process_id=args.process_id)
