@@ -432,13 +432,8 @@ def _setup_host_devices(args):
   """Sets XLA's CPU device count before JAX starts (no effect on GPU/TPU runs)."""
   import jcv.perf
   value = str(args.host_devices)
-  if value == "cores":
-    cores = os.cpu_count() or 1
-    count = 1 << (cores.bit_length() - 1)
-  else:
-    count = int(value)
-  if count > 1:
-    jcv.perf.setup_cpu(host_devices=count, malloc=False)
+  if value != "1":
+    jcv.perf.setup_cpu(host_devices="cores" if value == "cores" else int(value), malloc=False)
 
 
 def main(argv=None):

@@ -27,9 +27,6 @@ Measured (../shared/data/cifar10 test split, TTA, 2-core Xeon, quiet; docs/cifar
 """
 from __future__ import annotations
 
-import os
-
-import jcv.perf
 from jcv.train import Config, cli, loop
 
 # airbench's hyperparameters are "per 1024 examples" on a summed loss, with the step size
@@ -104,14 +101,13 @@ def fit_kwargs(config: Config) -> dict:
 
 
 def main(argv=None) -> dict:
-  """Parses the shared flags, whitens the first layer from the data and runs ``fit``."""
-  # XLA:CPU runs each convolution on one core: one CPU device per core (a power of two, so
-  # the batch sizes divide) and the data-parallel step use them all; plus glibc malloc tuning.
-  # On a GPU machine this only adds CPU devices, which the GPU run does not use.
-  cores = os.cpu_count() or 1
-  jcv.perf.setup_cpu(host_devices=1 << (cores.bit_length() - 1))
+  """Parses the shared flags, whitens the first layer from the data and runs ``fit``.
+
+  XLA:CPU runs each convolution on one core: one CPU device per core and the data-parallel
+  step use them all (an accelerator run ignores the extra CPU devices).
+  """
   return cli.run(argv, presets=PRESETS, default_preset="cpu", description=__doc__,
-                 fit_kwargs=fit_kwargs)
+                 fit_kwargs=fit_kwargs, host_devices="cores")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def setup_cpu(*, host_devices: int | None = None, malloc: bool = True) -> dict:
   """Prepares this process for fast CPU training; call before the first JAX computation.
 
   ``host_devices``: number of XLA CPU devices (``None`` leaves it alone; ``"cores"`` or 0
-  uses ``os.cpu_count()``). Use with jcv's data-parallel step so each device gets a share of
+  uses ``os.cpu_count()`` rounded down to a power of two, so batch sizes divide). Use with jcv's data-parallel step so each device gets a share of
   the batch; the per-device batch must divide evenly. ``malloc``: apply :func:`tune_malloc`.
   Flags already present in ``$XLA_FLAGS`` win. Returns what was done.
   """
@@ -80,7 +80,11 @@ def setup_cpu(*, host_devices: int | None = None, malloc: bool = True) -> dict:
   if malloc:
     done["malloc"] = tune_malloc()
   if host_devices is not None:
-    count = (os.cpu_count() or 1) if host_devices in (0, "cores") else int(host_devices)
+    if host_devices in (0, "cores"):
+      cores = os.cpu_count() or 1
+      count = 1 << (cores.bit_length() - 1)
+    else:
+      count = int(host_devices)
     if count < 1:
       raise ValueError(f"host_devices must be >= 1 (or 'cores'), got {host_devices!r}")
     if backend_initialized():

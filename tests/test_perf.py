@@ -35,6 +35,17 @@ def test_setup_cpu_sets_host_devices_and_keeps_user_flags():
   assert got["n"] == 2
 
 
+@pytest.mark.parametrize("cores,expected", [(1, 1), (2, 2), (6, 4), (16, 16)])
+def test_setup_cpu_cores_rounds_down_to_a_power_of_two(cores, expected):
+  code = (
+      "import json, os, jcv.perf as p\n"
+      f"os.cpu_count = lambda: {cores}\n"
+      "p.setup_cpu(host_devices='cores', malloc=False)\n"
+      "import jax\n"
+      "print(json.dumps({'n': jax.device_count()}))\n")
+  assert _run(code, {})["n"] == expected
+
+
 def test_setup_cpu_rejects_bad_device_count():
   import jcv.perf
   with pytest.raises(ValueError, match="host_devices"):

@@ -17,7 +17,6 @@ Config returning one). A script with its own options builds on the same parser::
 from __future__ import annotations
 
 import argparse
-import os
 import json
 import sys
 import textwrap
@@ -151,10 +150,7 @@ def start(args: argparse.Namespace, *, host_devices: int | str | None = None) ->
   """
   if host_devices is not None:
     from jcv import perf
-    if host_devices == "cores":
-      cores = os.cpu_count() or 1
-      host_devices = 1 << (cores.bit_length() - 1)
-    perf.setup_cpu(host_devices=int(host_devices), malloc=False)
+    perf.setup_cpu(host_devices=host_devices, malloc=False)
   from jcv.train import parallel
   parallel.initialize_distributed(coordinator_address=args.coordinator_address,
                                   num_processes=args.num_processes, process_id=args.process_id)
@@ -172,17 +168,17 @@ def backend_preset() -> str:
 
 def run(argv=None, *, presets=None, default_preset: str | None = None, base: Config | None = None,
         description: str | None = None, fit_kwargs: dict | Callable[[Config], dict] | None = None,
-        default_workdir: str | None = None) -> dict:
+        default_workdir: str | None = None, host_devices: int | str | None = None) -> dict:
   """Parses flags, starts multi-host JAX if asked, runs ``fit`` and prints the results.
 
   ``fit_kwargs`` (e.g. ``train_source``, ``model``) go to ``fit``; a callable gets the final
-  Config, after multi-host start-up. Exits with status 1 and the message on a non-finite
+  Config, after multi-host start-up. ``host_devices`` goes to :func:`start`. Exits with status 1 and the message on a non-finite
   loss, and 128 + signal after SIGINT/SIGTERM (once the checkpoint is saved).
   """
   parser = make_parser(description, presets=presets, default_preset=default_preset,
                        default_workdir=default_workdir)
   args = parser.parse_args(argv)
-  start(args)
+  start(args, host_devices=host_devices)
   try:
     config = config_from_args(args, presets=presets, base=base)
   except ValueError as e:  # a bad --set: usage and the message, exit status 2

@@ -1,0 +1,30 @@
+"""benchmarks/throughput.py end to end as a real subprocess (tiny: one model, batch 4)."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_throughput_script_writes_every_output_and_uses_host_devices(tmp_path):
+  out = tmp_path / "tp"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--models", "cifar_cnn:32",
+         "--batch-sizes", "4", "--rounds", "1", "--iters", "1", "--warmup", "0", "--budget", "5",
+         "--host-devices", "2", "--baseline", "--compare", "no_such_peer", "--out", str(out)]
+  bad = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "--compare" in bad.stderr  # an unknown peer is a usage error
+  cmd = cmd[:-4] + ["--out", str(out)]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.with_suffix(".json").read_text())
+  assert report["machine"]["jcv_devices"] == 2
+  rows = {(r["framework"], r["mode"]): r for r in report["rows"]}
+  assert set(rows) == {(fw, m) for fw in ("jcv", "flax_xla") for m in ("train", "infer")}
+  for r in rows.values():
+    assert r["img_per_s"] > 0 and r["batch"] == 4 and r["gflop_per_img"] > 0
+  for suffix in (".csv", ".md", ".png"):
+    assert out.with_suffix(suffix).stat().st_size > 0
