@@ -72,8 +72,9 @@ def setup_cpu(*, host_devices: int | None = None, malloc: bool = True) -> dict:
   """Prepares this process for fast CPU training; call before the first JAX computation.
 
   ``host_devices``: number of XLA CPU devices (``None`` leaves it alone; ``"cores"`` or 0
-  uses ``os.cpu_count()`` rounded down to a power of two, so batch sizes divide). Use with jcv's data-parallel step so each device gets a share of
-  the batch; the per-device batch must divide evenly. ``malloc``: apply :func:`tune_malloc`.
+  uses ``os.cpu_count()`` rounded down to a power of two, so batch sizes divide). Use with
+  jcv's data-parallel step so each device gets a share of the batch; the per-device batch
+  must divide evenly. ``malloc``: apply :func:`tune_malloc`.
   Flags already present in ``$XLA_FLAGS`` win. Returns what was done.
   """
   done = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "malloc": False}

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 
 __all__ = [
   "OPS", "color_jitter", "cutmix", "cutout", "label_smoothing", "make_augment", "mixup", "normalize",
-  "pad_and_crop", "random_erasing", "random_flip", "random_resized_crop", "scale_to_range", "tta_flip", "tta_translate",
-  "tta_multicrop",
+  "pad_and_crop", "random_erasing", "random_flip", "random_resized_crop", "scale_to_range", "tta_flip",
+  "tta_multicrop", "tta_translate",
 ]
 
 Array = jax.Array

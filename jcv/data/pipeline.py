@@ -362,8 +362,8 @@ def train_loader(
   CIFAR recipe) or ``"none"`` (resize shorter side + centre crop). ``flip`` adds a host-side
   horizontal flip: True = random (usually done on device instead), ``"alternate"`` = airbench's
   alternating flip (a fixed random half of the images mirrored in even epochs, the other half in
-  odd ones, so every image is seen both ways in any two consecutive epochs). ``num_epochs=None`` repeats
-  forever. ``num_threads`` decode in parallel in this process (PIL releases the GIL);
+  odd ones, so every image is seen both ways in any two consecutive epochs).
+  ``num_epochs=None`` repeats forever. ``num_threads`` decode in parallel in this process (PIL releases the GIL);
   ``num_workers`` > 0 adds grain worker processes; neither changes the batches.
   ``process_index/count`` default to ``jax.process_index()/process_count()``.
   """
