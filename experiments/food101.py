@@ -64,13 +64,15 @@ RECIPES = {
     "cpu": {"fit": {"image_size": 224, "epochs": 15, "trainable_stages": 19, "finetune_learning_rate": 1e-3,
                     "backbone_lr_multiplier": 0.1, "warmup_epochs": 1.0, "weight_decay": 1e-4,
                     "label_smoothing": 0.1, "batch_size": 32, "dtype": "float32", "num_workers": 0,
-                    "crop_scale": (0.25, 1.0), "tta_flip": True},
+                    "crop_scale": (0.25, 1.0), "tta_flip": True, "eval_image_size": 256,
+                    "eval_crop_fraction": 1.0},
             "cached": CACHED},
     # gpu fit: unmeasured; the batch is 64 per device unless --batch-size says.
     "gpu": {"fit": {"image_size": 224, "epochs": 20, "trainable_stages": 3, "finetune_learning_rate": 2e-4,
                     "backbone_lr_multiplier": 0.3, "warmup_epochs": 1.0, "weight_decay": 1e-4,
                     "label_smoothing": 0.1, "batch_size_per_device": 64, "dtype": "bfloat16",
-                    "num_workers": 8, "crop_scale": (0.25, 1.0), "tta_flip": True},
+                    "num_workers": 8, "crop_scale": (0.25, 1.0), "tta_flip": True, "eval_image_size": 256,
+                    "eval_crop_fraction": 1.0},
             "cached": CACHED},
 }
 AUGMENT = ("flip", ("color_jitter", {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02}))
@@ -212,6 +214,8 @@ def base_config(args, num_classes, **changes):
                val_fraction=args.val_fraction, train_split="train", eval_split="val",
                image_size=args.image_size, crop="random_resized", augment=AUGMENT,
                crop_scale=getattr(args, "crop_scale", (0.08, 1.0)), tta_flip=getattr(args, "tta_flip", False),
+               eval_image_size=getattr(args, "eval_image_size", None),
+               eval_crop_fraction=getattr(args, "eval_crop_fraction", 0.875),
                model="mobilenet_v2", num_classes=num_classes, batch_size=args.batch_size, seed=args.seed,
                optimizer="adamw", weight_decay=args.weight_decay, schedule="cosine",
                label_smoothing=args.label_smoothing, progress=False, **MEAN_STD)
@@ -286,7 +290,7 @@ def run_fit(args, srcs, class_names, workdir):
   results = fit(cfg, workdir=workdir, train_source=srcs["train"], eval_source=srcs["val"],
                 model=transfer.PretrainedModel(module, variables))
   config, _, state, mesh = loop.load_run(workdir, which="latest")
-  loader = pipeline.eval_loader(srcs["test"], batch_size=cfg.batch_size, image_size=cfg.image_size)
+  loader = pipeline.eval_loader(srcs["test"], batch_size=cfg.batch_size, **loop.eval_view(cfg))
   logits, labels, _ = loop.collect_logits(state, loader, config, mesh)
   history = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   curve = [{"epoch": r["epoch"], "val_top1": r["top1"], "val_loss": r["loss"]}
@@ -340,7 +344,8 @@ def report(args, srcs, class_names, out, workdir, wall_s):
   plots.confusion_matrix(labels, predictions, class_names, workdir / "confusion.png")
   rng = np.random.default_rng(args.seed)
   pick = rng.permutation(len(labels))[:16]
-  images = [transforms.eval_resize_crop(srcs["test"][int(i)]["image"], args.image_size) for i in pick]
+  size, fraction = getattr(args, "eval_image_size", None) or args.image_size, getattr(args, "eval_crop_fraction", 0.875)
+  images = [transforms.eval_resize_crop(srcs["test"][int(i)]["image"], size, crop_fraction=fraction) for i in pick]
   prediction_grid(images, labels[pick], predictions[pick], class_names, workdir / "predictions.png")
   if out["history"]:
     plots.training_curves([{"split": "eval", "step": h["epoch"], **{k[4:]: v for k, v in h.items()

@@ -24,7 +24,9 @@ def predict(workdir, files, *, top_k: int = 5, which: str = "best") -> list[dict
   from jcv.data import decode, transforms
   from jcv.train import loop, step
   config, class_names, state, _ = loop.load_run(workdir, which=which)
-  images = np.stack([transforms.eval_resize_crop(decode.decode_image(f), config.image_size) for f in files])
+  view = loop.eval_view(config)
+  images = np.stack([transforms.eval_resize_crop(decode.decode_image(f), view["image_size"],
+                                                 crop_fraction=view["crop_fraction"]) for f in files])
   logits = jax.jit(lambda s, x: step.predict_logits(s, x, mean=config.mean, std=config.std,
                                                     tta_flip=config.tta_flip,
                                                     tta_translate=config.tta_translate))(state, images)

@@ -144,3 +144,40 @@ def test_run_passes_the_final_config_to_a_fit_kwargs_function(tmp_path, capsys):
   assert [(c.steps, c.label_smoothing) for c in seen] == [(2, 0.1)]
   assert results["steps"] == 2
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2
+
+
+def test_eval_view_size_and_crop_fraction_reach_evaluate_and_predict(tmp_path):
+  """A run with eval_image_size=12, eval_crop_fraction=1.0 on non-square files: `jcv evaluate`
+  and `jcv predict` see exactly transforms.eval_resize_crop(image, 12, crop_fraction=1.0)."""
+  from jcv.data import transforms
+  folder = tmp_path / "data"
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 24), ("test", 9)):
+    for i in range(n):
+      d = folder / split / CLASSES[i % 3]
+      d.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(rng.integers(0, 256, (10, 16, 3), dtype=np.uint8)).save(d / f"{i:03d}.png")
+  run = tmp_path / "run"
+  cfg = BASE.replace(dataset=str(folder), source_options={"cache": False}, batch_size=8, steps=2,
+                     eval_batch_size=8, eval_image_size=12, eval_crop_fraction=1.0)
+  loop.fit(cfg, workdir=run)
+  config, names, state, _ = loop.load_run(run)
+  assert (config.eval_image_size, config.eval_crop_fraction) == (12, 1.0)
+  files = sorted((folder / "test").rglob("*.png"))
+  raw = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+  views = np.stack([transforms.eval_resize_crop(im, 12, crop_fraction=1.0) for im in raw])
+  default = np.stack([transforms.eval_resize_crop(im, 12) for im in raw])
+  assert views.shape == (9, 12, 12, 3) and not np.array_equal(views, default)  # the option matters
+  labels = np.array([names.index(f.parent.name) for f in files])
+  logits = np.asarray(predict_logits(state, views, mean=config.mean, std=config.std), np.float64)
+  logp = logits - logits.max(1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+
+  out = _jcv("evaluate", "--workdir", run, "--split", "test", "--data-dir", folder)
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  assert got["loss"] == pytest.approx(-np.mean(logp[np.arange(9), labels]), rel=1e-5)
+  from jcv.__main__ import predict
+  rows = predict(run, files[:2])
+  for row, p in zip(rows, np.exp(logp[:2])):
+    np.testing.assert_allclose([q for _, q in row["top"]], np.sort(p)[::-1][:3], rtol=1e-4)

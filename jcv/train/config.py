@@ -39,7 +39,7 @@ class Config:
   # --- loss ---
   label_smoothing: float = 0.0
   # --- optimizer ---
-  optimizer: str = "sgd"              # sgd | adamw | rmsprop | lamb
+  optimizer: str = "sgd"              # sgd | adamw | rmsprop | lamb | muon (conv kernels; rest: muon_fallback)
   learning_rate: float = 0.1          # peak learning rate
   momentum: float = 0.9               # sgd / rmsprop momentum
   nesterov: bool = True
@@ -51,8 +51,13 @@ class Config:
   decay_bn_and_bias: bool = False     # False: no decay on BN scales/biases and on biases
   grad_clip_norm: float | None = None
   rms_decay: float = 0.9              # rmsprop: decay of the squared-gradient average
+  muon_learning_rate: float = 0.02    # muon: peak rate of the conv kernels (schedule shape shared)
+  muon_momentum: float = 0.95         # muon: momentum of the conv kernels (nesterov from `nesterov`)
+  muon_ns_steps: int = 5              # muon: Newton-Schulz iterations per update
+  muon_normalize_weights: bool = False  # muon: rescale each kernel to norm sqrt(cout) (airbench94_muon)
+  muon_fallback: str = "sgd"          # muon: optimizer of every other parameter
   # --- schedule ---
-  schedule: str = "cosine"            # cosine | onecycle | triangle | step | constant
+  schedule: str = "cosine"            # cosine | onecycle | triangle | linear | step | constant
   warmup_epochs: float = 0.0
   final_lr_fraction: float = 0.0      # cosine end value as a fraction of the peak
   step_decay_epochs: tuple = ()       # step: epochs at which lr is multiplied by step_decay_factor
@@ -63,6 +68,7 @@ class Config:
   # --- parameter groups (transfer learning) ---
   freeze: tuple = ()                  # regexes on "/"-joined param paths: not trained, BN stats kept
   lr_multipliers: dict = dataclasses.field(default_factory=dict)  # regex -> lr multiplier
+  group_epochs: dict = dataclasses.field(default_factory=dict)  # lr_multipliers regex -> N: whole schedule in N epochs, then 0
   lookahead_every: int = 0            # >0: lookahead (airbench's schedule) syncing every N steps
   lookahead_decay: float = 0.95 ** 5  # slow-weight decay reached at the end of training
   lookahead_power: float = 3.0        # decay(step) = lookahead_decay * (step / total) ** power
@@ -82,6 +88,8 @@ class Config:
   eval_every: int = 1                 # epochs between evaluations
   tta_flip: bool = False              # average logits with the horizontally flipped image at eval
   tta_translate: int = 0              # >0: also average views shifted by this many pixels (airbench)
+  eval_image_size: int | None = None  # eval/predict input size (None: image_size; larger: FixRes)
+  eval_crop_fraction: float = 0.875   # eval view: shorter side to size / this, centre crop (1.0: no crop)
   compilation_cache: str | None = "auto"  # "auto": <workdir>/../.jax_cache; None disables
   plots: bool = True
   progress: bool = True
@@ -133,17 +141,29 @@ class Config:
 
   def validate(self) -> "Config":
     """Raises ValueError on inconsistent settings; returns self."""
-    _choice("optimizer", self.optimizer, ("sgd", "adamw", "rmsprop", "lamb"))
+    _choice("optimizer", self.optimizer, ("sgd", "adamw", "rmsprop", "lamb", "muon"))
+    _choice("muon_fallback", self.muon_fallback, ("sgd", "adamw", "rmsprop", "lamb"))
     _choice("host_flip", self.host_flip, ("none", "random", "alternate"))
-    _choice("schedule", self.schedule, ("cosine", "onecycle", "triangle", "step", "constant"))
+    _choice("schedule", self.schedule, ("cosine", "onecycle", "triangle", "linear", "step", "constant"))
     _choice("parallel", self.parallel, ("jit", "pmap"))
     _choice("weight_decay_mode", self.weight_decay_mode, ("decoupled", "l2"))
     _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+    if self.muon_ns_steps < 1:
+      raise ValueError(f"muon_ns_steps must be >= 1, got {self.muon_ns_steps}")
+    for pattern, epochs in (self.group_epochs or {}).items():
+      if pattern not in (self.lr_multipliers or {}):
+        raise ValueError(f"group_epochs pattern {pattern!r} must also be an lr_multipliers key")
+      if not epochs > 0:
+        raise ValueError(f"group_epochs[{pattern!r}] must be > 0, got {epochs}")
     if self.batch_size <= 0:
       raise ValueError(f"batch_size must be a positive integer, got {self.batch_size}")
     for name in ("epochs", "log_every", "eval_every", "keep_checkpoints", "image_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.eval_image_size is not None and self.eval_image_size < 1:
+      raise ValueError(f"eval_image_size must be >= 1 or None, got {self.eval_image_size}")
+    if not 0 < self.eval_crop_fraction <= 1:
+      raise ValueError(f"eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}")
     if self.steps is not None and self.steps < 1:
       raise ValueError(f"steps must be >= 1 or None, got {self.steps}")
     if not 1 <= self.max_steps_in_flight <= 30:

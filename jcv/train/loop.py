@@ -23,12 +23,12 @@ from jcv.train import checkpoint as ckpt_lib
 from jcv.train import log as log_lib
 from jcv.train import parallel, step as step_lib
 from jcv.train.config import Config
-from jcv.train.optim import make_optimizer
+from jcv.train.optim import make_optimizer, muon_mask
 from jcv.train.state import create_train_state
 
 __all__ = [
     "NonFiniteLossError", "fit", "evaluate", "load_run", "run_eval", "collect_logits",
-    "enable_compilation_cache", "build_model", "build_augment", "source_spec",
+    "enable_compilation_cache", "build_model", "build_augment", "source_spec", "eval_view",
 ]
 
 
@@ -95,7 +95,14 @@ def _train_fn(config: Config, *, num_classes, augment_fn, schedule):
   return functools.partial(
       step_lib.train_step, augment_fn=augment_fn, num_classes=num_classes, mean=config.mean,
       std=config.std, label_smoothing=config.label_smoothing, l2_weight=l2,
-      decay_bn_and_bias=config.decay_bn_and_bias, freeze=tuple(config.freeze), schedule=schedule)
+      decay_bn_and_bias=config.decay_bn_and_bias, freeze=tuple(config.freeze), schedule=schedule,
+      l2_exclude=(lambda p: muon_mask(p, config)) if config.optimizer == "muon" else None)
+
+
+def eval_view(config: Config) -> dict:
+  """The evaluation view of a run: ``{"image_size", "crop_fraction"}`` for eval loaders."""
+  return {"image_size": config.eval_image_size or config.image_size,
+          "crop_fraction": config.eval_crop_fraction}
 
 
 def _eval_fn(config: Config):
@@ -211,8 +218,8 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
   steps_per_epoch = train_ld.steps_per_epoch
   total_steps = config.steps or config.epochs * steps_per_epoch
   eval_bs = (config.eval_batch_size or config.batch_size) // pcount
-  eval_ld = (pipeline.eval_loader(eval_src, batch_size=eval_bs, image_size=config.image_size,
-                                  num_workers=config.num_workers) if eval_src is not None else None)
+  eval_ld = (pipeline.eval_loader(eval_src, batch_size=eval_bs, num_workers=config.num_workers,
+                                  **eval_view(config)) if eval_src is not None else None)
 
   model = model if model is not None else build_model(config, num_classes)
   if isinstance(augment_fn, str) and augment_fn == "auto":
@@ -244,7 +251,9 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
   image_shape = (config.image_size, config.image_size, 3)
   train_fn = train_fn.lower(state, parallel.batch_spec(mesh, config.batch_size, image_shape)).compile()
   if eval_ld is not None:
-    eval_fn = eval_fn.lower(state, parallel.batch_spec(mesh, eval_bs * pcount, image_shape, mask=True)).compile()
+    eval_size = eval_view(config)["image_size"]
+    eval_fn = eval_fn.lower(state, parallel.batch_spec(mesh, eval_bs * pcount, (eval_size, eval_size, 3),
+                                                       mask=True)).compile()
 
   def save(metrics=None):
     checkpointer.save(state, data_state=iterator.get_state(), config=config.to_dict(), metrics=metrics)
@@ -497,7 +506,7 @@ def evaluate(workdir, *, data_dir=None, split: str = "test", which: str = "best"
   src = source if source is not None else _source(config, split)
   bs = batch_size or config.eval_batch_size or config.batch_size
   bs = max(jax.device_count(), bs - bs % jax.device_count()) // jax.process_count()
-  loader = pipeline.eval_loader(src, batch_size=bs, image_size=config.image_size)
+  loader = pipeline.eval_loader(src, batch_size=bs, **eval_view(config))
   eval_fn = parallel.compile_eval_step(_eval_fn(config), mesh, mode="jit")
   out = run_eval(state, loader, eval_fn, mesh)
   return {"top1": out["top1"], "top5": out["top5"], "loss": out["loss"], "n": out["n"]}

@@ -15,11 +15,13 @@ import optax
 
 __all__ = [
     "param_paths", "decay_mask", "param_labels", "make_schedule", "make_optimizer",
-    "lookahead", "LookaheadState", "FROZEN", "DEFAULT",
+    "lookahead", "LookaheadState", "muon", "MuonState", "newton_schulz", "muon_mask", "FROZEN",
+    "DEFAULT", "MUON",
 ]
 
 FROZEN = "frozen"
 DEFAULT = "default"
+MUON = "muon"
 _NO_DECAY_NAMES = ("bias", "scale")
 
 
@@ -32,29 +34,49 @@ def param_paths(params):
   return jax.tree_util.tree_map_with_path(lambda path, _: _path_str(path), params)
 
 
-def decay_mask(params, *, decay_bn_and_bias: bool = False):
-  """True where weight decay applies: kernels/embeddings; not biases or BN/LN scales."""
+def decay_mask(params, *, decay_bn_and_bias: bool = False, exclude=None):
+  """True where weight decay applies: kernels/embeddings; not biases or BN/LN scales.
+
+  ``exclude``: a pytree of bools like ``params`` (e.g. :func:`muon_mask`); True leaves get no decay.
+  """
   if decay_bn_and_bias:
-    return jax.tree.map(lambda _: True, params)
-  def keep(path, leaf):
-    name = _path_str(path).rsplit("/", 1)[-1]
-    return name not in _NO_DECAY_NAMES and getattr(leaf, "ndim", 0) > 1
-  return jax.tree_util.tree_map_with_path(keep, params)
+    mask = jax.tree.map(lambda _: True, params)
+  else:
+    def keep(path, leaf):
+      name = _path_str(path).rsplit("/", 1)[-1]
+      return name not in _NO_DECAY_NAMES and getattr(leaf, "ndim", 0) > 1
+    mask = jax.tree_util.tree_map_with_path(keep, params)
+  if exclude is not None:
+    mask = jax.tree.map(lambda m, e: bool(m and not e), mask, exclude)
+  return mask
 
 
-def param_labels(params, *, freeze=(), lr_multipliers=None):
-  """Labels each parameter FROZEN, ``"lr<i>"`` (i-th ``lr_multipliers`` pattern) or DEFAULT."""
+def param_labels(params, *, freeze=(), lr_multipliers=None, muon: bool = False):
+  """Labels each parameter FROZEN, ``"lr<i>"`` (i-th ``lr_multipliers`` pattern), MUON or DEFAULT.
+
+  ``muon=True``: the 4-D (convolution) kernels that are neither frozen nor in an
+  ``lr_multipliers`` group are MUON (trained by :func:`muon`).
+  """
   freeze_res = [re.compile(p) for p in freeze]
   mult_res = [re.compile(p) for p in (lr_multipliers or {})]
-  def label(path, _):
+  def label(path, leaf):
     s = _path_str(path)
     if any(r.search(s) for r in freeze_res):
       return FROZEN
     for i, r in enumerate(mult_res):
       if r.search(s):
         return f"lr{i}"
+    if muon and getattr(leaf, "ndim", 0) == 4:
+      return MUON
     return DEFAULT
   return jax.tree_util.tree_map_with_path(label, params)
+
+
+def muon_mask(params, config):
+  """True for the parameters ``config`` trains with Muon (all False unless optimizer="muon")."""
+  on = config.optimizer == "muon"
+  labels = param_labels(params, freeze=config.freeze, lr_multipliers=config.lr_multipliers, muon=on)
+  return jax.tree.map(lambda l: l == MUON, labels)
 
 
 def make_schedule(config, *, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
@@ -74,6 +96,11 @@ def make_schedule(config, *, steps_per_epoch: int, total_steps: int) -> optax.Sc
         [optax.linear_schedule(start, lr, peak_step),
          optax.linear_schedule(lr, start / config.onecycle_final_div_factor, total_steps - peak_step)],
         [peak_step])
+  if name == "linear":  # airbench94_muon's: straight down to final_lr_fraction of the peak
+    main = optax.linear_schedule(lr, lr * config.final_lr_fraction, max(total_steps - warmup, 1))
+    if not warmup:
+      return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
   if name == "cosine":
     if warmup:
       return optax.warmup_cosine_decay_schedule(
@@ -87,7 +114,8 @@ def make_schedule(config, *, steps_per_epoch: int, total_steps: int) -> optax.Sc
   elif name == "constant":
     main = optax.constant_schedule(lr)
   else:
-    raise ValueError(f"schedule must be one of cosine, onecycle, triangle, step, constant; got {name!r}")
+    raise ValueError(f"schedule must be one of cosine, onecycle, triangle, linear, step, constant; "
+                     f"got {name!r}")
   if not warmup:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
@@ -97,6 +125,8 @@ def _base_optimizer(config, learning_rate, mask) -> optax.GradientTransformation
   """One optimizer for one parameter group, with decoupled weight decay if asked."""
   wd = config.weight_decay if config.weight_decay_mode == "decoupled" else 0.0
   name = config.optimizer
+  if name == "muon":  # the parameters Muon does not take (biases, norms, dense heads)
+    name = config.muon_fallback
   if name == "adamw":
     return optax.adamw(learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,
                        weight_decay=wd, mask=mask)
@@ -110,7 +140,7 @@ def _base_optimizer(config, learning_rate, mask) -> optax.GradientTransformation
     if config.momentum:
       parts.append(optax.trace(decay=config.momentum, nesterov=config.nesterov))
   else:
-    raise ValueError(f"optimizer must be one of sgd, adamw, rmsprop, lamb; got {name!r}")
+    raise ValueError(f"optimizer must be one of sgd, adamw, rmsprop, lamb, muon; got {name!r}")
   # Decoupled (SGDW-style): lr * wd * w is added after momentum, not folded into it.
   if wd:
     parts.append(optax.add_decayed_weights(wd, mask))
@@ -123,19 +153,40 @@ def make_optimizer(config, *, steps_per_epoch: int, total_steps: int
   """(tx, schedule) for a Config: optimizer, schedule, decay mask, clipping, groups, freezing.
 
   Frozen parameters (``config.freeze``) get ``optax.set_to_zero`` and no optimizer state;
-  each ``lr_multipliers`` pattern gets its own group whose schedule is scaled.
+  each ``lr_multipliers`` pattern gets its own group whose schedule is scaled. With
+  ``optimizer="muon"`` the remaining convolution kernels train with :func:`muon` (peak rate
+  ``muon_learning_rate``, same schedule shape) and everything else with ``muon_fallback``.
+  ``group_epochs`` squeezes a group's whole schedule into its first N epochs.
   """
   schedule = make_schedule(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  mask: Callable = lambda p: decay_mask(p, decay_bn_and_bias=config.decay_bn_and_bias)
+  mask: Callable = lambda p: decay_mask(p, decay_bn_and_bias=config.decay_bn_and_bias,
+                                        exclude=muon_mask(p, config))
+  is_muon = config.optimizer == "muon"
   multipliers = list((config.lr_multipliers or {}).values())
-  grouped = bool(config.freeze or multipliers)
+  patterns = list(config.lr_multipliers or {})
+  short = {p: e for p, e in (config.group_epochs or {}).items()}
+  unknown = set(short) - set(patterns)
+  if unknown:
+    raise ValueError(f"group_epochs patterns {sorted(unknown)} must also be lr_multipliers keys "
+                     f"(use 1.0 to keep the rate); got lr_multipliers {patterns}")
+  grouped = bool(config.freeze or multipliers or is_muon)
   if not grouped:
     tx = _base_optimizer(config, schedule, mask)
   else:
     transforms = {FROZEN: optax.set_to_zero(), DEFAULT: _base_optimizer(config, schedule, mask)}
-    for i, m in enumerate(multipliers):
-      transforms[f"lr{i}"] = _base_optimizer(config, _scaled(schedule, float(m)), mask)
-    labels = lambda p: param_labels(p, freeze=config.freeze, lr_multipliers=config.lr_multipliers)
+    for i, (p, m) in enumerate(zip(patterns, multipliers)):
+      group = _scaled(schedule, float(m))
+      if p in short:
+        group = _squeezed(group, total_steps, int(round(short[p] * steps_per_epoch)))
+      transforms[f"lr{i}"] = _base_optimizer(config, group, mask)
+    if is_muon:
+      transforms[MUON] = muon(
+          _scaled(schedule, config.muon_learning_rate / config.learning_rate),
+          momentum=config.muon_momentum, nesterov=config.nesterov, ns_steps=config.muon_ns_steps,
+          normalize_weights=config.muon_normalize_weights,
+          weight_decay=config.weight_decay if config.weight_decay_mode == "decoupled" else 0.0)
+    labels = lambda p: param_labels(p, freeze=config.freeze, lr_multipliers=config.lr_multipliers,
+                                    muon=is_muon)
     tx = optax.partition(transforms, labels)
   if config.grad_clip_norm:
     prefix = []
@@ -197,3 +248,78 @@ def lookahead(inner: optax.GradientTransformation, *, sync_every: int, total_ste
 
 def _scaled(schedule, factor):
   return lambda step: schedule(step) * factor
+
+
+def _squeezed(schedule, total_steps: int, group_steps: int):
+  """``schedule`` run over the first ``group_steps`` steps instead of ``total_steps``, then 0."""
+  group_steps = max(int(group_steps), 1)
+  ratio = max(int(total_steps), 1) / group_steps
+  return lambda step: jnp.where(step < group_steps, schedule(jnp.floor(step * ratio)), 0.0)
+
+
+# Quintic Newton-Schulz coefficients of Jordan et al.'s Muon (slope at zero maximised).
+_NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: jax.Array, steps: int = 5, eps: float = 1e-7) -> jax.Array:
+  """Approximately orthogonalises a matrix ``g`` [m, n]: ~ U S' V^T with S' in about (0.5, 1.5)
+  for g = U S V^T (Muon's quintic iteration, in float32)."""
+  if g.ndim != 2:
+    raise ValueError(f"newton_schulz needs a matrix, got shape {g.shape}")
+  a, b, c = _NS_COEFFS
+  x = g.astype(jnp.float32)
+  x = x / (jnp.linalg.norm(x) + eps)  # top singular value <= 1
+  wide = x.shape[0] <= x.shape[1]
+  if not wide:
+    x = x.T
+  for _ in range(steps):
+    gram = x @ x.T
+    x = a * x + (b * gram + c * gram @ gram) @ x
+  return x if wide else x.T
+
+
+class MuonState(NamedTuple):
+  """State of :func:`muon`: the momentum buffer and the step count."""
+  momentum: optax.Updates
+  count: jax.Array
+
+
+def muon(learning_rate, *, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+         normalize_weights: bool = False, weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """Muon (Jordan et al. 2024): momentum SGD whose update is orthogonalised per kernel.
+
+  For a convolution kernel [kh, kw, cin, cout] the momentum (Nesterov if asked) is viewed as a
+  ``cout x (kh kw cin)`` matrix and replaced by :func:`newton_schulz` of it; the step is
+  ``-lr * that``. ``normalize_weights`` (airbench94_muon) first rescales each kernel to
+  Frobenius norm ``sqrt(cout)``, for networks where BatchNorm makes the scale irrelevant;
+  ``weight_decay`` multiplies the kernel by ``1 - lr * wd`` (decoupled). ``learning_rate``:
+  a float or an optax schedule. Needs ``params`` in ``update``.
+  """
+  lr_fn = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+
+  def init(params):
+    return MuonState(jax.tree.map(jnp.zeros_like, params), jnp.zeros([], jnp.int32))
+
+  def update(grads, state, params=None):
+    if params is None:
+      raise ValueError("muon needs params in update()")
+    lr = lr_fn(state.count)
+    buf = jax.tree.map(lambda m, g: momentum * m + g, state.momentum, grads)
+    direction = (jax.tree.map(lambda g, m: g + momentum * m, grads, buf) if nesterov else buf)
+
+    def step(d, p):
+      if d.ndim < 2:
+        raise ValueError(f"muon trains matrices and kernels only, got a parameter of shape {d.shape}")
+      cout = d.shape[-1]
+      ortho = newton_schulz(d.reshape(-1, cout).T, ns_steps).T.reshape(d.shape)
+      p32 = p.astype(jnp.float32)
+      new = p32
+      if normalize_weights:
+        new = new * (jnp.sqrt(float(cout)) / (jnp.linalg.norm(new) + 1e-12))
+      if weight_decay:
+        new = new * (1 - lr * weight_decay)
+      new = new - lr * ortho
+      return (new - p32).astype(p.dtype)
+    return jax.tree.map(step, direction, params), MuonState(buf, state.count + 1)
+
+  return optax.GradientTransformation(init, update)

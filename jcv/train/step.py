@@ -42,14 +42,15 @@ def _keep_frozen_stats(new_stats, old_stats, freeze):
 
 def train_step(state, batch, *, augment_fn: Callable | None = None, num_classes: int,
                mean=None, std=None, label_smoothing: float = 0.0, l2_weight: float = 0.0,
-               decay_bn_and_bias: bool = False, freeze=(), schedule=None,
-               axis_name: str | None = None):
+               decay_bn_and_bias: bool = False, l2_exclude: Callable | None = None, freeze=(),
+               schedule=None, axis_name: str | None = None):
   """One optimizer step on ``batch`` {"image": uint8 NHWC, "label": int [B]} -> (state, metrics).
 
   Options (keyword-only): ``augment_fn(key, images_uint8, labels_int) -> (images_float
   in [0, 1], soft_labels [B, C])`` (e.g. ``jcv.data.augment.make_augment``; None = no
   augmentation); ``mean``/``std`` normalisation; ``label_smoothing``; ``l2_weight`` adds
-  ``l2_weight * ||w||^2 / 2`` over decayed weights to the loss (the lecture's weight decay);
+  ``l2_weight * ||w||^2 / 2`` over decayed weights to the loss (the lecture's weight decay;
+  ``l2_exclude(params)`` -> bool pytree removes some, e.g. Muon's kernels);
   ``freeze`` keeps those layers' BN statistics; ``schedule`` reports the learning rate;
   ``axis_name`` (per-device SPMD only) averages grads, BN statistics and metrics with pmean.
   Metrics: loss, top1, top5 (batch means), lr, grad_norm.
@@ -77,7 +78,8 @@ def train_step(state, batch, *, augment_fn: Callable | None = None, num_classes:
     total = loss
     if l2_weight:
       total = total + l2_weight * losses.l2_penalty(
-          params, decay_mask(params, decay_bn_and_bias=decay_bn_and_bias))
+          params, decay_mask(params, decay_bn_and_bias=decay_bn_and_bias,
+                             exclude=l2_exclude(params) if l2_exclude else None))
     return total, (loss, logits, new_vars.get("batch_stats", {}))
 
   grads, (loss, logits, new_stats) = jax.grad(loss_fn, has_aux=True)(state.params)

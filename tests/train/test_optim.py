@@ -269,3 +269,101 @@ def test_lookahead_rejects_bad_period_and_missing_params():
 def optax_sgd():
   import optax
   return optax.sgd(0.1)
+
+
+def _airbench_muon_steps(w, grads, lr, momentum, ns_steps):
+  """numpy transcription of airbench94_muon's Muon.step on a PyTorch OIHW kernel (float64)."""
+  a, b, c = (3.4445, -4.7750, 2.0315)
+  buf = np.zeros_like(w)
+  for g in grads:
+    buf = momentum * buf + g
+    d = g + momentum * buf  # nesterov
+    w = w * (np.sqrt(len(w)) / np.linalg.norm(w))  # p.mul_(len(p)**0.5 / p.norm())
+    x = d.reshape(len(d), -1)
+    x = x / (np.linalg.norm(x) + 1e-7)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+      x = x.T
+    for _ in range(ns_steps):
+      gram = x @ x.T
+      x = a * x + (b * gram + c * gram @ gram) @ x
+    if tall:
+      x = x.T
+    w = w - lr * x.reshape(d.shape)
+  return w
+
+
+@pytest.mark.parametrize("cin,cout", [(3, 8), (8, 4)])  # wide and tall cout x (9 cin) matrices
+def test_muon_matches_airbench_transcription(cin, cout):
+  rng = np.random.default_rng(1)
+  w_oihw = rng.normal(size=(cout, cin, 3, 3))
+  grads_oihw = [rng.normal(size=w_oihw.shape) for _ in range(3)]
+  want = _airbench_muon_steps(w_oihw, grads_oihw, lr=0.24, momentum=0.6, ns_steps=3)
+  to_hwio = lambda x: jnp.asarray(np.transpose(x, (2, 3, 1, 0)), jnp.float32)
+  tx = optim.muon(0.24, momentum=0.6, nesterov=True, ns_steps=3, normalize_weights=True)
+  params = {"conv": {"kernel": to_hwio(w_oihw)}}
+  state = tx.init(params)
+  for g in grads_oihw:
+    updates, state = tx.update({"conv": {"kernel": to_hwio(g)}}, state, params)
+    params = optim.optax.apply_updates(params, updates)
+  np.testing.assert_allclose(np.asarray(params["conv"]["kernel"]), np.transpose(want, (2, 3, 1, 0)),
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_newton_schulz_orthogonalises():
+  g = np.random.default_rng(2).normal(size=(16, 72)).astype(np.float32)
+  u, s_g, vt = np.linalg.svd(g, full_matrices=False)
+  assert s_g.max() / s_g.min() > 2  # g itself is far from orthogonal
+  out = np.asarray(optim.newton_schulz(jnp.asarray(g), steps=5))
+  s = np.linalg.svd(out, compute_uv=False)
+  assert s.min() > 0.5 and s.max() < 1.5  # Muon's U S' V^T with S' ~ (0.5, 1.5)
+  rotated = u.T @ out @ vt.T  # diagonal iff out has g's singular vectors
+  assert np.abs(rotated - np.diag(np.diag(rotated))).max() < 1e-3
+  np.testing.assert_allclose(optim.newton_schulz(jnp.asarray(g.T), steps=5), out.T, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="matrix"):
+    optim.newton_schulz(jnp.zeros((2, 3, 4)))
+
+
+def test_muon_groups_conv_kernels_only_and_trains():
+  cfg = Config(optimizer="muon", learning_rate=0.1, muon_learning_rate=0.05, momentum=0.9,
+               weight_decay=5e-4, weight_decay_mode="l2", schedule="linear", freeze=("BatchNorm_0",))
+  tx, sched = optim.make_optimizer(cfg, steps_per_epoch=10, total_steps=100)
+  state = create_train_state(jax.random.key(0), TinyCNN(), tx, (1, 8, 8, 3))
+  labels = optim.param_labels(state.params, freeze=cfg.freeze, muon=True)
+  assert labels["Conv_0"]["kernel"] == optim.MUON and labels["Dense_0"]["kernel"] == optim.DEFAULT
+  assert labels["BatchNorm_0"]["scale"] == optim.FROZEN
+  mask = optim.muon_mask(state.params, cfg)
+  assert optim.decay_mask(state.params, exclude=mask)["Conv_0"]["kernel"] is False
+  assert optim.decay_mask(state.params, exclude=mask)["Dense_0"]["kernel"] is True
+  images, labels_ = random_images(16)
+  from jcv.train import loop
+  step = jax.jit(loop._train_fn(cfg, num_classes=10, augment_fn=None, schedule=sched))
+  before = jax.tree.map(np.asarray, state.params)
+  for _ in range(3):
+    state, metrics = step(state, {"image": images, "label": labels_})
+  assert np.isfinite(float(metrics["loss"]))
+  assert not np.array_equal(before["Conv_0"]["kernel"], np.asarray(state.params["Conv_0"]["kernel"]))
+  np.testing.assert_array_equal(before["BatchNorm_0"]["scale"], state.params["BatchNorm_0"]["scale"])
+  with pytest.raises(ValueError, match="muon_fallback"):
+    Config(optimizer="muon", muon_fallback="adam").validate()
+
+
+def test_linear_schedule_and_group_epochs():
+  cfg = Config(schedule="linear", learning_rate=2.0, final_lr_fraction=0.0, warmup_epochs=0.0)
+  sched = optim.make_schedule(cfg, steps_per_epoch=10, total_steps=100)
+  np.testing.assert_allclose([float(sched(s)) for s in (0, 25, 100)], [2.0, 1.5, 0.0], rtol=1e-6)
+  # airbench94_muon's whitening bias: its rate falls linearly to 0 within the first 3 of 10 epochs.
+  cfg = Config(optimizer="sgd", momentum=0.0, weight_decay=0.0, schedule="linear", learning_rate=1.0,
+               lr_multipliers={"bias": 0.5}, group_epochs={"bias": 3})
+  tx, _ = optim.make_optimizer(cfg, steps_per_epoch=10, total_steps=100)
+  params = {"Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}}
+  state = tx.init(params)
+  seen = []
+  for step in range(35):
+    upd, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    seen.append((float(upd["Dense_0"]["kernel"][0, 0]), float(upd["Dense_0"]["bias"][0])))
+  assert seen[0] == (-1.0, -0.5)
+  assert seen[15][1] == pytest.approx(-0.5 * (1 - 15 / 30), rel=1e-6)  # 15/30 of the squeezed schedule
+  assert seen[30][1] == 0.0 and seen[34][1] == 0.0 and seen[34][0] == pytest.approx(-(1 - 34 / 100))
+  with pytest.raises(ValueError, match="lr_multipliers"):
+    Config(group_epochs={"bias": 3}).validate()
