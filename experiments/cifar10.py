@@ -10,20 +10,27 @@ Hyperparameter search on a 45k/5k split carved from train (the test split stays 
   python experiments/cifar10.py ... --set val_fraction=0.1 --set eval_split=val
 
 The recipe: ``cifar_cnn`` (whitening 2x2 first layer computed from 5,000 training images and
-frozen, dirac-initialised 3x3 convs, BN without scale, GELU), Nesterov SGD (momentum 0.85)
-with a linear one-cycle schedule (start 0.2, peak at 23 %, end 0.07 of the peak), the BN
-biases at 64x the learning rate, L2 weight decay through the momentum as airbench does,
-lookahead every 5 steps, label smoothing 0.2, alternating flips + random translate-by-2
-(reflect padding), mirror + translate test-time augmentation.
+frozen, dirac-initialised 3x3 convs, BN without scale, GELU), label smoothing 0.2, alternating
+flips + random translate-by-2 (reflect padding), mirror + translate test-time augmentation, and
+one of airbench's two optimisers:
+- airbench94 (``gpu``, ``cpu_sgd``): Nesterov SGD (momentum 0.85) with a linear one-cycle
+  schedule (start 0.2, peak at 23 %, end 0.07 of the peak), BN biases at 64x the learning rate,
+  L2 weight decay through the momentum, lookahead every 5 steps;
+- airbench94_muon (``cpu``): Muon on the conv kernels (momentum 0.6, 3 Newton-Schulz steps,
+  kernels renormalised every step), SGD for the head and BN biases, a linear decay to 0, the
+  whitening bias trained for the first 3 epochs only.
 
 Presets:
-- ``cpu``: half width, batch 128, 12 epochs, float32, sized for <= 20 minutes on a quiet 2-core CPU.
+- ``cpu``: half width, batch 128, Muon, 11 epochs, float32, sized for 20 minutes on a 2-core CPU.
+- ``cpu_sgd``: the same net with airbench94's SGD + lookahead, 12 epochs.
 - ``gpu``: airbench94's full-width net, batch 1024, 10 epochs, bfloat16. Unmeasured here (no
   GPU in the sessions so far); airbench94 itself reaches 94.0 % in 3.8 s on an A100.
 
-Measured (../shared/data/cifar10 test split, TTA, 2-core Xeon, quiet; docs/cifar10.md):
-- ``--preset cpu``: 88.86 % top-1 (99.49 % top-5) in 17.8 min wall (598 img/s). Below the
-  90 % target.
+Measured (../shared/data/cifar10 test split, TTA, 2-core Xeon, nothing else running; docs/cifar10.md):
+- ``--preset cpu``: 89.14 % top-1 (99.59 % top-5) in 20.1 min wall (19.3 min in fit, 488 img/s).
+- ``--preset cpu_sgd``: 88.86 % (99.49 %) in 17.8 min (598 img/s) in session 2; the same loop ran
+  ~15 % slower on the day the Muon run was measured (510 vs 598 img/s), so compare accuracy,
+  not minutes. Both are below the 90 % target.
 """
 from __future__ import annotations
 
@@ -73,7 +80,7 @@ GPU = Config(
 
 # Half width (4x fewer FLOPs), batch 128 (faster per image on a 2-core CPU than 256 or 512),
 # and as many epochs as fit in 20 minutes there. See docs/cifar10.md for the runs behind it.
-CPU = GPU.replace(
+CPU_SGD = GPU.replace(
     model_options={"width": 0.5},
     dtype="float32",
     epochs=12,
@@ -84,23 +91,25 @@ CPU = GPU.replace(
 )
 
 # airbench94_muon (Jordan 2024: 94.01% in 8 epochs instead of airbench94's 9.9): Muon for the
-# conv kernels (weights renormalised every step), SGD for the head and BN biases, a linear decay
-# from the peak, the whitening bias trained for the first 3 epochs only, no lookahead. The
-# SGD side keeps airbench94's converted rates (its head parametrisation is ours).
-CPU_MUON = CPU.replace(
+# conv kernels (renormalised every step), SGD for the head and BN biases (airbench94's head
+# rate, biases at 0.053 per example), a linear decay from the peak, the whitening bias trained
+# for the first 3 epochs only, no lookahead. Muon's rate and momentum were chosen for batch 128
+# on the 45k/5k split (docs/cifar10.md); 11 epochs is what fits in 20 minutes.
+CPU = CPU_SGD.replace(
     optimizer="muon",
     muon_learning_rate=0.06,
-    muon_momentum=0.9,
+    muon_momentum=0.6,
     muon_ns_steps=3,
     muon_normalize_weights=True,
     schedule="linear",
     lr_multipliers={r"bn\d/bias$": 36.0, r"^whiten/bias$": 36.0},
     group_epochs={r"^whiten/bias$": 3},
-    freeze=(r"^whiten/kernel$",),
     lookahead_every=0,
+    epochs=11,
+    eval_every=11,
 )
 
-PRESETS = {"cpu": CPU, "cpu_muon": CPU_MUON, "gpu": GPU}
+PRESETS = {"cpu": CPU, "cpu_sgd": CPU_SGD, "gpu": GPU}
 
 
 def fit_kwargs(config: Config) -> dict:

@@ -27,14 +27,14 @@ def _load_script():
 
 def test_presets_follow_airbench():
   exp = _load_script()
-  gpu, cpu = exp.PRESETS["gpu"], exp.PRESETS["cpu"]
-  assert gpu.model == cpu.model == "cifar_cnn"
+  gpu, cpu, muon = exp.PRESETS["gpu"], exp.PRESETS["cpu_sgd"], exp.PRESETS["cpu"]
+  assert gpu.model == cpu.model == muon.model == "cifar_cnn"
   # airbench94: lr 11.5 per 1024 examples with momentum 0.85 -> 1.5 on a mean loss at batch 1024.
   assert gpu.batch_size == 1024 and gpu.learning_rate == pytest.approx(1.5)
   assert cpu.learning_rate == pytest.approx(1.5 * cpu.batch_size / 1024)
   assert gpu.weight_decay == pytest.approx(0.0153 / 11.5) and gpu.weight_decay_mode == "l2"
   assert gpu.label_smoothing == 0.2 and gpu.tta_flip and gpu.freeze == (r"^whiten/kernel$",)
-  for c in (cpu, gpu):
+  for c in (cpu, gpu, muon):
     c.validate()
   # The group regexes hit exactly the parameters airbench treats specially.
   import jax
@@ -49,6 +49,14 @@ def test_presets_follow_airbench():
   assert {p for p, l in flat.items() if l == "lr0"} == {f"block{i}/bn{j}/bias" for i in (1, 2, 3) for j in (1, 2)}
   decayed = jax.tree.leaves(optim.decay_mask(params))
   assert sum(decayed) == 8  # the 6 block convs, the head and the (frozen) whitening kernel
+  # airbench94_muon: Muon takes the 6 block convs, the whitening bias stops after 3 epochs.
+  assert muon.optimizer == "muon" and muon.muon_normalize_weights and muon.lookahead_every == 0
+  labels = optim.param_labels(params, freeze=muon.freeze, lr_multipliers=muon.lr_multipliers, muon=True)
+  flat = {path: label for path, label in zip(jax.tree.leaves(optim.param_paths(params)), jax.tree.leaves(labels))}
+  assert {p for p, l in flat.items() if l == optim.MUON} == {f"block{i}/conv{j}/kernel" for i in (1, 2, 3)
+                                                             for j in (1, 2)}
+  assert {p for p, l in flat.items() if l == "lr1"} == {"whiten/bias"} and flat["head/kernel"] == optim.DEFAULT
+  assert muon.group_epochs == {r"^whiten/bias$": 3}
 
 
 def test_smoke_run_whitens_and_trains(shared_dir, tmp_path):
