@@ -122,8 +122,10 @@ def test_food101_smoke_run(shared_dir, tmp_path):
   assert results["mode"] == "fit" and results["n"] == 12 and 0 <= results["top1"] <= 1
   config = results["config"]
   assert (config["steps"], config["batch_size"], config["image_size"], config["label_smoothing"]) == (2, 8, 48, 0.2)
-  assert config["epochs"] == 15 and config["freeze"] == []  # the cpu fit recipe: 15 epochs, whole network
+  assert config["epochs"] == 20 and config["freeze"] == []  # the cpu fit recipe: 20 epochs, whole network
   assert tuple(config["crop_scale"]) == (0.25, 1.0) and config["tta_flip"]
+  # evaluated on the whole image at 256/224 of the training size
+  assert (config["eval_image_size"], config["eval_crop_fraction"]) == (round(48 * 256 / 224), 1.0)
   for name in ("confusion.png", "predictions.png", "config.json", "class_names.json"):
     assert (workdir / name).is_file(), name
 
