@@ -28,3 +28,18 @@ def test_throughput_script_writes_every_output_and_uses_host_devices(tmp_path):
     assert r["img_per_s"] > 0 and r["batch"] == 4 and r["gflop_per_img"] > 0
   for suffix in (".csv", ".md", ".png"):
     assert out.with_suffix(suffix).stat().st_size > 0
+
+
+def test_optimizers_benchmark_times_both_presets(tmp_path):
+  out = tmp_path / "opt"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, str(ROOT / "benchmarks" / "optimizers.py"), "--batch-size", "8", "--rounds", "1",
+         "--steps-per-call", "1", "--host-devices", "2", "--out", str(out)]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.with_suffix(".json").read_text())
+  assert report["devices"] == 2 and report["batch_size"] == 8
+  assert [r["optimizer"] for r in report["rows"]] == ["sgd_lookahead (cpu_sgd)", "muon (cpu)"]
+  assert all(r["img_per_s"] > 0 for r in report["rows"]) and report["rows"][0]["vs_sgd"] == 1.0
+  assert report["kernel_matrices"][-1] == [128, 1152] and report["newton_schulz_ms"] > 0

@@ -1,0 +1,99 @@
+"""What an optimizer costs per training step: the CIFAR-10 presets' SGD + lookahead vs Muon.
+
+Times ``experiments/cifar10.py``'s presets (``cpu_sgd``: airbench94's Nesterov SGD + lookahead;
+``cpu``: airbench94_muon's Muon on the conv kernels) as ``jcv.train.fit`` runs them: the
+data-parallel jitted step over one XLA CPU device per core, random uint8 batches fed from host
+numpy every step, in interleaved rounds of ``--steps-per-call`` steps ending with a block. Also
+times Muon's Newton-Schulz iterations alone for the preset's kernel shapes.
+
+  python benchmarks/optimizers.py [--batch-size 128] [--rounds 5] [--out benchmarks/results/optimizers]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+__all__ = ["main"]
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--batch-size", type=int, default=128, help="global batch (default: the presets')")
+  p.add_argument("--host-devices", default="cores", help="XLA CPU devices: 'cores' or a number")
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--steps-per-call", type=int, default=10)
+  p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "optimizers"))
+  args = p.parse_args(argv)
+
+  from jcv import perf
+  perf.setup_cpu(host_devices=args.host_devices if args.host_devices == "cores" else int(args.host_devices))
+  import jax
+  import numpy as np
+
+  import cifar10
+  from benchmarks.common import interleaved_times, machine_info, median, write_json
+  from jcv.train import create_train_state, loop, optim, parallel
+
+  mesh = parallel.make_mesh()
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (args.batch_size, 32, 32, 3), dtype=np.uint8),
+           "label": rng.integers(0, 10, args.batch_size).astype(np.int32)}
+
+  def runner(config):
+    config = config.replace(batch_size=args.batch_size)
+    model = loop.build_model(config, 10)
+    tx, schedule = optim.make_optimizer(config, steps_per_epoch=390, total_steps=390 * config.epochs)
+    state = parallel.replicate(create_train_state(jax.random.key(0), model, tx, (1, 32, 32, 3)), mesh)
+    step = parallel.compile_train_step(
+        loop._train_fn(config, num_classes=10, augment_fn=loop.build_augment(config, 10), schedule=schedule),
+        mesh, mode="jit")
+    holder = [state]
+
+    def call():
+      for _ in range(args.steps_per_call):
+        holder[0], metrics = step(holder[0], parallel.shard_batch(batch, mesh))
+      jax.block_until_ready(metrics)
+    return call
+
+  presets = {"sgd_lookahead (cpu_sgd)": cifar10.CPU_SGD, "muon (cpu)": cifar10.CPU}
+  fns = {name: runner(cfg) for name, cfg in presets.items()}
+  times = interleaved_times(fns, rounds=args.rounds, iters_per_round=1, warmup=1)
+  rows = []
+  for name, ts in times.items():
+    per_step = median(ts) / args.steps_per_call
+    rows.append({"optimizer": name, "ms_per_step": 1e3 * per_step, "img_per_s": args.batch_size / per_step})
+
+  # Newton-Schulz alone: one update's worth, for the Muon preset's conv kernels (cout x 9 cin).
+  import flax
+  import jax.numpy as jnp
+  model = loop.build_model(cifar10.CPU, 10)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
+  shapes = [leaf.shape for path, leaf in flax.traverse_util.flatten_dict(params, sep="/").items()
+            if leaf.ndim == 4 and not path.startswith("whiten")]
+  mats = [jnp.asarray(rng.normal(size=(s[-1], int(np.prod(s[:-1])))), jnp.float32) for s in shapes]
+  ns = jax.jit(lambda ms: [optim.newton_schulz(m, cifar10.CPU.muon_ns_steps) for m in ms])
+  ns_times = interleaved_times({"ns": lambda: jax.block_until_ready(ns(mats))}, rounds=args.rounds,
+                               iters_per_round=5, warmup=2)["ns"]
+
+  base = rows[0]["img_per_s"]
+  print(f"cifar_cnn width 0.5, batch {args.batch_size}, {jax.device_count()} XLA CPU device(s)")
+  for r in rows:
+    r["vs_sgd"] = r["img_per_s"] / base
+    print(f"  {r['optimizer']:>24s}: {r['ms_per_step']:7.1f} ms/step  {r['img_per_s']:6.0f} img/s  "
+          f"{r['vs_sgd']:.3f}x")
+  ns_ms = 1e3 * median(ns_times)
+  print(f"  Newton-Schulz ({cifar10.CPU.muon_ns_steps} steps) for {len(shapes)} kernels "
+        f"{[tuple(m.shape) for m in mats]}: {ns_ms:.1f} ms on one device")
+  write_json(args.out + ".json", {"machine": machine_info(), "batch_size": args.batch_size,
+                                  "devices": jax.device_count(), "rows": rows,
+                                  "newton_schulz_ms": ns_ms, "kernel_matrices": [list(m.shape) for m in mats]})
+  return rows
+
+
+if __name__ == "__main__":
+  main()
