@@ -164,7 +164,7 @@ def make_optimizer(config, *, steps_per_epoch: int, total_steps: int
   is_muon = config.optimizer == "muon"
   multipliers = list((config.lr_multipliers or {}).values())
   patterns = list(config.lr_multipliers or {})
-  short = {p: e for p, e in (config.group_epochs or {}).items()}
+  short = dict(config.group_epochs or {})
   unknown = set(short) - set(patterns)
   if unknown:
     raise ValueError(f"group_epochs patterns {sorted(unknown)} must also be lr_multipliers keys "
