@@ -68,11 +68,13 @@ def _add_flag(flags: list[str], flag: str) -> None:
     flags.append(flag)
 
 
-def setup_cpu(*, host_devices: int | None = None, malloc: bool = True) -> dict:
+def setup_cpu(*, host_devices: int | str | None = None, malloc: bool = True, devices_per_core: int = 1) -> dict:
   """Prepares this process for fast CPU training; call before the first JAX computation.
 
   ``host_devices``: number of XLA CPU devices (``None`` leaves it alone; ``"cores"`` or 0
-  uses ``os.cpu_count()`` rounded down to a power of two, so batch sizes divide). Use with
+  uses ``os.cpu_count()`` rounded down to a power of two, so batch sizes divide, times
+  ``devices_per_core``: 2 keeps both cores busy while one device waits on a collective or a
+  single-threaded op, +11 % for the CIFAR-10 Muon step on 2 cores, 554 -> 618 img/s). Use with
   jcv's data-parallel step so each device gets a share of the batch; the per-device batch
   must divide evenly. ``malloc``: apply :func:`tune_malloc`.
   Flags already present in ``$XLA_FLAGS`` win. Returns what was done.
@@ -81,9 +83,11 @@ def setup_cpu(*, host_devices: int | None = None, malloc: bool = True) -> dict:
   if malloc:
     done["malloc"] = tune_malloc()
   if host_devices is not None:
+    if devices_per_core < 1:
+      raise ValueError(f"devices_per_core must be >= 1, got {devices_per_core!r}")
     if host_devices in (0, "cores"):
       cores = os.cpu_count() or 1
-      count = 1 << (cores.bit_length() - 1)
+      count = (1 << (cores.bit_length() - 1)) * devices_per_core
     else:
       count = int(host_devices)
     if count < 1:

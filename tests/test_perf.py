@@ -46,6 +46,17 @@ def test_setup_cpu_cores_rounds_down_to_a_power_of_two(cores, expected):
   assert _run(code, {})["n"] == expected
 
 
+@pytest.mark.parametrize("cores,per_core,expected", [(2, 2, 4), (6, 2, 8), (1, 3, 3)])
+def test_setup_cpu_devices_per_core_multiplies_the_core_count(cores, per_core, expected):
+  code = (
+      "import json, os, jcv.perf as p\n"
+      f"os.cpu_count = lambda: {cores}\n"
+      f"p.setup_cpu(host_devices='cores', malloc=False, devices_per_core={per_core})\n"
+      "import jax\n"
+      "print(json.dumps({'n': jax.device_count()}))\n")
+  assert _run(code, {})["n"] == expected
+
+
 def test_setup_cpu_rejects_bad_device_count():
   import jcv.perf
   with pytest.raises(ValueError, match="host_devices"):

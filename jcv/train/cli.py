@@ -140,17 +140,18 @@ def fit_only_flags(args: argparse.Namespace) -> list[str]:
   return [f"--{name.replace('_', '-')}" for name in FIT_ONLY if getattr(args, name, None)]
 
 
-def start(args: argparse.Namespace, *, host_devices: int | str | None = None) -> None:
+def start(args: argparse.Namespace, *, host_devices: int | str | None = None, devices_per_core: int = 1) -> None:
   """Starts multi-host JAX when the flags (or $JCV_*) ask for it, then, on a CPU, tunes glibc
   malloc. Call it before any other JAX computation.
 
   ``host_devices="cores"``: one XLA CPU device per core (rounded down to a power of two, so
   batch sizes divide), which jcv's data-parallel step uses on a CPU-only machine (XLA:CPU
   runs each convolution on one core); an accelerator run ignores the extra CPU devices.
+  ``devices_per_core`` multiplies that count (see :func:`jcv.perf.setup_cpu`).
   """
   if host_devices is not None:
     from jcv import perf
-    perf.setup_cpu(host_devices=host_devices, malloc=False)
+    perf.setup_cpu(host_devices=host_devices, malloc=False, devices_per_core=devices_per_core)
   from jcv.train import parallel
   parallel.initialize_distributed(coordinator_address=args.coordinator_address,
                                   num_processes=args.num_processes, process_id=args.process_id)
@@ -168,17 +169,18 @@ def backend_preset() -> str:
 
 def run(argv=None, *, presets=None, default_preset: str | None = None, base: Config | None = None,
         description: str | None = None, fit_kwargs: dict | Callable[[Config], dict] | None = None,
-        default_workdir: str | None = None, host_devices: int | str | None = None) -> dict:
+        default_workdir: str | None = None, host_devices: int | str | None = None,
+        devices_per_core: int = 1) -> dict:
   """Parses flags, starts multi-host JAX if asked, runs ``fit`` and prints the results.
 
   ``fit_kwargs`` (e.g. ``train_source``, ``model``) go to ``fit``; a callable gets the final
-  Config, after multi-host start-up. ``host_devices`` goes to :func:`start`. Exits with status 1 and the message on a non-finite
+  Config, after multi-host start-up. ``host_devices`` and ``devices_per_core`` go to :func:`start`. Exits with status 1 and the message on a non-finite
   loss, and 128 + signal after SIGINT/SIGTERM (once the checkpoint is saved).
   """
   parser = make_parser(description, presets=presets, default_preset=default_preset,
                        default_workdir=default_workdir)
   args = parser.parse_args(argv)
-  start(args, host_devices=host_devices)
+  start(args, host_devices=host_devices, devices_per_core=devices_per_core)
   try:
     config = config_from_args(args, presets=presets, base=base)
   except ValueError as e:  # a bad --set: usage and the message, exit status 2
