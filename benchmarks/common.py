@@ -32,6 +32,20 @@ def median(values) -> float:
   return statistics.median(values) if values else float("nan")
 
 
+def step_runner(step, state, batch, mesh, steps: int) -> Callable[[], None]:
+  """A closure that runs ``steps`` compiled jcv train steps on one fixed host ``batch``
+  (sharded over ``mesh`` each step, as ``fit`` feeds it), then waits for the last metrics."""
+  import jax
+  from jcv.train import parallel
+  box = [state]
+
+  def run():
+    for _ in range(steps):
+      box[0], metrics = step(box[0], parallel.shard_batch(batch, mesh))
+    jax.block_until_ready(metrics)
+  return run
+
+
 def interleaved_times(fns: dict[str, Callable[[], object]], *, rounds: int = 5,
                       iters_per_round: int = 2, warmup: int = 2,
                       budget_s: float | None = None,

@@ -36,7 +36,7 @@ def main(argv=None):
   import numpy as np
 
   import cifar10
-  from benchmarks.common import interleaved_times, machine_info, median, write_json
+  from benchmarks.common import interleaved_times, machine_info, median, step_runner, write_json
   from jcv.train import create_train_state, loop, optim, parallel
 
   mesh = parallel.make_mesh()
@@ -52,13 +52,7 @@ def main(argv=None):
     step = parallel.compile_train_step(
         loop._train_fn(config, num_classes=10, augment_fn=loop.build_augment(config, 10), schedule=schedule),
         mesh, mode="jit")
-    holder = [state]
-
-    def call():
-      for _ in range(args.steps_per_call):
-        holder[0], metrics = step(holder[0], parallel.shard_batch(batch, mesh))
-      jax.block_until_ready(metrics)
-    return call
+    return step_runner(step, state, batch, mesh, args.steps_per_call)
 
   presets = {"sgd_lookahead (cpu_sgd)": cifar10.CPU_SGD, "muon (cpu)": cifar10.CPU}
   fns = {name: runner(cfg) for name, cfg in presets.items()}

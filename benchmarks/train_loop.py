@@ -41,7 +41,7 @@ def main(argv=None):
   import jax
   import numpy as np
 
-  from benchmarks.common import interleaved_times, machine_info, median, write_json
+  from benchmarks.common import interleaved_times, machine_info, median, step_runner, write_json
   from jcv.train import Config, create_train_state, loop, optim, parallel, train_step
 
   cfg = Config(model=args.model, image_size=args.image_size, batch_size=args.batch_size)
@@ -68,12 +68,7 @@ def main(argv=None):
     mesh = parallel.make_mesh()
     state = parallel.replicate(create_train_state(jax.random.key(0), model, tx, shape), mesh)
     step = parallel.compile_train_step(fn, mesh, mode=mode)
-    box = [state]
-    def run():
-      for _ in range(args.steps_per_call):
-        box[0], metrics = step(box[0], parallel.shard_batch(batch, mesh))
-      parallel.fetch(metrics)
-    return run
+    return step_runner(step, state, batch, mesh, args.steps_per_call)
 
   fns = {"bare": make_bare(), "jcv_jit": make_jcv("jit"), "jcv_pmap": make_jcv("pmap")}
   cpu = {}
