@@ -2,7 +2,8 @@
 
 Times ``experiments/cifar10.py``'s presets (``cpu_sgd``: airbench94's Nesterov SGD + lookahead;
 ``cpu``: airbench94_muon's Muon on the conv kernels) as ``jcv.train.fit`` runs them: the
-data-parallel jitted step over one XLA CPU device per core, random uint8 batches fed from host
+data-parallel jitted step over ``--devices-per-core`` XLA CPU devices per core (default 1;
+``experiments/cifar10.py`` trains with 2), random uint8 batches fed from host
 numpy every step, in interleaved rounds of ``--steps-per-call`` steps ending with a block. Also
 times Muon's Newton-Schulz iterations alone for the preset's kernel shapes.
 
@@ -25,13 +26,15 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--batch-size", type=int, default=128, help="global batch (default: the presets')")
   p.add_argument("--host-devices", default="cores", help="XLA CPU devices: 'cores' or a number")
+  p.add_argument("--devices-per-core", type=int, default=1, help="with --host-devices cores")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--steps-per-call", type=int, default=10)
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "optimizers"))
   args = p.parse_args(argv)
 
   from jcv import perf
-  perf.setup_cpu(host_devices=args.host_devices if args.host_devices == "cores" else int(args.host_devices))
+  perf.setup_cpu(host_devices=args.host_devices if args.host_devices == "cores" else int(args.host_devices),
+                 devices_per_core=args.devices_per_core)
   import jax
   import numpy as np
 

@@ -61,6 +61,8 @@ def test_setup_cpu_rejects_bad_device_count():
   import jcv.perf
   with pytest.raises(ValueError, match="host_devices"):
     jcv.perf.setup_cpu(host_devices=-1, malloc=False)
+  with pytest.raises(ValueError, match="devices_per_core"):
+    jcv.perf.setup_cpu(host_devices="cores", malloc=False, devices_per_core=0)
 
 
 def test_compilation_cache_writes_entries(tmp_path):
