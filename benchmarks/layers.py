@@ -41,6 +41,7 @@ LAYERS = {
     "resnet_3x3_s2_128_28": (28, 128, 256, 3, 2, 1),
     "cifar_3x3_64_128_32": (32, 64, 128, 3, 1, 1),
     "cifar_3x3_3_64_32": (32, 3, 64, 3, 1, 1),
+    "cifar_whiten_2x2_3_24_32": (32, 3, 24, 2, 1, 1),  # airbench's whitening layer (SAME here)
 }
 
 

@@ -35,7 +35,11 @@ CASES = [
     (2, 8, 8, 4, 6, 3, 3, 2, "SAME", 1, 1),
     (2, 9, 9, 3, 5, 7, 7, 2, 3, 1, 1),
     (2, 8, 7, 4, 6, 3, 3, 1, "VALID", 1, 2),
+    # first layers with tiny kernels, kh*kw*cin <= 16 (im2col + matmul path): airbench's
+    # 2x2 whitening layer on RGB, a 2x2 on 4 channels
     (2, 8, 8, 3, 6, 2, 2, 2, "VALID", 1, 1),
+    (2, 9, 8, 3, 24, 2, 2, 1, "VALID", 1, 1),
+    (2, 7, 7, 4, 5, 2, 2, 1, "SAME", 1, 1),
     # tiny outputs (im2col + matmul path), incl. a 3x3 SAME conv on a 1x1 map
     (2, 2, 2, 8, 6, 3, 3, 1, "SAME", 1, 1),
     (2, 1, 1, 8, 6, 3, 3, 1, "SAME", 1, 1),
@@ -87,8 +91,8 @@ def test_cpu_lowering_matches_lax_forward_and_gradients(case):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[10], CASES[13], CASES[17]],
-                         ids=["1x1", "depthwise", "depthwise-mult", "first-layer", "tiny-map"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[10], CASES[13], CASES[17], CASES[19]],
+                         ids=["1x1", "depthwise", "depthwise-mult", "first-layer", "whitening", "tiny-map"])
 def test_bfloat16_matches_float32_reference(case):
   *_, strides, padding, groups, dilation = case
   x, k = _inputs(case, jnp.bfloat16)
@@ -118,6 +122,9 @@ def test_cpu_lowering_avoids_xla_conv_for_1x1_depthwise_and_tiny_maps():
         x, jnp.zeros((3, 3, 1, 4)))
     tiny = _primitives(lambda a, b: conv_ops.conv2d(a, b), jnp.zeros((1, 2, 2, 8)),
                        jnp.zeros((3, 3, 8, 8)))
+    whiten = _primitives(lambda a, b: conv_ops.conv2d(a, b, padding="VALID"),
+                         jnp.zeros((1, 8, 8, 3)), jnp.zeros((2, 2, 3, 24)))
+  assert "conv_general_dilated" not in whiten and "dot_general" in whiten
   assert "conv_general_dilated" not in one and "dot_general" in one
   assert "conv_general_dilated" not in tiny and "dot_general" in tiny
   assert "conv_general_dilated" not in str(dw)
