@@ -86,6 +86,7 @@ class Config:
   best_metric: str = "top1"           # eval metric ranking checkpoints (higher is better; "loss": lower)
   log_every: int = 50                 # steps between logged training metrics
   eval_every: int = 1                 # epochs between evaluations
+  bn_recompute_images: int = 0        # >0: at the end, BN statistics averaged over this many train images
   tta_flip: bool = False              # average logits with the horizontally flipped image at eval
   tta_translate: int = 0              # >0: also average views shifted by this many pixels (airbench)
   eval_image_size: int | None = None  # eval/predict input size (None: image_size; larger: FixRes)
@@ -164,6 +165,8 @@ class Config:
       raise ValueError(f"eval_image_size must be >= 1 or None, got {self.eval_image_size}")
     if not 0 < self.eval_crop_fraction <= 1:
       raise ValueError(f"eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}")
+    if self.bn_recompute_images < 0:
+      raise ValueError(f"bn_recompute_images must be >= 0, got {self.bn_recompute_images}")
     if self.steps is not None and self.steps < 1:
       raise ValueError(f"steps must be >= 1 or None, got {self.steps}")
     if not 1 <= self.max_steps_in_flight <= 30:

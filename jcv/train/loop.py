@@ -29,6 +29,7 @@ from jcv.train.state import create_train_state
 __all__ = [
     "NonFiniteLossError", "fit", "evaluate", "load_run", "run_eval", "collect_logits",
     "enable_compilation_cache", "build_model", "build_augment", "source_spec", "eval_view",
+    "recompute_batch_stats",
 ]
 
 
@@ -108,6 +109,40 @@ def eval_view(config: Config) -> dict:
 def _eval_fn(config: Config):
   return functools.partial(step_lib.eval_step, mean=config.mean, std=config.std,
                            tta_flip=config.tta_flip, tta_translate=config.tta_translate)
+
+
+def recompute_batch_stats(state, batches, mesh, *, augment_fn=None, num_classes: int, mean=None,
+                          std=None, freeze=()):
+  """Precise BatchNorm (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021).
+
+  Returns ``state`` whose BatchNorm running statistics are replaced by plain averages, over
+  ``batches`` (host dicts with "image" and "label", global batches of equal size), of the
+  statistics each batch gets in train mode with the training augmentation. The running
+  averages training leaves behind weight the last few batches most (momentum 0.6 at batch 128
+  is ~300 images); this uses as many as given. Works for any Flax model whose BatchNorm layers
+  update ``momentum * old + (1 - momentum) * batch``: each layer's momentum is read off one
+  batch run with running statistics of 0 and of 1. Layers matching ``freeze`` keep theirs.
+  """
+  if not state.batch_stats:
+    return state
+  fn = jax.jit(functools.partial(step_lib.bn_update, augment_fn=augment_fn, num_classes=num_classes,
+                                 mean=mean, std=std))
+  zeros = jax.tree.map(jnp.zeros_like, state.batch_stats)
+  total, count, momentum = None, 0, None
+  for index, batch in enumerate(batches):
+    batch = parallel.shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
+    scaled = fn(state, batch, zeros, index)  # (1 - momentum) * this batch's statistics
+    if momentum is None:
+      ones = jax.tree.map(jnp.ones_like, state.batch_stats)
+      momentum = jax.tree.map(lambda a, b: jnp.mean(a - b), fn(state, batch, ones, index), scaled)
+    total = scaled if total is None else jax.tree.map(jnp.add, total, scaled)
+    count += 1
+  if not count:
+    raise ValueError("recompute_batch_stats needs at least one batch")
+  new = jax.tree.map(lambda t, m, old: jnp.where(1 - m > 1e-6, t / (count * (1 - m)), old),
+                     total, momentum, state.batch_stats)
+  new = step_lib._keep_frozen_stats(new, state.batch_stats, tuple(freeze))
+  return state.replace(batch_stats=new)
 
 
 def run_eval(state, loader, eval_fn, mesh, *, max_in_flight: int = 16) -> dict:
@@ -258,7 +293,7 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
   def save(metrics=None):
     checkpointer.save(state, data_state=iterator.get_state(), config=config.to_dict(), metrics=metrics)
 
-  last_eval, stopped_by = None, None
+  last_eval, stopped_by, bn_recomputed = None, None, None
   running = _Running()
   progress = _progress(config, is_main, start_step, total_steps)
   pending: list = []
@@ -293,6 +328,12 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
         if log_now:
           logger.scalars(step, {**running.mean(), "img_per_s": timer.rate()}, split="train")
           running.reset()
+        if step == total_steps and config.bn_recompute_images and state.batch_stats:
+          state = recompute_batch_stats(
+              state, _first_batches(train_ld, config.bn_recompute_images, config.batch_size), mesh,
+              augment_fn=augment_fn, num_classes=num_classes, mean=config.mean, std=config.std,
+              freeze=config.freeze)
+          bn_recomputed = config.bn_recompute_images
         eval_metrics = None
         if eval_ld is not None and ((epoch_end and (step // steps_per_epoch) % config.eval_every == 0)
                                     or step == total_steps):
@@ -333,6 +374,7 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
       "versions": _versions(),
       "resumed_from_step": start_step or None,
       "stopped_by": stopped_by,
+      "bn_recomputed_images": bn_recomputed,
   }
   if is_main:
     log_lib.write_json(workdir / "results.json", results)
@@ -394,6 +436,17 @@ class _Throughput:
 
   def overall(self):
     return self.total_steps * self.batch_size / self.total_time if self.total_time else None
+
+
+def _first_batches(loader, num_images: int, global_batch: int):
+  """The first ceil(num_images / global_batch) batches of the loader's first epoch."""
+  iterator = loader.iter_from(0)
+  try:
+    for _ in range(min(-(-num_images // global_batch), loader.steps_per_epoch)):
+      yield next(iterator)
+  finally:
+    if hasattr(iterator, "close"):
+      iterator.close()
 
 
 def _any_process(flag: bool) -> bool:

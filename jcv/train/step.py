@@ -18,7 +18,7 @@ from jcv.data import augment as augment_lib
 from jcv.train import losses
 from jcv.train.optim import decay_mask, param_paths
 
-__all__ = ["train_step", "eval_step", "predict_logits", "to_model_input"]
+__all__ = ["train_step", "eval_step", "predict_logits", "to_model_input", "bn_update"]
 
 
 def to_model_input(images, *, mean=None, std=None):
@@ -98,6 +98,24 @@ def train_step(state, batch, *, augment_fn: Callable | None = None, num_classes:
   metrics["lr"] = (jnp.asarray(schedule(state.step), jnp.float32) if schedule is not None
                    else jnp.zeros((), jnp.float32))
   return state.apply_gradients(grads, batch_stats=new_stats), metrics
+
+
+def bn_update(state, batch, stats_in, index, *, augment_fn: Callable | None = None,
+              num_classes: int, mean=None, std=None):
+  """The BatchNorm statistics ``model.apply`` (train mode) returns for ``batch`` when the
+  running statistics going in are ``stats_in``: ``momentum * stats_in + (1 - momentum) *
+  batch statistics`` per layer. The batch is augmented as in training (key: ``state.key``
+  folded with a constant and ``index``). Used by ``jcv.train.loop.recompute_batch_stats``.
+  """
+  key = jax.random.fold_in(jax.random.fold_in(state.key, 0x5EED), index)
+  aug_key, dropout_key = jax.random.split(key)
+  images, labels = batch["image"], batch["label"]
+  if augment_fn is not None:
+    images, _ = augment_fn(aug_key, images, labels)
+  x = to_model_input(images, mean=mean, std=std)
+  _, new_vars = state.apply_fn({"params": state.params, "batch_stats": stats_in}, x, train=True,
+                               mutable=["batch_stats"], rngs={"dropout": dropout_key})
+  return new_vars["batch_stats"]
 
 
 def predict_logits(state, images, *, mean=None, std=None, tta_flip: bool = False,

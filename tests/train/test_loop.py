@@ -120,3 +120,58 @@ def test_half_written_checkpoint_is_ignored_with_warning(tmp_path):
     restored, data_state, _, step = ck.restore(state)
   assert step == 3 and int(restored.step) == 3 and data_state == {"next_batch": 3}
   ck.close()
+
+
+def _conv3x3_same(x, kernel):
+  """NumPy 3x3 SAME convolution (NHWC, HWIO), float64."""
+  n, h, w, _ = x.shape
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  out = np.zeros((n, h, w, kernel.shape[-1]))
+  for i in range(3):
+    for j in range(3):
+      out += xp[:, i:i + h, j:j + w, :] @ kernel[i, j]
+  return out
+
+
+def test_recompute_batch_stats_averages_each_batch_statistics():
+  # Precise BN: the plain average over batches of each batch's mean and (biased) variance,
+  # against a NumPy transcription of TinyCNN's conv; frozen layers keep their statistics.
+  from tiny import random_images
+  mean, std = (0.3, 0.3, 0.3), (0.2, 0.2, 0.2)
+  model = TinyCNN()  # BatchNorm momentum 0.9
+  tx, _ = optim.make_optimizer(BASE, steps_per_epoch=1, total_steps=1)
+  mesh = parallel.make_mesh()
+  state = parallel.replicate(create_train_state(jax.random.key(0), model, tx, (1, 8, 8, 3)), mesh)
+  images, labels = random_images(48)
+  batches = [{"image": images[i:i + 16], "label": labels[i:i + 16]} for i in (0, 16, 32)]
+  got = loop.recompute_batch_stats(state, batches, mesh, num_classes=10, mean=mean, std=std)
+  kernel = np.asarray(state.params["Conv_0"]["kernel"], np.float64)
+  feats = [_conv3x3_same((b["image"] / 255.0 - 0.3) / 0.2, kernel) for b in batches]
+  want_mean = np.mean([f.mean(axis=(0, 1, 2)) for f in feats], axis=0)
+  want_var = np.mean([f.var(axis=(0, 1, 2)) for f in feats], axis=0)
+  bn = parallel.fetch(got.batch_stats)["BatchNorm_0"]
+  np.testing.assert_allclose(bn["mean"], want_mean, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(bn["var"], want_var, rtol=1e-4)
+  frozen = loop.recompute_batch_stats(state, batches, mesh, num_classes=10, mean=mean, std=std,
+                                      freeze=("BatchNorm_0",))
+  np.testing.assert_array_equal(parallel.fetch(frozen.batch_stats)["BatchNorm_0"]["var"], np.ones(8))
+
+
+def test_fit_stores_the_recomputed_batch_stats(tmp_path):
+  from jcv.data import pipeline
+  train, _ = array_sources(64, 0)
+  cfg = BASE.replace(steps=4, eval_split="", augment=(), bn_recompute_images=40)
+  results = loop.fit(cfg, workdir=tmp_path, train_source=train)
+  assert results["bn_recomputed_images"] == 40
+  config, _, state, mesh = loop.load_run(tmp_path, which="latest")
+  # Recomputing from the checkpoint's weights on the same first 3 batches of 16 gives the
+  # checkpoint's statistics back (the running averages of training would not).
+  ld = pipeline.train_loader(train, batch_size=16, image_size=8, seed=0, crop=config.crop,
+                             scale=tuple(config.crop_scale), flip=False)
+  again = loop.recompute_batch_stats(state, loop._first_batches(ld, 40, 16), mesh, num_classes=10,
+                                     mean=config.mean, std=config.std)
+  for a, b in zip(jax.tree.leaves(parallel.fetch(state.batch_stats)),
+                  jax.tree.leaves(parallel.fetch(again.batch_stats))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="bn_recompute_images"):
+    Config(bn_recompute_images=-1).validate()
