@@ -111,8 +111,7 @@ def _eval_fn(config: Config):
                            tta_flip=config.tta_flip, tta_translate=config.tta_translate)
 
 
-def recompute_batch_stats(state, batches, mesh, *, augment_fn=None, num_classes: int, mean=None,
-                          std=None, freeze=()):
+def recompute_batch_stats(state, batches, mesh, *, augment_fn=None, mean=None, std=None, freeze=()):
   """Precise BatchNorm (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021).
 
   Returns ``state`` whose BatchNorm running statistics are replaced by plain averages, over
@@ -125,8 +124,7 @@ def recompute_batch_stats(state, batches, mesh, *, augment_fn=None, num_classes:
   """
   if not state.batch_stats:
     return state
-  fn = jax.jit(functools.partial(step_lib.bn_update, augment_fn=augment_fn, num_classes=num_classes,
-                                 mean=mean, std=std))
+  fn = jax.jit(functools.partial(step_lib.bn_update, augment_fn=augment_fn, mean=mean, std=std))
   zeros = jax.tree.map(jnp.zeros_like, state.batch_stats)
   total, count, momentum = None, 0, None
   for index, batch in enumerate(batches):
@@ -331,8 +329,7 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
         if step == total_steps and config.bn_recompute_images and state.batch_stats:
           state = recompute_batch_stats(
               state, _first_batches(train_ld, config.bn_recompute_images, config.batch_size), mesh,
-              augment_fn=augment_fn, num_classes=num_classes, mean=config.mean, std=config.std,
-              freeze=config.freeze)
+              augment_fn=augment_fn, mean=config.mean, std=config.std, freeze=config.freeze)
           bn_recomputed = config.bn_recompute_images
         eval_metrics = None
         if eval_ld is not None and ((epoch_end and (step // steps_per_epoch) % config.eval_every == 0)

@@ -100,8 +100,8 @@ def train_step(state, batch, *, augment_fn: Callable | None = None, num_classes:
   return state.apply_gradients(grads, batch_stats=new_stats), metrics
 
 
-def bn_update(state, batch, stats_in, index, *, augment_fn: Callable | None = None,
-              num_classes: int, mean=None, std=None):
+def bn_update(state, batch, stats_in, index, *, augment_fn: Callable | None = None, mean=None,
+              std=None):
   """The BatchNorm statistics ``model.apply`` (train mode) returns for ``batch`` when the
   running statistics going in are ``stats_in``: ``momentum * stats_in + (1 - momentum) *
   batch statistics`` per layer. The batch is augmented as in training (key: ``state.key``

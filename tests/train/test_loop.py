@@ -144,7 +144,7 @@ def test_recompute_batch_stats_averages_each_batch_statistics():
   state = parallel.replicate(create_train_state(jax.random.key(0), model, tx, (1, 8, 8, 3)), mesh)
   images, labels = random_images(48)
   batches = [{"image": images[i:i + 16], "label": labels[i:i + 16]} for i in (0, 16, 32)]
-  got = loop.recompute_batch_stats(state, batches, mesh, num_classes=10, mean=mean, std=std)
+  got = loop.recompute_batch_stats(state, batches, mesh, mean=mean, std=std)
   kernel = np.asarray(state.params["Conv_0"]["kernel"], np.float64)
   feats = [_conv3x3_same((b["image"] / 255.0 - 0.3) / 0.2, kernel) for b in batches]
   want_mean = np.mean([f.mean(axis=(0, 1, 2)) for f in feats], axis=0)
@@ -152,7 +152,7 @@ def test_recompute_batch_stats_averages_each_batch_statistics():
   bn = parallel.fetch(got.batch_stats)["BatchNorm_0"]
   np.testing.assert_allclose(bn["mean"], want_mean, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(bn["var"], want_var, rtol=1e-4)
-  frozen = loop.recompute_batch_stats(state, batches, mesh, num_classes=10, mean=mean, std=std,
+  frozen = loop.recompute_batch_stats(state, batches, mesh, mean=mean, std=std,
                                       freeze=("BatchNorm_0",))
   np.testing.assert_array_equal(parallel.fetch(frozen.batch_stats)["BatchNorm_0"]["var"], np.ones(8))
 
@@ -168,7 +168,7 @@ def test_fit_stores_the_recomputed_batch_stats(tmp_path):
   # checkpoint's statistics back (the running averages of training would not).
   ld = pipeline.train_loader(train, batch_size=16, image_size=8, seed=0, crop=config.crop,
                              scale=tuple(config.crop_scale), flip=False)
-  again = loop.recompute_batch_stats(state, loop._first_batches(ld, 40, 16), mesh, num_classes=10,
+  again = loop.recompute_batch_stats(state, loop._first_batches(ld, 40, 16), mesh,
                                      mean=config.mean, std=config.std)
   for a, b in zip(jax.tree.leaves(parallel.fetch(state.batch_stats)),
                   jax.tree.leaves(parallel.fetch(again.batch_stats))):
