@@ -30,14 +30,14 @@ Presets:
   55 s for the whole process; airbench94 itself reaches 94.0 % in 3.8 s on an A100 on the
   original CIFAR-10 (this is the JPEG copy, quality ~75).
 
-Measured (../shared/data/cifar10 test split, TTA, 2-core Xeon, nothing else running; docs/cifar10.md):
+Measured (../shared/data/cifar10 test split, TTA, 2-core Xeon alone, 2026-11-28; docs/cifar10.md):
 - ``--preset cpu``: 89.33 % top-1 (99.53 % top-5) in 19.4 min wall (18.7 min in fit, 595 img/s);
-  session 5 (whitening layer as im2col + matmul; a slower VM): 89.06 % (99.61 %) in 21.1 min
+  whitening layer as im2col + matmul, a slower phase of the VM: 89.06 % (99.61 %) in 21.1 min
   (540 img/s), and with precise BN (now in the preset) 89.30 % (99.60 %) in 23.4 min (486 img/s);
-  session 3's 11 epochs on one device per core: 89.14 % in 20.1 min.
-- ``--preset cpu_sgd``: 88.86 % (99.49 %) in 17.8 min (598 img/s) in session 2; the same loop ran
+  the same recipe at 11 epochs on one device per core: 89.14 % in 20.1 min.
+- ``--preset cpu_sgd``: 88.86 % (99.49 %) in 17.8 min (598 img/s); the same loop ran
   ~15 % slower on the day the Muon run was measured (510 vs 598 img/s), so compare accuracy,
-  not minutes. Both are below the 90 % target, which session 5 reported blocked: it needs ~20
+  not minutes. Both are below the 90 % target: it needs ~20
   epochs of this net, a ~1.5x faster step than XLA:CPU's convolutions allow (docs/cifar10.md).
 """
 from __future__ import annotations
