@@ -10,8 +10,8 @@ from jcv.models.registry import ModelCard, create, get_card, list_models, regist
 from jcv.models.summary import count_params, layer_table, measure_macs, summary
 
 # Importing a family module registers its models.
-from jcv.models import (alexnet, cifar, inception, mobilenet, resnet, simple, spp,  # noqa: F401
-                        vgg)
+from jcv.models import (alexnet, cifar, efficientnet, inception, mobilenet, resnet,  # noqa: F401
+                        simple, spp, vgg)
 
 __all__ = ["ModelCard", "count_params", "create", "get_card", "layers", "list_models",
            "layer_table", "measure_macs", "register", "summary"]

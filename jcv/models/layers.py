@@ -23,7 +23,7 @@ from jcv.models.conv_ops import conv2d
 __all__ = [
     "BasicBlock", "Bottleneck", "Conv", "ConvBNAct", "ConvBranch", "InceptionV1Block",
     "LocalResponseNorm", "PoolBranch", "SpatialPyramidPool", "adaptive_avg_pool",
-    "adaptive_max_pool", "avg_pool", "classifier_head", "max_pool", "mlp_head",
+    "adaptive_max_pool", "avg_pool", "classifier_head", "drop_path", "max_pool", "mlp_head",
     "pool_output_size", "variance_scaling",
 ]
 
@@ -405,6 +405,19 @@ class Bottleneck(nn.Module):
     y = ConvBNAct(self.features, 3, strides=self.strides, padding=1, name="conv2", **common)(y, train)
     y = ConvBNAct(out, 1, padding=0, act=None, bn_scale_init=last_init, name="conv3", **common)(y, train)
     return nn.relu(y + _shortcut(self, x, out, train, common))
+
+
+def drop_path(key, x, *, rate: float):
+  """Stochastic depth / drop-connect (TF EfficientNet): zeroes whole examples of a residual branch.
+
+  Each example of ``x`` [B, ...] is kept with probability ``1 - rate`` and then scaled by
+  ``1 / (1 - rate)``, so the expectation is ``x``. Call it only in training.
+  """
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"drop_path rate must be in [0, 1), got {rate!r}")
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
 
 
 def _shortcut(block, x, features, train, common):

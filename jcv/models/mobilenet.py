@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jcv.models.layers import ConvBNAct
+from jcv.models.layers import ConvBNAct, drop_path
 from jcv.models.registry import ModelCard, register
 
 __all__ = [
@@ -52,10 +52,15 @@ class InvertedResidual(nn.Module):
 
   Adds the input back when the stride is 1 and input/output channels match.
   ``bn_frozen=True`` runs its BatchNorms in inference mode whatever ``train`` says.
+  ``kernel_size`` is the depthwise kernel (EfficientNet's MBConv uses 5 too);
+  ``drop_path_rate > 0`` drops the residual branch per example in training (drop-connect,
+  :func:`jcv.models.layers.drop_path`; needs a ``"dropout"`` rng).
   """
   features: int
   expansion: int = 6
   strides: int = 1
+  kernel_size: int = 3
+  drop_path_rate: float = 0.0
   act: Callable = nn.relu6
   bn_momentum: float = 0.999
   bn_epsilon: float = 1e-3
@@ -70,10 +75,12 @@ class InvertedResidual(nn.Module):
     y = x
     if self.expansion != 1:
       y = ConvBNAct(in_features * self.expansion, 1, act=self.act, name="expand", **common)(y, bn_train)
-    y = ConvBNAct(y.shape[-1], 3, strides=self.strides, groups=-1, act=self.act,
+    y = ConvBNAct(y.shape[-1], self.kernel_size, strides=self.strides, groups=-1, act=self.act,
                   name="depthwise", **common)(y, bn_train)
     y = ConvBNAct(self.features, 1, act=None, name="project", **common)(y, bn_train)
     if self.strides == 1 and in_features == self.features:
+      if self.drop_path_rate > 0 and train:
+        y = drop_path(self.make_rng("dropout"), y, rate=self.drop_path_rate)
       y = y + x
     return y
 
@@ -96,6 +103,10 @@ class StagedNet(nn.Module):
   def _stage_modules(self) -> list:
     raise NotImplementedError
 
+  def _call_stage(self, stage, index: int, x, train: bool):
+    """Runs one stage; frozen and BN-frozen stages run in inference mode."""
+    return stage(x, train and index >= max(self.frozen_stages, self.frozen_bn_stages))
+
   @nn.compact
   def __call__(self, x, train: bool = False):
     return self._run(x, train)
@@ -107,9 +118,8 @@ class StagedNet(nn.Module):
     if not 0 <= self.start_stage <= end <= count + 1:
       raise ValueError(f"need 0 <= start_stage <= end_stage <= {count + 1}, got "
                        f"{self.start_stage} and {self.end_stage}")
-    bn_frozen = max(self.frozen_stages, self.frozen_bn_stages)
     for index in range(self.start_stage, min(end, count)):
-      x = stages[index](x, train and index >= bn_frozen)
+      x = self._call_stage(stages[index], index, x, train)
       if index + 1 == self.frozen_stages:
         x = jax.lax.stop_gradient(x)  # no backward pass through frozen stages at all
     if end <= count:

@@ -1,27 +1,73 @@
 """jcv.weights: pretrained weights ported into jcv models.
 
 ``model, variables = jcv.weights.pretrained("mobilenet_v2", source, num_classes=0)`` where
-``source`` is a local file (the TF-slim ``.npz`` in ../shared/weights, or a Keras applications
-``.h5``) or a known download name such as ``"mobilenet_v2_1.0_224_no_top"``.
+``source`` is a local file (the TF-slim ``.npz`` in ../shared/weights, a Keras applications
+``.h5``, a PyTorch EfficientNet-Lite state dict as ``.npz`` or ``.pth``) or a known download
+name such as ``"mobilenet_v2_1.0_224_no_top"``. ``pretrained_info(name)`` gives what the
+weights expect: image size, mean/std (in ``Config``'s convention) and eval crop.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jcv.weights import download, port
 from jcv.weights.download import DownloadError, fetch, known_weights
-from jcv.weights.port import NAME_MAPS, PortError, load_head, port_variables, read_arrays
+from jcv.weights.port import NAME_MAPS, PortError, PortTable, load_head, port_variables, read_arrays
 
 __all__ = [
-    "DownloadError", "NAME_MAPS", "PortError", "download", "fetch", "imagenet_labels",
-    "known_weights", "load_head", "port", "port_variables", "pretrained", "read_arrays",
+    "DownloadError", "NAME_MAPS", "PortError", "PortTable", "PretrainedInfo", "classifier_classes",
+    "download", "fetch", "imagenet_labels", "known_weights", "load_head", "port",
+    "port_variables", "pretrained", "pretrained_info", "read_arrays",
 ]
 
-_HEAD_PREFIXES = ("Logits_", "predictions/", "conv_preds/")
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedInfo:
+  """What a pretrained backbone expects of its inputs.
+
+  ``mean``/``std`` are in ``jcv.train.Config``'s convention: applied to pixels scaled to
+  [0, 1] (``(x / 255 - mean) / std``); ``image_size`` is the size the weights were trained at;
+  ``crop_fraction`` the centre crop of the evaluation view (``eval_resize_crop``).
+  """
+  name: str
+  image_size: int
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+  crop_fraction: float = 0.875
+  preprocessing: str = ""
+
+  def normalize(self, images) -> np.ndarray:
+    """uint8 NHWC images -> float32 model inputs, as the weights were trained."""
+    x = np.asarray(images, np.float32) / 255.0
+    return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+
+
+def _lite_info(name: str, size: int) -> PretrainedInfo:
+  # (x - 127) / 128 on uint8 pixels; TF's eval crop is size / (size + 32).
+  return PretrainedInfo(name, size, (127 / 255,) * 3, (128 / 255,) * 3,
+                        crop_fraction=size / (size + 32), preprocessing="(x - 127) / 128")
+
+
+_MINUS1_1 = dict(mean=(0.5,) * 3, std=(0.5,) * 3, preprocessing="x / 127.5 - 1")
+_INFO = {
+    "mobilenet_v1": PretrainedInfo("mobilenet_v1", 224, **_MINUS1_1),
+    "mobilenet_v2": PretrainedInfo("mobilenet_v2", 224, **_MINUS1_1),
+    **{f"efficientnet_lite{i}": _lite_info(f"efficientnet_lite{i}", size)
+       for i, size in enumerate((224, 240, 260, 280, 300))},
+}
+
+
+def pretrained_info(name: str) -> PretrainedInfo:
+  """The :class:`PretrainedInfo` (image size, mean/std, crop) of a model with ported weights."""
+  if name not in _INFO:
+    raise ValueError(f"no pretrained weights known for {name!r}; known: {', '.join(sorted(_INFO))}")
+  return _INFO[name]
 
 
 def _resolve_source(name: str, source) -> tuple[pathlib.Path, dict]:
@@ -38,8 +84,30 @@ def _resolve_source(name: str, source) -> tuple[pathlib.Path, dict]:
                    f"download name (see jcv.weights.known_weights())")
 
 
-def _format(path: pathlib.Path) -> str:
-  return "slim" if path.suffix.lower() == ".npz" else "keras"
+def _format(name: str, path: pathlib.Path) -> str:
+  """The file format a port of ``name`` reads from ``path``'s suffix (ValueError if none)."""
+  suffix = path.suffix.lower()
+  formats = sorted(f for m, f in NAME_MAPS if m == name and suffix in port.FORMATS.get(f, ()))
+  if len(formats) != 1:
+    known = ", ".join(f"{m} ({f}: {'/'.join(port.FORMATS.get(f, ()))})" for m, f in sorted(NAME_MAPS))
+    problem = "no port" if not formats else f"several ports ({formats})"
+    raise ValueError(f"{problem} of {suffix or 'suffix-less'} files for {name!r}; ports exist for: {known}")
+  return formats[0]
+
+
+def _is_head_fn(name_map):
+  return getattr(name_map, "is_head", lambda n: False)
+
+
+def _head_classes(arrays, name_map) -> int | None:
+  bias = name_map(("params", "head", "bias"))[0]
+  return int(arrays[bias].shape[-1]) if bias in arrays else None
+
+
+def classifier_classes(name: str, source) -> int | None:
+  """Class count of the classifier stored in a weight file (None if it has none)."""
+  path, _ = _resolve_source(name, source)
+  return _head_classes(read_arrays(path), NAME_MAPS[(name, _format(name, path))])
 
 
 def pretrained(name: str, source, *, num_classes: int = 0, head=None, seed: int = 0,
@@ -48,7 +116,8 @@ def pretrained(name: str, source, *, num_classes: int = 0, head=None, seed: int 
 
   Args:
     name: model name, e.g. ``"mobilenet_v2"``.
-    source: local ``.npz`` (TF-slim arrays) / Keras ``.h5`` file, or a known download name.
+    source: local ``.npz`` (TF-slim arrays, or a PyTorch state dict saved with ``numpy.savez``)
+      / Keras ``.h5`` / PyTorch ``.pth`` file, or a known download name.
     num_classes: 0 for the pooled-feature extractor; the file's (or ``head``'s) class count to
       keep the pretrained classifier; any other number attaches a freshly initialised head.
     head: optional classifier file (see :func:`jcv.weights.port.load_head`), e.g.
@@ -60,13 +129,11 @@ def pretrained(name: str, source, *, num_classes: int = 0, head=None, seed: int 
     ``(model, variables)`` with ``variables = {"params": ..., "batch_stats": ...}``.
   """
   import jcv.models
-  from jcv.models import mobilenet  # noqa: F401  (registers the MobileNets)
 
   path, implied = _resolve_source(name, source)
-  fmt = _format(path)
-  if (name, fmt) not in NAME_MAPS:
-    known = ", ".join(f"{m} ({f})" for m, f in sorted(NAME_MAPS))
-    raise ValueError(f"no {fmt} name map for {name!r}; ports exist for: {known}")
+  fmt = _format(name, path)
+  name_map = NAME_MAPS[(name, fmt)]
+  is_head = _is_head_fn(name_map)
   options = {**implied, **model_options}
   arrays = read_arrays(path)
   head_arrays = None
@@ -75,26 +142,24 @@ def pretrained(name: str, source, *, num_classes: int = 0, head=None, seed: int 
     classes = head_arrays["kernel"].shape[-1]
     if num_classes != classes:
       raise ValueError(f"head file {head} has {classes} classes; pass num_classes={classes}")
-    arrays = {k: v for k, v in arrays.items() if not k.startswith(_HEAD_PREFIXES)}
+    arrays = {k: v for k, v in arrays.items() if not is_head(k)}
   model = jcv.models.create(name, num_classes=num_classes, **options)
   key = jax.random.key(seed)
-  file_has_head = any(k.startswith(_HEAD_PREFIXES) for k in arrays)
-  file_head_fits = file_has_head and num_classes > 0 and _head_classes(arrays) == num_classes
+  file_has_head = any(is_head(k) for k in arrays)
+  file_head_fits = file_has_head and num_classes > 0 and _head_classes(arrays, name_map) == num_classes
   keep_head = num_classes > 0 and head_arrays is None and not file_head_fits
   init = functools.partial(model.init, {"params": key, "dropout": key},
                            jnp.zeros((1, 32, 32, 3), jnp.float32))
   template = jax.eval_shape(init)  # shapes only: compiling the whole init is slow on CPU
   if keep_head:
     template = _with_fresh_head(template, key)
-  name_map = NAME_MAPS[(name, fmt)]
   if head_arrays is not None:
-    base_map = name_map
-    name_map = lambda p: ((f"__head__/{p[-1]}", False) if p[1] == "head" else base_map(p))  # noqa: E731
+    name_map = _with_head_file(name_map)
     arrays = {**arrays, **{f"__head__/{k}": v for k, v in head_arrays.items()}}
   variables = port_variables(
       template, arrays, name_map, source=str(path),
       keep=(lambda p: p[1] == "head") if keep_head else None,
-      ignore=(lambda n: n.startswith(_HEAD_PREFIXES)) if not file_head_fits else None)
+      ignore=is_head if not file_head_fits else None)
   return model, jax.tree.map(jnp.asarray, variables)
 
 
@@ -107,11 +172,12 @@ def _with_fresh_head(template, key):
   return {**template, "params": {**template["params"], "head": head}}
 
 
-def _head_classes(arrays) -> int | None:
-  for name in ("Logits_Conv2d_1c_1x1_biases", "predictions/bias", "conv_preds/bias"):
-    if name in arrays:
-      return int(arrays[name].shape[-1])
-  return None
+def _with_head_file(table):
+  """``table`` with the ``head`` taken from a separate head file (arrays ``__head__/...``)."""
+  rules = (port.Rule("head/(kernel|bias)", "__head__/{0}"),) + tuple(getattr(table, "rules", ()))
+  if not isinstance(table, PortTable):  # a plain name-map function
+    return lambda p: (f"__head__/{p[-1]}", "same") if p[1] == "head" else table(p)
+  return PortTable(table.description, rules, head=table.head, ignore=table.ignore)
 
 
 def imagenet_labels(path) -> list[str]:
