@@ -4,6 +4,9 @@
       prints one JSON line {"top1", "top5", "loss", "n"}
   python -m jcv predict --workdir RUN IMAGE [IMAGE ...] [--top-k 5]
       prints one JSON line per image: {"file", "top": [[class, probability], ...]}
+  python -m jcv predict --pretrained MODEL --weights FILE [--head FILE] [--labels FILE] IMAGE ...
+      the same with pretrained ImageNet weights (no run folder): the file's own classifier,
+      the weights' preprocessing and image size (jcv.weights.pretrained_info)
   python -m jcv summary MODEL [--input-size N]
       prints the model card and a per-layer table (output shape, params, MACs)
 """
@@ -13,7 +16,7 @@ import argparse
 import json
 import sys
 
-__all__ = ["main", "predict"]
+__all__ = ["main", "predict", "predict_pretrained"]
 
 
 def predict(workdir, files, *, top_k: int = 5, which: str = "best") -> list[dict]:
@@ -38,6 +41,42 @@ def predict(workdir, files, *, top_k: int = 5, which: str = "best") -> list[dict
   return out
 
 
+def predict_pretrained(name: str, weights, files, *, head=None, labels=None,
+                       top_k: int = 5) -> list[dict]:
+  """Top-k (class name, probability) of image files from pretrained weights with their classifier.
+
+  The view is ``eval_resize_crop`` at the weights' image size and crop fraction, normalised as
+  the weights expect (:func:`jcv.weights.pretrained_info`). ``labels``: a file with one class
+  name per line; a 1001-line ImageNet file whose first line is ``background`` also names a
+  1000-class classifier (line ``i + 1`` is class ``i``).
+  """
+  import jax
+  import numpy as np
+
+  import jcv.weights as W
+  from jcv.data import decode, transforms
+  info = W.pretrained_info(name)
+  classes = (W.load_head(head)["kernel"].shape[-1] if head is not None
+             else W.classifier_classes(name, weights))
+  if not classes:
+    raise ValueError(f"{weights} holds no classifier; pass --head FILE (e.g. "
+                     "mobilenet_v2_1.0_224_head_1001.npz)")
+  model, variables = W.pretrained(name, weights, num_classes=classes, head=head)
+  names = W.imagenet_labels(labels) if labels is not None else None
+  if names is not None and len(names) == classes + 1 and names[0] == "background":
+    names = names[1:]
+  if names is not None and len(names) != classes:
+    raise ValueError(f"label file {labels} has {len(names)} names for {classes} classes")
+  images = np.stack([transforms.eval_resize_crop(decode.decode_image(f), info.image_size,
+                                                 crop_fraction=info.crop_fraction) for f in files])
+  probs = np.asarray(jax.nn.softmax(jax.jit(model.apply)(variables, info.normalize(images)), axis=-1))
+  out = []
+  for f, p in zip(files, probs):
+    top = np.argsort(-p)[:top_k]
+    out.append({"file": str(f), "top": [[names[i] if names else int(i), float(p[i])] for i in top]})
+  return out
+
+
 def main(argv=None):
   """Entry point of ``python -m jcv`` and the ``jcv`` console script."""
   p = argparse.ArgumentParser(prog="jcv", description=__doc__,
@@ -50,7 +89,13 @@ def main(argv=None):
   ev.add_argument("--checkpoint", choices=("best", "latest"), default="best")
   ev.add_argument("--batch-size", type=int)
   pr = sub.add_parser("predict", help="top-k classes of image files")
-  pr.add_argument("--workdir", required=True)
+  source = pr.add_mutually_exclusive_group(required=True)
+  source.add_argument("--workdir", help="a training run's folder")
+  source.add_argument("--pretrained", metavar="MODEL", help="a model with pretrained weights, "
+                      "e.g. efficientnet_lite2 (needs --weights)")
+  pr.add_argument("--weights", help="weight file for --pretrained")
+  pr.add_argument("--head", help="separate classifier file for --pretrained (MobileNetV2's int8 head)")
+  pr.add_argument("--labels", help="class names, one per line, for --pretrained")
   pr.add_argument("--checkpoint", choices=("best", "latest"), default="best")
   pr.add_argument("--top-k", type=int, default=5)
   pr.add_argument("images", nargs="+")
@@ -66,6 +111,12 @@ def main(argv=None):
     elif args.command == "summary":
       from jcv import models
       models.summary(args.model, input_size=args.input_size)
+    elif args.pretrained:
+      if not args.weights:
+        raise ValueError("--pretrained needs --weights FILE")
+      for row in predict_pretrained(args.pretrained, args.weights, args.images, head=args.head,
+                                    labels=args.labels, top_k=args.top_k):
+        print(json.dumps(row))
     else:
       for row in predict(args.workdir, args.images, top_k=args.top_k, which=args.checkpoint):
         print(json.dumps(row))

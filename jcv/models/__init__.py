@@ -6,12 +6,12 @@ names, ``get_card(name)`` gives the model card and ``summary(name)`` prints a pe
 with parameters and MACs measured by XLA's cost analysis.
 """
 from jcv.models import layers
-from jcv.models.registry import ModelCard, create, get_card, list_models, register
+from jcv.models.registry import ModelCard, create, discover, get_card, list_models, register
 from jcv.models.summary import count_params, layer_table, measure_macs, summary
 
-# Importing a family module registers its models.
-from jcv.models import (alexnet, cifar, efficientnet, inception, mobilenet, resnet,  # noqa: F401
-                        simple, spp, vgg)
+# Every module of this package is imported once (its @register decorators run): a new family
+# file needs no line here.
+discover()
 
-__all__ = ["ModelCard", "count_params", "create", "get_card", "layers", "list_models",
+__all__ = ["ModelCard", "count_params", "create", "discover", "get_card", "layers", "list_models",
            "layer_table", "measure_macs", "register", "summary"]

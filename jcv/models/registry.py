@@ -1,12 +1,19 @@
-"""Model registry: create models by name, list them, attach model cards."""
+"""Model registry: create models by name, list them, attach model cards.
+
+A family registers itself: a module in the ``jcv.models`` package whose factories carry
+``@register(ModelCard(...))`` is found and imported once, the first time a name is looked
+up (:func:`discover`); no import list to keep by hand.
+"""
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from typing import Callable
 
 import flax.linen as nn
 
-__all__ = ["ModelCard", "register", "create", "list_models", "get_card"]
+__all__ = ["ModelCard", "register", "create", "list_models", "get_card", "discover"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +84,29 @@ def list_models() -> list[str]:
   return sorted(_REGISTRY)
 
 
+_DISCOVERED: set[str] = set()
+
+
+def discover(package: str = "jcv.models") -> list[str]:
+  """Imports every module of ``package`` once, which runs their ``@register`` decorators.
+
+  Returns the module names imported by this call. Modules whose name starts with ``_``
+  are skipped.
+  """
+  if package in _DISCOVERED:
+    return []
+  _DISCOVERED.add(package)  # first, so a module importing the package does not recurse
+  try:
+    root = importlib.import_module(package)
+    names = [f"{package}.{m.name}" for m in pkgutil.iter_modules(root.__path__)
+             if not m.name.startswith("_")]
+    for name in names:
+      importlib.import_module(name)
+  except BaseException:
+    _DISCOVERED.discard(package)
+    raise
+  return names
+
+
 def _ensure_loaded():
-  # Importing the family modules runs their @register decorators.
-  import jcv.models  # noqa: F401
+  discover()
