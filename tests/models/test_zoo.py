@@ -30,10 +30,15 @@ REFERENCE_PARAMS = {
     "inception_resnet_v2": 55_813_192,  # Keras: 55,873,736 total - 60,544 BN moving stats
     "mobilenet_v1": 4_231_976,         # Keras (trainable)
     "mobilenet_v2": 3_504_872,         # Keras
+    "efficientnet_lite0": 4_652_008,   # PyTorch state dicts of the TF checkpoints
+    "efficientnet_lite1": 5_416_680,
+    "efficientnet_lite2": 6_092_072,   # = ../shared/weights/efficientnet_lite2.npz
 }
 # Our own designs / no published exact count: the counts we derive by hand in the cards.
 DERIVED_PARAMS = {"zfnet": 62_357_608, "spp_net": 77_037_672, "resnet20": 269_722,
-                  "resnet56": 853_018}
+                  "resnet56": 853_018,
+                  "efficientnet_lite3": 8_197_096,    # published rounded: 8.197M
+                  "efficientnet_lite4": 13_006_568}   # published rounded: 13.007M
 # (pooled feature width, a small input size that the model accepts)
 FEATURES = {
     "alexnet": (4096, 64), "zfnet": (4096, 64), "vgg11": (4096, 32), "vgg16": (4096, 32),
@@ -42,6 +47,7 @@ FEATURES = {
     "resnet34": (512, 32), "resnet50": (2048, 32), "resnet101": (2048, 32),
     "resnet152": (2048, 32), "resnet20": (64, 32), "resnet56": (64, 32),
     "advanced_cnn": (256, 32),
+    **{f"efficientnet_lite{i}": (1280, 32) for i in range(5)},
 }
 OURS = sorted(FEATURES)
 
@@ -231,3 +237,25 @@ def test_train_mode_traces_with_batch_stats_and_dropout(name):
     assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
   else:  # the pre-BatchNorm nets
     assert name in ("alexnet", "zfnet", "spp_net") and not updates.get("batch_stats")
+
+
+def test_a_new_family_module_registers_itself(tmp_path, monkeypatch):
+  """A module in a discovered package needs no import list: discover() imports it once."""
+  from jcv.models import registry
+  package = tmp_path / "zoo_extra"
+  package.mkdir()
+  (package / "__init__.py").write_text("")
+  (package / "tiny_family.py").write_text(
+      "from jcv.models.registry import ModelCard, register\n"
+      "@register(ModelCard('tiny_test_model', reference_params=0))\n"
+      "def tiny_test_model(*, num_classes=1000):\n"
+      "  return None\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  try:
+    assert registry.discover("zoo_extra") == ["zoo_extra.tiny_family"]
+    assert "tiny_test_model" in M.list_models()
+    assert registry.discover("zoo_extra") == []  # once
+  finally:
+    registry._REGISTRY.pop("tiny_test_model", None)
+  # jcv.models' own families come from the same mechanism.
+  assert {"efficientnet_lite2", "mobilenet_v2", "resnet50"} <= set(M.list_models())
