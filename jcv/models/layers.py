@@ -3,8 +3,9 @@
 Convolutions (:class:`Conv`, :class:`ConvBNAct`), pooling helpers with PyTorch's
 ``ceil_mode`` and adaptive pooling, :class:`SpatialPyramidPool` (SPP-net), the inception
 branches (:class:`ConvBranch`, :class:`PoolBranch`, :class:`InceptionV1Block`), residual
-blocks (:class:`BasicBlock`, :class:`Bottleneck`), :class:`LocalResponseNorm` and the
-classifier heads (:func:`classifier_head`, :func:`mlp_head`). Every convolution goes through
+blocks (:class:`BasicBlock`, :class:`Bottleneck`) and :func:`drop_path` (stochastic depth),
+:class:`LocalResponseNorm` and the classifier heads (:func:`classifier_head`,
+:func:`mlp_head`). Every convolution goes through
 :func:`jcv.models.conv_ops.conv2d`.
 """
 from __future__ import annotations
