@@ -149,3 +149,5 @@ def test_predict_command_gives_reference_top1(files, tmp_path, capsys):
   assert [row["top"][0][0] for row in rows] == [labels[i] for i in ref["logits"].argmax(1)]
   assert rows[1]["top"][0][0] == "Egyptian cat" and rows[2]["top"][0][0] == "espresso"
   assert main(["predict", "--pretrained", "efficientnet_lite2", paths[0]]) == 2  # no --weights
+  assert main(["predict", "--pretrained", "mobilenet_v2", "--weights", str(files["mobilenet"]), paths[0]]) == 2
+  assert "holds no classifier; pass --head" in capsys.readouterr().err
