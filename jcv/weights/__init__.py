@@ -42,6 +42,11 @@ class PretrainedInfo:
   crop_fraction: float = 0.875
   preprocessing: str = ""
 
+  def config_fields(self) -> dict:
+    """``jcv.train.Config`` fields for this backbone: ``config.replace(**info.config_fields())``."""
+    return {"model": self.name, "image_size": self.image_size, "mean": self.mean, "std": self.std,
+            "eval_crop_fraction": self.crop_fraction}
+
   def normalize(self, images) -> np.ndarray:
     """uint8 NHWC images -> float32 model inputs, as the weights were trained."""
     x = np.asarray(images, np.float32) / 255.0
