@@ -173,6 +173,7 @@ class Rule:
   layout: str = "same"
 
   def source_name(self, path: str) -> str | None:
+    """The source array's name for a Flax leaf path ("block_3/expand/conv/kernel"), or None."""
     match = re.fullmatch(self.pattern, path)
     if match is None:
       return None
