@@ -355,10 +355,13 @@ def report(args, srcs, class_names, out, workdir, wall_s):
   size, fraction = config.get("eval_image_size") or args.image_size, config.get("eval_crop_fraction", 0.875)
   images = [transforms.eval_resize_crop(srcs["test"][int(i)]["image"], size, crop_fraction=fraction) for i in pick]
   prediction_grid(images, labels[pick], predictions[pick], class_names, workdir / "predictions.png")
-  if out["history"]:
-    plots.training_curves([{"split": "eval", "step": h["epoch"], **{k[4:]: v for k, v in h.items()
-                                                                   if k.startswith("val_")}}
-                           for h in out["history"]], workdir / "curves.png")
+  if (workdir / "metrics.jsonl").exists():  # fit mode: train and eval curves and the lr, by step
+    from jcv.train import log as log_lib
+    plots.training_curves(log_lib.read_jsonl(workdir / "metrics.jsonl"), workdir / "curves.png")
+  elif out["history"]:  # cached mode: validation per epoch
+    plots.training_curves([{"split": "eval", "epoch": h["epoch"], **{k[4:]: v for k, v in h.items()
+                                                                    if k.startswith("val_")}}
+                           for h in out["history"]], workdir / "curves.png", x="epoch")
   print(f"test top-1 {results['top1']:.4f}, top-5 {results['top5']:.4f} on {results['n']} images "
         f"in {wall_s:.0f}s")
   for name, acc in per_class.items():

@@ -19,6 +19,8 @@ from typing import Callable, Iterable, Mapping
 import jax
 import numpy as np
 
+from jcv.weights.files import check_weight_file
+
 __all__ = [
     "NAME_MAPS", "PortError", "load_head", "port_variables", "read_arrays",
     "keras_mobilenet_v1_name", "keras_mobilenet_v2_name", "slim_mobilenet_v2_name",
@@ -53,6 +55,7 @@ def read_arrays(path) -> dict[str, np.ndarray]:
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"weight file not found: {path}")
+  check_weight_file(path)  # a damaged, truncated, pickled or non-finite file: ValueError naming it
   suffix = path.suffix.lower()
   if suffix == ".npz":
     with np.load(path, allow_pickle=False) as data:
