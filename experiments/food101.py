@@ -295,7 +295,7 @@ def run_fit(args, srcs, class_names, workdir):
     raise SystemExit(f"error: {e}")
   module = model.clone(**cfg.model_options)
   results = fit(cfg, workdir=workdir, train_source=srcs["train"], eval_source=srcs["val"],
-                model=transfer.PretrainedModel(module, variables))
+                model=transfer.PretrainedModel(module, variables), restart=args.restart)
   config, _, state, mesh = loop.load_run(workdir, which="latest")
   loader = pipeline.eval_loader(srcs["test"], batch_size=cfg.batch_size, **loop.eval_view(cfg))
   logits, labels, _ = loop.collect_logits(state, loader, config, mesh)
@@ -385,4 +385,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.guarded_main(main))  # user errors: one line, exit 2; --debug for the traceback

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -15,6 +16,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 # pixels (192 MB as RGB) passes any camera photo. ``max_pixels=`` (or image-folder
 # ``source_options={"max_pixels": N}``) changes it per call.
 MAX_PIXELS = 64_000_000
+# PIL's own check warns above ~89 M pixels; MAX_PIXELS (or max_pixels=) decides here instead.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class CorruptImageError(ValueError):

@@ -27,7 +27,7 @@ from typing import Callable
 from jcv.train.config import Config
 
 __all__ = ["HelpFormatter", "make_parser", "apply_args", "config_from_args", "start", "run",
-           "backend_preset", "fit_only_flags", "describe_presets", "user_errors", "USAGE_ERRORS"]
+           "backend_preset", "fit_only_flags", "describe_presets", "user_errors", "guarded_main", "USAGE_ERRORS"]
 
 # Flags that become the Config field of the same name.
 CONFIG_FLAGS = ("data_dir", "epochs", "steps", "batch_size", "seed", "parallel", "checkpoint_every")
@@ -238,3 +238,11 @@ def user_errors(*, debug: bool = False):
       raise
     print(f"error: {e} (--debug shows the traceback)", file=sys.stderr)
     sys.exit(2)
+
+
+def guarded_main(main: Callable, argv=None):
+  """``main(argv)`` under :func:`user_errors` (``--debug`` in the arguments shows tracebacks):
+  ``if __name__ == "__main__": sys.exit(cli.guarded_main(main))``."""
+  args = sys.argv[1:] if argv is None else argv
+  with user_errors(debug="--debug" in args):
+    return main(argv)

@@ -157,8 +157,6 @@ class Progress:
       from tqdm.auto import tqdm
       self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, desc="train",
                        file=self.stream)
-    elif enabled and start:
-      self._print(f"train resumed at step {start}/{total}")
 
   def _print(self, text: str):
     print(text, file=self.stream, flush=True)

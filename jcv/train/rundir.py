@@ -254,10 +254,12 @@ def structural_differences(saved: dict, current: dict) -> tuple[list[str], list[
   old_state, new_state = saved.get("state"), current["state"]
   if old_state:
     changed = [k for k in sorted(set(old_state) | set(new_state)) if old_state.get(k) != new_state.get(k)]
+    model_only = [k for k in changed if not k.startswith("['opt_state']")]
+    changed = model_only or changed  # the optimizer state follows the parameters: name those
     if changed:
       shown = ", ".join(f"{k}: {old_state.get(k, 'absent')} -> {new_state.get(k, 'absent')}"
                         for k in changed[:4])
-      refuse.append(f"model state ({len(changed)} arrays differ: {shown}"
+      refuse.append(f"{'model' if model_only else 'optimizer'} state ({len(changed)} arrays differ: {shown}"
                     + (", ..." if len(changed) > 4 else "") + ")")
   return refuse, warn
 
