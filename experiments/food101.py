@@ -160,6 +160,8 @@ def load_sources(args) -> dict:
 def check_weights(args):
   """Fails fast, in one sentence, when the weights are neither local, cached nor downloadable."""
   if pathlib.Path(args.weights).is_file():
+    from jcv.weights.files import check_weight_file
+    check_weight_file(args.weights)  # a damaged file fails now, in one line, not after loading data
     return
   import jcv.weights
   if args.weights not in jcv.weights.known_weights():

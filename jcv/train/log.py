@@ -165,7 +165,7 @@ class Progress:
     if not self.steps_per_epoch:
       return ""
     epochs = -(-self.total // self.steps_per_epoch)
-    return f" (epoch {step / self.steps_per_epoch:.4g}/{epochs})"
+    return f" (epoch {step / self.steps_per_epoch:.3g}/{epochs})"
 
   def show(self, step: int, metrics: dict, img_per_s: float):
     """After the steps up to ``step`` finished with ``metrics`` (loss, top1, ...)."""
@@ -185,8 +185,9 @@ class Progress:
     self._last_line = now
     rate = (step - self._start) / max(now - self._t0, 1e-9)
     eta = format_duration((self.total - step) / rate) if rate > 0 and step < self.total else "0s"
+    speed = f"{img_per_s:.0f} img/s" if img_per_s else "warming up"
     self._print(f"train step {step}/{self.total}{self._epoch_text(step)}  loss {loss:.4f}  acc {acc:.4f}  "
-                f"{img_per_s:.0f} img/s  ETA {eta}")
+                f"{speed}  ETA {eta}")
 
   def eval(self, step: int, metrics: dict):
     """One line with an evaluation's results (also under the bar on a terminal)."""

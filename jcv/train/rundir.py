@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -181,22 +182,17 @@ def owns_workdir(fit):
   def wrapper(config, *, workdir, restart: bool = False, **kwargs):
     import jax
     workdir = pathlib.Path(workdir).absolute()
-    if jax.process_index() != 0:
+    main = jax.process_index() == 0
+    with WorkdirLock(workdir) if main else contextlib.nullcontext():
       if restart:
-        _wait_for_restart(workdir)
-      return fit(config, workdir=workdir, **kwargs)
-    with WorkdirLock(workdir):
-      if restart:
-        move_aside(workdir)
+        if main:
+          move_aside(workdir)
+        if jax.process_count() > 1:  # the others wait until process 0 has moved the run
+          import orbax.checkpoint as ocp
+          ocp.multihost.sync_global_processes("jcv_restart", timeout=600)
       return fit(config, workdir=workdir, **kwargs)
 
   return wrapper
-
-
-def _wait_for_restart(workdir):
-  """Other processes of a multi-host --restart wait until process 0 has moved the run."""
-  import orbax.checkpoint as ocp
-  ocp.multihost.sync_global_processes("jcv_restart", timeout=600)
 
 
 # ------------------------------------------------------------------ resume
@@ -298,6 +294,9 @@ def resume(checkpointer, state, *, workdir, current: dict, is_main: bool = True)
   ways = WAYS_OUT.format(aside=f"{workdir}.old-<time>")
   if (workdir / RUN_FILE).exists() or steps:
     saved = _saved_record(workdir, checkpointer)
+    if "total_steps" not in saved and saved.get("config"):  # a run from before run.json
+      old = saved["config"]
+      saved["total_steps"] = old.get("steps") or (old.get("epochs", 0) * current["steps_per_epoch"]) or None
     refuse, warn = structural_differences(saved, current)
     if refuse:
       held = f"checkpoints (steps {steps})" if steps else "the start of a run (no checkpoint yet)"
