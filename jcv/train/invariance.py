@@ -31,7 +31,7 @@ def example_keys(key, indices):
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
 
 
-def augment_per_example(augment_fn, key, images, labels, indices):
+def augment_per_example(key, images, labels, indices, *, augment_fn):
   """``augment_fn`` applied to each example with its own key. An augmentation that mixes
   examples (``augment_fn.mixes_examples``: mixup, cutmix) gets the batch and ``key`` instead."""
   if getattr(augment_fn, "mixes_examples", False):

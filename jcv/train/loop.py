@@ -555,4 +555,7 @@ def evaluate(workdir, *, data_dir=None, split: str = "test", which: str = "best"
   loader = pipeline.eval_loader(src, batch_size=bs, **eval_view(config))
   eval_fn = parallel.compile_eval_step(_eval_fn(config), mesh, mode="jit")
   out = run_eval(state, loader, eval_fn, mesh)
+  if not np.isfinite(out["loss"]):
+    warnings.warn(f"the checkpoint's logits are NaN/inf on some of the {out['n']} examples: the loss is "
+                  f"{out['loss']}, and those examples count as misses")
   return {"top1": out["top1"], "top5": out["top5"], "loss": out["loss"], "n": out["n"]}

@@ -63,7 +63,8 @@ def train_step(state, batch, *, augment_fn: Callable | None = None, num_classes:
   images, labels = batch["image"], batch["label"]
   indices = invariance.example_indices(labels.shape[0], axis_name)
   if augment_fn is not None:
-    images, soft = invariance.augment_per_example(augment_fn, aug_key, images, labels, indices)
+    images, soft = invariance.augment_per_example(aug_key, images, labels, indices,
+                                                  augment_fn=augment_fn)
   else:
     soft = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   x = to_model_input(images, mean=mean, std=std)
