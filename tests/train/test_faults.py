@@ -112,3 +112,13 @@ def test_structural_change_on_resume_refuses_and_restart_moves_the_run_aside(fin
   aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
   assert len(aside) == 1 and subprocs.committed_steps(aside[0])[-1] == STEPS
   assert subprocs.committed_steps(run)[-1] == 6
+
+
+def test_evaluate_refuses_data_whose_classes_the_run_does_not_know(finished):
+  from jcv.data.sources import ArraySource
+  from jcv.train import loop
+  images = np.zeros((4, 8, 8, 3), np.uint8)
+  with pytest.raises(ValueError, match=r"\['zebra'\] are not among the run's 10 classes"):
+    loop.evaluate(finished, source=ArraySource(images, [0, 1, 0, 1], class_names=["class3", "zebra"]))
+  subset = ArraySource(images, [0, 1, 0, 1], class_names=["class3", "class1"])  # mapped by name
+  assert loop.evaluate(finished, source=subset)["n"] == 4
