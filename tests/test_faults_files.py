@@ -178,12 +178,14 @@ def test_structural_differences_refuse_and_safe_changes_warn():
   same = json.loads(json.dumps(base))
   assert rundir.structural_differences(base, same) == ([], [])
   other = json.loads(json.dumps(base))
-  other.update(class_names=["a", "c"], total_steps=20, state={"['params']['head']['kernel']": "float32[8, 3]"})
+  other.update(class_names=["a", "c"], total_steps=20, state={"['params']['head']['kernel']": "float32[8, 3]"},
+               steps_per_epoch=5)
+  base["steps_per_epoch"] = 4
   other["config"].update(model="n", learning_rate=0.2, eval_every=2, progress=False, steps=20)
   refuse, warn = rundir.structural_differences(base, other)
   text = " ".join(refuse)
   assert "schedule length 10 -> 20" in text and "classes" in text and "model 'm' -> 'n'" in text
-  assert "float32[8, 2] -> float32[8, 3]" in text
+  assert "float32[8, 2] -> float32[8, 3]" in text and "steps per epoch 4 -> 5" in text
   assert warn == ["eval_every 1 -> 2", "learning_rate 0.1 -> 0.2"]
   # Regrouped configs: fields are matched by their last name.
   nested = {**base, "config": {"model_cfg": {"model": "m"}}}

@@ -233,6 +233,10 @@ def structural_differences(saved: dict, current: dict) -> tuple[list[str], list[
   if saved.get("total_steps") not in (None, current["total_steps"]):
     refuse.append(f"schedule length {saved['total_steps']} -> {current['total_steps']} steps "
                   "(--steps/--epochs; the learning-rate schedule would be re-laid)")
+  if None not in (saved.get("steps_per_epoch"), current.get("steps_per_epoch")) and (
+      saved["steps_per_epoch"] != current["steps_per_epoch"]):
+    refuse.append(f"steps per epoch {saved['steps_per_epoch']} -> {current['steps_per_epoch']} "
+                  "(the training data or batch size changed)")
   old_names, new_names = saved.get("class_names"), current["class_names"]
   if old_names is not None and old_names and new_names and old_names != new_names:
     refuse.append(f"classes {_short(old_names)} -> {_short(new_names)}")
