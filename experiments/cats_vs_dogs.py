@@ -238,7 +238,7 @@ def run_fit(args, name, srcs, workdir):
   from jcv.train import fit, loop
   cfg = cli.apply_args(base_config(args, **recipe(args, name), image_size=args.scratch_image_size), args)
   run_dir = workdir / name
-  results = fit(cfg, workdir=run_dir, train_source=srcs["train"], eval_source=srcs["val"])
+  results = fit(cfg, workdir=run_dir, train_source=srcs["train"], eval_source=srcs["val"], restart=args.restart)
   test = loop.evaluate(run_dir, split="test", which="latest", source=srcs["test"])
   history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
   curve = [{"epoch": r["epoch"], "val_top1": r["top1"], "val_loss": r["loss"]}
@@ -340,4 +340,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.guarded_main(main))  # user errors: one line, exit 2; --debug for the traceback

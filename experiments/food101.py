@@ -160,6 +160,8 @@ def load_sources(args) -> dict:
 def check_weights(args):
   """Fails fast, in one sentence, when the weights are neither local, cached nor downloadable."""
   if pathlib.Path(args.weights).is_file():
+    from jcv.weights.files import check_weight_file
+    check_weight_file(args.weights)  # a damaged file fails now, in one line, not after loading data
     return
   import jcv.weights
   if args.weights not in jcv.weights.known_weights():
@@ -295,7 +297,7 @@ def run_fit(args, srcs, class_names, workdir):
     raise SystemExit(f"error: {e}")
   module = model.clone(**cfg.model_options)
   results = fit(cfg, workdir=workdir, train_source=srcs["train"], eval_source=srcs["val"],
-                model=transfer.PretrainedModel(module, variables))
+                model=transfer.PretrainedModel(module, variables), restart=args.restart)
   config, _, state, mesh = loop.load_run(workdir, which="latest")
   loader = pipeline.eval_loader(srcs["test"], batch_size=cfg.batch_size, **loop.eval_view(cfg))
   logits, labels, _ = loop.collect_logits(state, loader, config, mesh)
@@ -355,10 +357,13 @@ def report(args, srcs, class_names, out, workdir, wall_s):
   size, fraction = config.get("eval_image_size") or args.image_size, config.get("eval_crop_fraction", 0.875)
   images = [transforms.eval_resize_crop(srcs["test"][int(i)]["image"], size, crop_fraction=fraction) for i in pick]
   prediction_grid(images, labels[pick], predictions[pick], class_names, workdir / "predictions.png")
-  if out["history"]:
-    plots.training_curves([{"split": "eval", "step": h["epoch"], **{k[4:]: v for k, v in h.items()
-                                                                   if k.startswith("val_")}}
-                           for h in out["history"]], workdir / "curves.png")
+  if (workdir / "metrics.jsonl").exists():  # fit mode: train and eval curves and the lr, by step
+    from jcv.train import log as log_lib
+    plots.training_curves(log_lib.read_jsonl(workdir / "metrics.jsonl"), workdir / "curves.png")
+  elif out["history"]:  # cached mode: validation per epoch
+    plots.training_curves([{"split": "eval", "epoch": h["epoch"], **{k[4:]: v for k, v in h.items()
+                                                                    if k.startswith("val_")}}
+                           for h in out["history"]], workdir / "curves.png", x="epoch")
   print(f"test top-1 {results['top1']:.4f}, top-5 {results['top5']:.4f} on {results['n']} images "
         f"in {wall_s:.0f}s")
   for name, acc in per_class.items():
@@ -382,4 +387,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.guarded_main(main))  # user errors: one line, exit 2; --debug for the traceback

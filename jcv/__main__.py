@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 __all__ = ["main", "predict", "predict_pretrained"]
@@ -26,6 +27,10 @@ def predict(workdir, files, *, top_k: int = 5, which: str = "best") -> list[dict
 
   from jcv.data import decode, transforms
   from jcv.train import loop, step
+  missing = [str(f) for f in files if not os.path.isfile(f)]
+  if missing:
+    raise FileNotFoundError(f"image file(s) not found: {', '.join(missing[:5])}"
+                            + (f" ... ({len(missing)} in all)" if len(missing) > 5 else ""))
   config, class_names, state, _ = loop.load_run(workdir, which=which)
   view = loop.eval_view(config)
   images = np.stack([transforms.eval_resize_crop(decode.decode_image(f), view["image_size"],
@@ -102,27 +107,30 @@ def main(argv=None):
   sm = sub.add_parser("summary", help="model card and per-layer table of a registered model")
   sm.add_argument("model")
   sm.add_argument("--input-size", type=int, help="square input size (default: the card's)")
+  for sp in (ev, pr, sm):
+    sp.add_argument("--debug", action="store_true", help="show the full traceback of an error")
   args = p.parse_args(argv)
-  try:
-    if args.command == "evaluate":
-      from jcv.train import loop
-      print(json.dumps(loop.evaluate(args.workdir, data_dir=args.data_dir, split=args.split,
-                                     which=args.checkpoint, batch_size=args.batch_size)))
-    elif args.command == "summary":
-      from jcv import models
-      models.summary(args.model, input_size=args.input_size)
-    elif args.pretrained:
-      if not args.weights:
-        raise ValueError("--pretrained needs --weights FILE")
-      for row in predict_pretrained(args.pretrained, args.weights, args.images, head=args.head,
-                                    labels=args.labels, top_k=args.top_k):
-        print(json.dumps(row))
-    else:
-      for row in predict(args.workdir, args.images, top_k=args.top_k, which=args.checkpoint):
-        print(json.dumps(row))
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  from jcv.train.cli import user_errors
+  try:  # user errors: one "error: ..." line and exit status 2 (SystemExit from user_errors)
+    with user_errors(debug=args.debug):
+      if args.command == "evaluate":
+        from jcv.train import loop
+        print(json.dumps(loop.evaluate(args.workdir, data_dir=args.data_dir, split=args.split,
+                                       which=args.checkpoint, batch_size=args.batch_size)))
+      elif args.command == "summary":
+        from jcv import models
+        models.summary(args.model, input_size=args.input_size)
+      elif args.pretrained:
+        if not args.weights:
+          raise ValueError("--pretrained needs --weights FILE")
+        for row in predict_pretrained(args.pretrained, args.weights, args.images, head=args.head,
+                                      labels=args.labels, top_k=args.top_k):
+          print(json.dumps(row))
+      else:
+        for row in predict(args.workdir, args.images, top_k=args.top_k, which=args.checkpoint):
+          print(json.dumps(row))
+  except SystemExit as e:
+    return e.code
   return 0
 
 

@@ -27,7 +27,8 @@ import os
 import platform
 import warnings
 
-__all__ = ["backend_initialized", "enable_compilation_cache", "setup_cpu", "tune_malloc"]
+__all__ = ["backend_initialized", "compilation_cache_dir", "enable_compilation_cache", "setup_cpu",
+           "tune_malloc"]
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
@@ -103,17 +104,37 @@ def setup_cpu(*, host_devices: int | str | None = None, malloc: bool = True, dev
   return done
 
 
+def compilation_cache_dir() -> str:
+  """The user's own cache of compiled XLA programs: ``$JCV_COMPILATION_CACHE`` if set, else
+  ``$XDG_CACHE_HOME/jcv/jax``, else ``~/.cache/jcv/jax``. Never a folder next to a workdir:
+  executables loaded from a place others can write to would be code others can change."""
+  env = os.environ.get("JCV_COMPILATION_CACHE")
+  if env:
+    return os.path.expanduser(env)
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "jcv", "jax")
+
+
+def _private_dir(path: str) -> None:
+  """Creates ``path`` (mode 0700) and refuses one that other users can write to."""
+  os.makedirs(path, mode=0o700, exist_ok=True)
+  st = os.stat(path)
+  if st.st_mode & 0o022 and not st.st_mode & 0o1000 or st.st_uid != os.getuid():
+    raise PermissionError(f"compilation cache {path} is writable by other users or not yours; "
+                          "use a private folder (chmod go-w, or $JCV_COMPILATION_CACHE)")
+
+
 def enable_compilation_cache(path: str | os.PathLike | None = None, *,
                              min_compile_time_s: float = 0.5) -> str:
-  """Turns on JAX's persistent compilation cache at ``path`` (default ``~/.cache/jcv/jax``).
+  """Turns on JAX's persistent compilation cache at ``path`` (default
+  :func:`compilation_cache_dir`, e.g. ``~/.cache/jcv/jax``).
 
   Compiling a CNN training step takes tens of seconds on a small CPU; later runs of the same
   program and shapes load it from the cache instead. Returns the directory used.
   """
   import jax
-  path = os.fspath(path) if path is not None else os.path.join(
-      os.path.expanduser("~"), ".cache", "jcv", "jax")
-  os.makedirs(path, exist_ok=True)
+  path = os.fspath(path) if path is not None else compilation_cache_dir()
+  _private_dir(path)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
   return path

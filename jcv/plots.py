@@ -15,27 +15,40 @@ def _plt():
   return plt
 
 
-def training_curves(history: list[dict], path) -> pathlib.Path:
-  """Loss and top-1 of train and eval against step, from metrics.jsonl records."""
+def training_curves(history: list[dict], path, *, x: str = "step") -> pathlib.Path:
+  """Loss and top-1 of train and eval on one axis each, and the learning rate, against ``x``
+  ("step" or "epoch": a key of the records), from metrics.jsonl records.
+
+  A panel is drawn only for what the history holds (no learning rate logged: no such panel);
+  a resumed run's repeated steps keep their last record.
+  """
   plt = _plt()
-  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-  for split, style in (("train", "-"), ("eval", "o-")):
-    # A resumed run may have logged some steps twice: keep the last record of each step.
-    rows = sorted({r["step"]: r for r in history if r.get("split") == split}.values(), key=lambda r: r["step"])
-    if not rows:
-      continue
-    steps = [r["step"] for r in rows]
-    for ax, key in zip(axes[:2], ("loss", "top1")):
-      if key in rows[0]:
-        ax.plot(steps, [r[key] for r in rows], style, label=split, markersize=3)
-    if split == "train" and "lr" in rows[0]:
-      axes[2].plot(steps, [r["lr"] for r in rows])
-  for ax, title in zip(axes, ("loss", "top-1 accuracy", "learning rate")):
+  series = {}
+  for split in ("train", "eval"):
+    rows = [r for r in history if r.get("split") == split and x in r]
+    rows = sorted({r[x]: r for r in rows}.values(), key=lambda r: r[x])
+    if rows:
+      series[split] = rows
+  panels = [(key, title) for key, title in (("loss", "loss"), ("top1", "top-1 accuracy"))
+            if any(key in r for rows in series.values() for r in rows)]
+  if any("lr" in r for r in series.get("train", [])):
+    panels.append(("lr", "learning rate"))
+  if not panels:
+    raise ValueError("training_curves: the history has no loss, top1 or lr records")
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4), squeeze=False)
+  styles = {"train": dict(linestyle="-", linewidth=1.2), "eval": dict(marker="o", markersize=3)}
+  for ax, (key, title) in zip(axes[0], panels):
+    for split, rows in series.items():
+      if key == "lr" and split != "train":
+        continue
+      pts = [(r[x], r[key]) for r in rows if key in r]
+      if pts:
+        ax.plot(*zip(*pts), label=split if key != "lr" else None, **styles[split])
     ax.set_title(title)
-    ax.set_xlabel("step")
+    ax.set_xlabel(x)
     ax.grid(alpha=0.3)
-  axes[0].legend()
-  axes[1].legend()
+    if key != "lr":
+      ax.legend()
   fig.tight_layout()
   return _save(fig, path)
 

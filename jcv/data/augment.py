@@ -379,4 +379,5 @@ def make_augment(ops: Sequence[Any], *, num_classes: int, dtype: Any = jnp.float
         y = fn(y, **kwargs)
     return x.astype(dtype), y
 
+  augment.mixes_examples = any(OPS[name][1] == "mix" for name, _ in parsed)  # mixup, cutmix
   return augment

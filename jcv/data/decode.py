@@ -3,13 +3,21 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["CorruptImageError", "IMAGE_EXTENSIONS", "decode_image"]
+__all__ = ["CorruptImageError", "IMAGE_EXTENSIONS", "MAX_PIXELS", "decode_image", "image_size"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+# Images with more pixels than this are refused before decoding (decompression bombs): 64 M
+# pixels (192 MB as RGB) passes any camera photo. ``max_pixels=`` (or image-folder
+# ``source_options={"max_pixels": N}``) changes it per call.
+MAX_PIXELS = 64_000_000
+# PIL's own check warns above ~89 M pixels; MAX_PIXELS (or max_pixels=) decides here instead.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class CorruptImageError(ValueError):
@@ -35,18 +43,37 @@ def _to_rgb(img: Image.Image) -> Image.Image:
   return img.convert("RGB")
 
 
-def decode_image(source: str | os.PathLike | bytes, *, draft_size: int | None = None) -> np.ndarray:
+def image_size(path) -> tuple[int, int] | None:
+  """(width, height) from the file header without decoding, or None if unreadable."""
+  try:
+    with Image.open(path) as img:
+      return img.size
+  except Exception:  # noqa: BLE001 - decode_image reports the reason
+    return None
+
+
+def decode_image(source: str | os.PathLike | bytes, *, draft_size: int | None = None,
+                 max_pixels: int | None = None) -> np.ndarray:
   """Decodes a JPEG/PNG/... file (path or bytes) to a uint8 RGB array [H, W, 3].
 
   Grayscale, palette, RGBA and CMYK images become RGB; EXIF orientation is applied.
   ``draft_size`` lets the JPEG decoder downscale by a power of two while keeping the
   shorter side >= draft_size (much faster for large photos). Raises
-  :class:`CorruptImageError` naming the file when it is truncated or not an image.
+  :class:`CorruptImageError` naming the file when it is truncated or not an image, unreadable
+  (permissions, a dangling or looping symbolic link) or larger than ``max_pixels`` (default
+  :data:`MAX_PIXELS`; a decompression bomb).
   """
   name = "<bytes>" if isinstance(source, (bytes, bytearray)) else os.fspath(source)
+  limit = MAX_PIXELS if max_pixels is None else max_pixels
+  if name != "<bytes>" and os.path.islink(name) and not os.path.exists(name):
+    raise CorruptImageError(name, "a dangling or looping symbolic link")
   try:
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
     with fp, Image.open(fp) as img:
+      w, h = img.size
+      if w * h > limit:
+        raise CorruptImageError(name, f"{w}x{h} = {w * h} pixels is over the limit of {limit} "
+                                      "(a decompression bomb?); raise max_pixels to read it")
       if draft_size is not None and img.format == "JPEG":
         w, h = img.size
         scale = min(w, h) / max(draft_size, 1)
@@ -55,6 +82,8 @@ def decode_image(source: str | os.PathLike | bytes, *, draft_size: int | None = 
       img.load()
       img = ImageOps.exif_transpose(img)
       return np.asarray(_to_rgb(img), dtype=np.uint8)
+  except CorruptImageError:
+    raise
   except FileNotFoundError:
     raise
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

@@ -6,20 +6,23 @@ Every source has ``len(src)``, ``src[i] -> {"image": uint8 [H, W, 3], "label": i
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import pathlib
 import re
+import threading
 from typing import Any, Sequence
 
 import numpy as np
 
+from jcv.data import decode as decode_lib
 from jcv.data.decode import IMAGE_EXTENSIONS, CorruptImageError, decode_image
 
 __all__ = [
-  "ArraySource", "CorruptImageError", "ImageFolderSource", "TfdsSource", "default_cache_dir",
+  "ArraySource", "CorruptImageError", "DataUnavailableError", "ImageFolderSource", "TfdsSource", "default_cache_dir",
   "image_folder", "resolve", "tfds_source", "to_memory",
 ]
 
@@ -27,6 +30,14 @@ log = logging.getLogger(__name__)
 
 # Images at most this many pixels are decoded once into memory by ``cache="auto"``.
 AUTO_CACHE_MAX_PIXELS = 64 * 64
+# Part of every .npy cache key: bump when decoding changes what a file decodes to.
+CACHE_VERSION = 2
+# to_memory: at most this many bytes of images being decoded at once (plus one image).
+DECODE_BYTES_IN_FLIGHT = 512 << 20
+
+
+class DataUnavailableError(RuntimeError):
+  """A dataset (tfds) is not where the run looks for it; the message says where and what to do."""
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -108,7 +119,7 @@ def _list_classes(folder: pathlib.Path) -> list[str]:
 
 
 def _list_files(folder: pathlib.Path, class_names: list[str]) -> tuple[list[str], list[int]]:
-  paths, labels = [], []
+  paths, labels, empty = [], [], []
   for label, name in enumerate(class_names):
     cdir = folder / name
     if not cdir.is_dir():
@@ -117,8 +128,13 @@ def _list_files(folder: pathlib.Path, class_names: list[str]) -> tuple[list[str]
       f for f in os.listdir(cdir)
       if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
     )
+    if not files:
+      empty.append(name)
     paths.extend(str(cdir / f) for f in files)
     labels.extend([label] * len(files))
+  if empty and paths:
+    raise ValueError(f"class folder(s) {empty} under {str(folder)!r} hold no image files "
+                     f"({', '.join(IMAGE_EXTENSIONS)}): add images or remove the folder(s)")
   return paths, labels
 
 
@@ -136,22 +152,25 @@ def _carve(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
 class ImageFolderSource:
   """Image files listed once; ``src[i]`` decodes file i (raises CorruptImageError naming it)."""
 
-  def __init__(self, paths: Sequence[str], labels: Sequence[int], class_names: Sequence[str], *, root: str = ""):
+  def __init__(self, paths: Sequence[str], labels: Sequence[int], class_names: Sequence[str], *, root: str = "",
+               max_pixels: int | None = None):
     self.paths = list(paths)
     self.labels = np.asarray(labels, np.int32)
     self.class_names = list(class_names)
     self.root = root
+    self.max_pixels = max_pixels  # None: jcv.data.decode.MAX_PIXELS
     self.skipped: list[str] = []
 
   def __len__(self) -> int:
     return len(self.paths)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
-    return {"image": decode_image(self.paths[i]), "label": int(self.labels[i])}
+    return {"image": decode_image(self.paths[i], max_pixels=self.max_pixels), "label": int(self.labels[i])}
 
   def load(self, i: int, *, draft_size: int | None = None) -> dict[str, Any]:
     """Like ``src[i]`` but lets JPEG decoding downscale towards ``draft_size`` (shorter side)."""
-    return {"image": decode_image(self.paths[i], draft_size=draft_size), "label": int(self.labels[i])}
+    return {"image": decode_image(self.paths[i], draft_size=draft_size, max_pixels=self.max_pixels),
+            "label": int(self.labels[i])}
 
   def __repr__(self):
     return f"ImageFolderSource({self.root!r}, {len(self)} files, {len(self.class_names)} classes)"
@@ -166,6 +185,7 @@ def image_folder(
   cache: bool | str = "auto",
   cache_dir: str | os.PathLike | None = None,
   strict: bool = False,
+  max_pixels: int | None = None,
 ) -> ImageFolderSource | ArraySource:
   """An image-folder source: ``root/<split>/<class>/<file>`` or ``root/<class>/<file>``.
 
@@ -181,7 +201,9 @@ def image_folder(
   .npy so the next run loads in seconds; ``"auto"`` does so when the first image is at most
   64x64 pixels (CIFAR-sized); ``False`` decodes on every access. While caching, corrupt
   files are skipped and listed in ``src.skipped`` unless ``strict=True``, which raises
-  :class:`CorruptImageError` naming the file.
+  :class:`CorruptImageError` naming the file. Unreadable files (permissions, dangling or
+  looping symbolic links) and images over ``max_pixels`` (default
+  :data:`jcv.data.decode.MAX_PIXELS`) count as corrupt. Empty class folders are refused.
   """
   root_path = pathlib.Path(root).expanduser()
   if not root_path.is_dir():
@@ -225,14 +247,12 @@ def image_folder(
     labels = labels[keep]
   idx = range(len(paths))[slice(_resolve_bound(sl.start, len(paths)), _resolve_bound(sl.stop, len(paths)))]
   paths, labels = [paths[i] for i in idx], labels[list(idx)]
-  src = ImageFolderSource(paths, labels, class_names, root=str(root_path))
+  src = ImageFolderSource(paths, labels, class_names, root=str(root_path), max_pixels=max_pixels)
 
   if cache == "auto":
-    try:
-      first = decode_image(paths[0])
-    except CorruptImageError:
-      first = decode_image(paths[-1]) if len(paths) > 1 else None
-    if first is None or first.shape[0] * first.shape[1] > AUTO_CACHE_MAX_PIXELS:
+    sizes = [decode_lib.image_size(p) for p in (paths[0], paths[-1])]  # headers only
+    first = next((wh for wh in sizes if wh is not None), None)
+    if first is None or first[0] * first[1] > AUTO_CACHE_MAX_PIXELS:
       return src
     try:
       return to_memory(src, cache_dir=cache_dir, strict=strict)
@@ -249,11 +269,16 @@ class _MixedShapes(ValueError):
 
 
 def _fingerprint(src: ImageFolderSource) -> str:
+  """Key of a .npy cache: file list, labels, sizes, times, classes, pixel limit, decoder version."""
   h = hashlib.sha1()
-  h.update(json.dumps(src.class_names).encode())
+  h.update(json.dumps([src.class_names, CACHE_VERSION, getattr(src, "max_pixels", None)]).encode())
   for p, label in zip(src.paths, src.labels):
-    st = os.stat(p)
-    h.update(f"{p}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    try:
+      st = os.stat(p)
+      stamp = f"{st.st_size}\0{st.st_mtime_ns}"
+    except OSError as e:  # dangling/looping link, no permission: decoding reports it
+      stamp = f"unreadable {e.errno}"
+    h.update(f"{p}\0{label}\0{stamp}\n".encode())
   return h.hexdigest()[:20]
 
 
@@ -282,18 +307,23 @@ def to_memory(
         np.load(f"{stem}.images.npy"), np.load(f"{stem}.labels.npy"),
         class_names=meta["class_names"], skipped=meta["skipped"])
 
+  budget = _ByteBudget(DECODE_BYTES_IN_FLIGHT)
+
   def load(i):
+    size = decode_lib.image_size(paths[i]) if paths is not None else None
+    cost = size[0] * size[1] * 4 if size else 0
     try:
-      return src[i]
+      with budget.hold(cost):
+        return src[i]
     except CorruptImageError as e:
       if strict:
         raise
       log.warning("skipping %s", e)
       return e
 
-  workers = num_threads or min(32, (os.cpu_count() or 1) * 4)
+  workers = num_threads or min(8, (os.cpu_count() or 1) * 2)
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    records = list(pool.map(load, range(len(src)), chunksize=256))
+    records = list(pool.map(load, range(len(src)), chunksize=64))
   skipped = [r.path for r in records if isinstance(r, CorruptImageError)]
   good = [r for r in records if not isinstance(r, CorruptImageError)]
   if not good:
@@ -315,6 +345,26 @@ def to_memory(
     meta = {"class_names": src.class_names, "skipped": skipped, "root": getattr(src, "root", ""), "count": len(good)}
     stem.with_suffix(".json").write_text(json.dumps(meta))  # written last: marks the cache complete
   return ArraySource(images, labels, class_names=src.class_names, skipped=skipped)
+
+
+class _ByteBudget:
+  """Bounds the bytes of images being decoded at once (one image may always proceed)."""
+
+  def __init__(self, limit: int):
+    self.limit, self.used = limit, 0
+    self.cond = threading.Condition()
+
+  @contextlib.contextmanager
+  def hold(self, cost: int):
+    with self.cond:
+      self.cond.wait_for(lambda: self.used == 0 or self.used + cost <= self.limit)
+      self.used += cost
+    try:
+      yield
+    finally:
+      with self.cond:
+        self.used -= cost
+        self.cond.notify_all()
 
 
 # --------------------------------------------------------------------------- tfds
@@ -374,7 +424,7 @@ def tfds_source(
   except Exception as e:  # missing files, no network, wrong file format
     where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
     how = "could not be downloaded and prepared" if download else "is not prepared there and download=False"
-    raise RuntimeError(
+    raise DataUnavailableError(
       f"tfds dataset {name!r} split {split!r} is not available in {str(where)!r} ({how}): pass "
       f"data_dir= a directory where it is already prepared in array_record format, or point the "
       f"data spec at an image folder laid out as root/<split>/<class>/<file>. [{type(e).__name__}: "
@@ -396,6 +446,19 @@ def tfds_source(
 # --------------------------------------------------------------------------- resolve
 
 
+def _looks_like_image_folder(root: pathlib.Path, depth: int = 3) -> bool:
+  """True if image files lie within ``depth`` levels under ``root`` (a quick, bounded look)."""
+  try:
+    entries = list(os.scandir(root))[:200]
+  except OSError:
+    return False
+  for e in entries:
+    if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS):
+      return True
+  return depth > 1 and any(e.is_dir() and not e.name.startswith(".")
+                           and _looks_like_image_folder(pathlib.Path(e.path), depth - 1) for e in entries[:20])
+
+
 def resolve(
   spec, *, split: str, data_dir: str | os.PathLike | None = None, download: bool = False,
   val_fraction: float | None = None, seed: int = 0, **folder_options,
@@ -411,6 +474,9 @@ def resolve(
   if hasattr(spec, "__getitem__") and hasattr(spec, "class_names"):
     return spec
   spec_str = os.fspath(spec)
+  if data_dir is not None and not pathlib.Path(data_dir).expanduser().is_dir():
+    raise ValueError(f"data directory {os.fspath(data_dir)!r} does not exist (--data-dir): pass an image "
+                     "folder root/<split>/<class>/<file> or a tfds data_dir")
   candidates = [pathlib.Path(spec_str).expanduser()]
   if data_dir is not None:
     candidates.append(pathlib.Path(data_dir).expanduser() / spec_str)
@@ -419,6 +485,11 @@ def resolve(
       return image_folder(cand, split=split, val_fraction=val_fraction, seed=seed, **folder_options)
   if os.sep in spec_str or spec_str.startswith("."):
     raise ValueError(f"image folder {spec_str!r} does not exist")
+  if data_dir is not None and _looks_like_image_folder(pathlib.Path(data_dir).expanduser()):
+    found = _list_classes(pathlib.Path(data_dir).expanduser())
+    raise ValueError(f"split {split.split('[', 1)[0]!r} not found in the image folder {os.fspath(data_dir)!r} "
+                     f"(sub-folders: {found}): add {os.fspath(data_dir)}/{split.split('[', 1)[0]}/<class>/<file>, "
+                     "or choose another split (e.g. --set eval_split=... or val_fraction=0.1)")
   if val_fraction:
     raise ValueError("val_fraction applies to image folders; for tfds use split slicing like 'train[:90%]'")
   src = tfds_source(spec_str, split=split, data_dir=data_dir, download=download)

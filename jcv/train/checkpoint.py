@@ -73,8 +73,15 @@ class RunCheckpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, best_fn=lambda m: float(m[best_metric]), best_mode=best_mode, enable_async_checkpointing=async_save, create=True,
         cleanup_tmp_directories=True)
-    self._mgr = ocp.CheckpointManager(self.directory, options=options,
-                                      item_names=("state", "data", "config"))
+    try:
+      self._mgr = ocp.CheckpointManager(self.directory, options=options,
+                                        item_names=("state", "data", "config"))
+    except Exception as e:  # noqa: BLE001 - damaged metadata of a step: say where, never start over
+      from jcv.train.rundir import ResumeError
+      raise ResumeError(
+          f"the checkpoints in {self.directory} cannot be read ({type(e).__name__}: {e}); they are "
+          "damaged, so none can be restored. Use another --workdir, or --restart to move the run "
+          "aside (nothing is deleted)") from e
 
   def _warn_partial(self):
     if not self.directory.is_dir():

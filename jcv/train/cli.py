@@ -17,15 +17,17 @@ Config returning one). A script with its own options builds on the same parser::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import textwrap
+import warnings
 from typing import Callable
 
 from jcv.train.config import Config
 
 __all__ = ["HelpFormatter", "make_parser", "apply_args", "config_from_args", "start", "run",
-           "backend_preset", "fit_only_flags", "describe_presets"]
+           "backend_preset", "fit_only_flags", "describe_presets", "user_errors", "guarded_main", "USAGE_ERRORS"]
 
 # Flags that become the Config field of the same name.
 CONFIG_FLAGS = ("data_dir", "epochs", "steps", "batch_size", "seed", "parallel", "checkpoint_every")
@@ -43,7 +45,9 @@ HELP = {
     "parallel": "data parallelism of jcv.train.fit: jit (GSPMD) or pmap (shard_map)",
     "checkpoint_every": "also checkpoint every N steps",
     "set": "any other Config field, e.g. --set learning_rate=0.05 (repeatable; Python literals)",
-    "no_progress": "no tqdm progress bar",
+    "no_progress": "no tqdm progress bar (progress lines are still printed when not on a terminal)",
+    "restart": "move an existing run in --workdir aside (to WORKDIR.old-<time>) and start afresh",
+    "debug": "show the full traceback of an error",
 }
 
 
@@ -95,6 +99,8 @@ def make_parser(description: str | None = None, *, presets=None, default_preset:
   p.add_argument("--checkpoint-every", type=int, metavar="N", help=h["checkpoint_every"])
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=h["set"])
   p.add_argument("--no-progress", action="store_true", help=h["no_progress"])
+  p.add_argument("--restart", action="store_true", help=h["restart"])
+  p.add_argument("--debug", action="store_true", help=h["debug"])
   g = p.add_argument_group("multi-host (or $JCV_COORDINATOR_ADDRESS, $JCV_NUM_PROCESSES, $JCV_PROCESS_ID)")
   g.add_argument("--coordinator-address", help="host:port of process 0")
   g.add_argument("--num-processes", type=int)
@@ -185,15 +191,12 @@ def run(argv=None, *, presets=None, default_preset: str | None = None, base: Con
     config = config_from_args(args, presets=presets, base=base)
   except ValueError as e:  # a bad --set: usage and the message, exit status 2
     parser.error(str(e))
-  if callable(fit_kwargs):
-    fit_kwargs = fit_kwargs(config)
   import jax
   from jcv.train import loop
-  try:
-    results = loop.fit(config, workdir=args.workdir, **(fit_kwargs or {}))
-  except loop.NonFiniteLossError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  with user_errors(debug=args.debug):
+    if callable(fit_kwargs):
+      fit_kwargs = fit_kwargs(config)
+    results = loop.fit(config, workdir=args.workdir, restart=args.restart, **(fit_kwargs or {}))
   if jax.process_index() == 0:
     summary = {"final_eval": results["final"]["eval"], "best": results["best"],
                "steps": results["steps"], "wall_time_s": round(results["wall_time_s"], 1),
@@ -203,3 +206,43 @@ def run(argv=None, *, presets=None, default_preset: str | None = None, base: Con
     import signal
     sys.exit(128 + int(getattr(signal, results["stopped_by"])))
   return results
+
+
+def _usage_errors() -> tuple:
+  from jcv.data.sources import DataUnavailableError
+  from jcv.weights.download import DownloadError
+  return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+          DataUnavailableError, DownloadError)
+
+
+USAGE_ERRORS = "ValueError, missing files, unavailable data or weights"  # what exits with 2
+
+
+@contextlib.contextmanager
+def user_errors(*, debug: bool = False):
+  """Turns the errors a user can cause into one ``error: ...`` line on stderr and exit status
+  2 (a non-finite loss: 1), with no traceback unless ``debug``. Warnings print as one
+  ``warning: ...`` line. Scripts wrap their main work in it (``cli.run`` does)."""
+  from jcv.train.loop import NonFiniteLossError
+  if not debug:
+    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
+  try:
+    yield
+  except NonFiniteLossError as e:
+    if debug:
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except _usage_errors() as e:
+    if debug:
+      raise
+    print(f"error: {e} (--debug shows the traceback)", file=sys.stderr)
+    sys.exit(2)
+
+
+def guarded_main(main: Callable, argv=None):
+  """``main(argv)`` under :func:`user_errors` (``--debug`` in the arguments shows tracebacks):
+  ``if __name__ == "__main__": sys.exit(cli.guarded_main(main))``."""
+  args = sys.argv[1:] if argv is None else argv
+  with user_errors(debug="--debug" in args):
+    return main(argv)

@@ -10,6 +10,8 @@ import dataclasses
 import json
 from typing import Any
 
+from jcv.train.fieldtypes import check_field_value
+
 __all__ = ["Config"]
 
 
@@ -79,6 +81,7 @@ class Config:
   eval_batch_size: int | None = None  # default: batch_size
   seed: int = 0
   parallel: str = "jit"               # jit (Mesh + NamedSharding, GSPMD) | pmap (shard_map, explicit pmean)
+  sync_batch_stats: bool = True       # pmap: BatchNorm over the global batch (False: per device, as jax.pmap)
   max_steps_in_flight: int = 16       # block on results at least this often (<= 30)
   # --- checkpoints, logs ---
   checkpoint_every: int | None = None  # steps; checkpoints are also saved at every epoch end
@@ -91,7 +94,7 @@ class Config:
   tta_translate: int = 0              # >0: also average views shifted by this many pixels (airbench)
   eval_image_size: int | None = None  # eval/predict input size (None: image_size; larger: FixRes)
   eval_crop_fraction: float = 0.875   # eval view: shorter side to size / this, centre crop (1.0: no crop)
-  compilation_cache: str | None = "auto"  # "auto": <workdir>/../.jax_cache; None disables
+  compilation_cache: str | None = "auto"  # "auto": ~/.cache/jcv/jax (jcv.perf); None disables
   plots: bool = True
   progress: bool = True
 
@@ -121,7 +124,7 @@ class Config:
       key = key.strip()
       if key not in self.field_names():
         raise ValueError(f"unknown config field {key!r}; expected one of {sorted(self.field_names())}")
-      changes[key] = _parse_value(raw.strip())
+      changes[key] = check_field_value(type(self), key, _parse_value(raw.strip()))  # type-checked
     return self.replace(**changes)
 
   @classmethod

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-__all__ = ["MetricLogger", "write_json", "read_jsonl", "image_grid"]
+__all__ = ["MetricLogger", "Progress", "write_json", "read_jsonl", "image_grid", "format_duration"]
 
 
 def write_json(path, obj):
@@ -126,3 +126,81 @@ class MetricLogger:
     if self.enabled:
       self._tb.close()
       self._jsonl.close()
+
+
+def format_duration(seconds: float) -> str:
+  """``75`` -> ``"1m15s"``, ``3700`` -> ``"1h01m"``."""
+  seconds = max(0, int(round(seconds)))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Progress:
+  """Training progress a user can follow anywhere.
+
+  On a terminal (``stream.isatty()``) with ``bar=True``: a tqdm bar. Otherwise (a log file,
+  nohup, CI, a job scheduler) one line per epoch end, and at most every ``every_s`` seconds
+  in between, ``train step 390/1950 (epoch 1/5)  loss 1.234  acc 0.567  640 img/s  ETA 4m10s``,
+  and one line per evaluation. ``enabled=False`` (processes other than 0) prints nothing.
+  """
+
+  def __init__(self, *, total: int, start: int = 0, steps_per_epoch: int = 0, enabled: bool = True,
+               bar: bool = True, stream=None, every_s: float = 60.0):
+    self.total, self.steps_per_epoch, self.enabled = total, steps_per_epoch, enabled
+    self.stream = stream if stream is not None else sys.stderr
+    self.every_s = every_s
+    self.n = start
+    self._start, self._t0, self._last_line = start, time.monotonic(), None
+    self._bar = None
+    if enabled and bar and getattr(self.stream, "isatty", lambda: False)():
+      from tqdm.auto import tqdm
+      self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, desc="train",
+                       file=self.stream)
+
+  def _print(self, text: str):
+    print(text, file=self.stream, flush=True)
+
+  def _epoch_text(self, step: int) -> str:
+    if not self.steps_per_epoch:
+      return ""
+    epochs = -(-self.total // self.steps_per_epoch)
+    return f" (epoch {step / self.steps_per_epoch:.3g}/{epochs})"
+
+  def show(self, step: int, metrics: dict, img_per_s: float):
+    """After the steps up to ``step`` finished with ``metrics`` (loss, top1, ...)."""
+    if not self.enabled:
+      return
+    done, self.n = step - self.n, step
+    loss, acc = metrics.get("loss", float("nan")), metrics.get("top1", float("nan"))
+    if self._bar is not None:
+      self._bar.update(done)
+      self._bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{img_per_s:.0f}")
+      return
+    now = time.monotonic()
+    epoch_end = bool(self.steps_per_epoch) and step % self.steps_per_epoch == 0
+    if not (epoch_end or step == self.total or self._last_line is None
+            or now - self._last_line >= self.every_s):
+      return
+    self._last_line = now
+    rate = (step - self._start) / max(now - self._t0, 1e-9)
+    eta = format_duration((self.total - step) / rate) if rate > 0 and step < self.total else "0s"
+    speed = f"{img_per_s:.0f} img/s" if img_per_s else "warming up"
+    self._print(f"train step {step}/{self.total}{self._epoch_text(step)}  loss {loss:.4f}  acc {acc:.4f}  "
+                f"{speed}  ETA {eta}")
+
+  def eval(self, step: int, metrics: dict):
+    """One line with an evaluation's results (also under the bar on a terminal)."""
+    if not self.enabled:
+      return
+    text = (f"eval  step {step}/{self.total}{self._epoch_text(step)}  loss {metrics.get('loss', float('nan')):.4f}  "
+            f"top1 {metrics.get('top1', float('nan')):.4f}  top5 {metrics.get('top5', float('nan')):.4f}  "
+            f"n {metrics.get('n', 0)}")
+    if self._bar is not None:
+      self._bar.write(text, file=self.stream)
+    else:
+      self._print(text)
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()

@@ -21,7 +21,7 @@ import numpy as np
 
 from jcv.train import checkpoint as ckpt_lib
 from jcv.train import log as log_lib
-from jcv.train import parallel, step as step_lib
+from jcv.train import parallel, rundir, step as step_lib
 from jcv.train.config import Config
 from jcv.train.optim import make_optimizer, muon_mask
 from jcv.train.state import create_train_state
@@ -41,17 +41,15 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def enable_compilation_cache(config: Config, workdir) -> str | None:
-  """Turns on JAX's persistent compilation cache ("auto": ``<workdir>/../.jax_cache``)."""
+  """Turns on JAX's persistent compilation cache ("auto": the user's cache directory,
+  :func:`jcv.perf.compilation_cache_dir`, never next to the workdir)."""
   where = config.compilation_cache
   if not where:
     return None
   if jax.config.jax_compilation_cache_dir:  # already chosen by the user or an earlier run
     return jax.config.jax_compilation_cache_dir
-  if where == "auto":
-    where = str(pathlib.Path(workdir).absolute().parent / ".jax_cache")
-  jax.config.update("jax_compilation_cache_dir", where)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  return where
+  from jcv import perf
+  return perf.enable_compilation_cache(None if where == "auto" else where, min_compile_time_s=0.5)
 
 
 def source_spec(config: Config, split: str):
@@ -97,6 +95,7 @@ def _train_fn(config: Config, *, num_classes, augment_fn, schedule):
       step_lib.train_step, augment_fn=augment_fn, num_classes=num_classes, mean=config.mean,
       std=config.std, label_smoothing=config.label_smoothing, l2_weight=l2,
       decay_bn_and_bias=config.decay_bn_and_bias, freeze=tuple(config.freeze), schedule=schedule,
+      sync_batch_stats=config.sync_batch_stats,
       l2_exclude=(lambda p: muon_mask(p, config)) if config.optimizer == "muon" else None)
 
 
@@ -212,6 +211,7 @@ def _versions() -> dict:
 # ------------------------------------------------------------------ fit
 
 
+@rundir.owns_workdir  # locks the workdir for the call; restart=True moves an old run aside
 def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=None,
         augment_fn="auto", resume: bool = True) -> dict:
   """Trains per ``config`` in ``workdir`` and returns the results dict (also results.json).
@@ -244,6 +244,9 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
   num_classes = config.num_classes or len(class_names)
   if not num_classes:
     raise ValueError("num_classes is unknown: the source has no class_names; set config.num_classes")
+  if num_classes < 2:
+    raise ValueError(f"the training data has {num_classes} class ({class_names}): a classifier needs "
+                     "at least 2; check --data-dir (one sub-folder per class)")
   train_ld = pipeline.train_loader(train_src, batch_size=per_process, image_size=config.image_size,
                                    seed=config.seed, crop=config.crop, scale=tuple(config.crop_scale),
                                    flip={"none": False, "random": True}.get(config.host_flip, config.host_flip),
@@ -265,10 +268,12 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
       workdir / "checkpoints", keep=config.keep_checkpoints, best_metric=config.best_metric,
       best_mode="min" if config.best_metric == "loss" else "max")
   iterator = train_ld.iter_from(0)
-  restored = checkpointer.restore(state) if resume else None
+  # A run's checkpoints are resumed only by the same run (rundir.resume refuses others).
+  restored = rundir.resume(checkpointer, state, workdir=workdir, is_main=is_main, current=rundir.describe(
+      config, class_names=class_names, num_classes=num_classes, total_steps=total_steps,
+      steps_per_epoch=steps_per_epoch, state=state)) if resume else None
   if restored is not None:
-    state, data_state, saved_config, _ = restored
-    _warn_config_change(saved_config, config)
+    state, data_state, _, _ = restored
     iterator.set_state(data_state)
   start_step = int(parallel.fetch(state.step))
   if is_main:
@@ -293,7 +298,8 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
 
   last_eval, stopped_by, bn_recomputed = None, None, None
   running = _Running()
-  progress = _progress(config, is_main, start_step, total_steps)
+  progress = log_lib.Progress(total=total_steps, start=start_step, steps_per_epoch=steps_per_epoch,
+                              enabled=is_main, bar=config.progress)
   pending: list = []
   timer = _Throughput(config.batch_size)
   step = start_step
@@ -320,8 +326,7 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
         stop = False
         if drain_now:
           _drain(pending, running, step, timer)
-          progress.update(step - progress.n)
-          progress.set_postfix(loss=f"{running.last['loss']:.3f}", img_s=f"{timer.rate():.0f}")
+          progress.show(step, running.last, timer.rate())  # bar on a terminal, else lines
           stop = _any_process(bool(signals)) if pcount > 1 else bool(signals)
         if log_now:
           logger.scalars(step, {**running.mean(), "img_per_s": timer.rate()}, split="train")
@@ -337,6 +342,7 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
           eval_metrics = run_eval(state, eval_ld, eval_fn, mesh, max_in_flight=config.max_steps_in_flight)
           eval_metrics["epoch"] = step / steps_per_epoch
           logger.scalars(step, eval_metrics, split="eval")
+          progress.eval(step, eval_metrics)
           last_eval = eval_metrics
           timer.restart()
         if eval_metrics is not None or epoch_end or ckpt_now or stop or step == total_steps:
@@ -481,21 +487,6 @@ def _best_eval(jsonl_path, name):
   return best
 
 
-def _progress(config, is_main, start, total):
-  from tqdm.auto import tqdm
-  return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
-              disable=not (config.progress and is_main), desc="train")
-
-
-def _warn_config_change(saved: dict, config: Config):
-  ignore = {"epochs", "steps", "checkpoint_every", "progress", "plots", "log_every", "data_dir",
-            "num_workers", "compilation_cache", "max_steps_in_flight"}
-  changed = sorted(k for k, v in config.to_dict().items()
-                   if k not in ignore and k in saved and saved[k] != v)
-  if changed:
-    warnings.warn(f"resuming with a config that differs from the checkpoint's in {changed}", stacklevel=3)
-
-
 def _log_augmented_grid(logger, augment_fn, it, config):
   batch = next(it)
   images = jnp.asarray(batch["image"][:32])
@@ -548,15 +539,23 @@ def load_run(workdir, *, which: str = "best"):
 
 def evaluate(workdir, *, data_dir=None, split: str = "test", which: str = "best",
              batch_size: int | None = None, source=None) -> dict:
-  """Evaluates a run's checkpoint on ``split`` of its dataset (or ``data_dir``) -> {top1, top5, loss, n}."""
+  """Evaluates a run's checkpoint on ``split`` of its dataset (or ``data_dir``) -> {top1, top5, loss, n}.
+
+  The data's class names must be the run's (class_names.json), or a subset mapped by name;
+  other classes raise ValueError."""
   from jcv.data import pipeline
-  config, _, state, mesh = load_run(workdir, which=which)
+  from jcv.train.classmap import align_classes
+  config, class_names, state, mesh = load_run(workdir, which=which)
   if data_dir is not None:
     config = config.replace(data_dir=str(data_dir))
   src = source if source is not None else _source(config, split)
+  src = align_classes(src, class_names, what=f"split {split!r}")  # by name; refuses unknown classes
   bs = batch_size or config.eval_batch_size or config.batch_size
   bs = max(jax.device_count(), bs - bs % jax.device_count()) // jax.process_count()
   loader = pipeline.eval_loader(src, batch_size=bs, **eval_view(config))
   eval_fn = parallel.compile_eval_step(_eval_fn(config), mesh, mode="jit")
   out = run_eval(state, loader, eval_fn, mesh)
+  if not np.isfinite(out["loss"]):
+    warnings.warn(f"the checkpoint's logits are NaN/inf on some of the {out['n']} examples: the loss is "
+                  f"{out['loss']}, and those examples count as misses")
   return {"top1": out["top1"], "top5": out["top5"], "loss": out["loss"], "n": out["n"]}

@@ -35,9 +35,16 @@ def l2_penalty(params, mask=None):
 
 
 def topk_correct(logits, labels, *, k: int):
-  """Per-example 1.0 where the int label is among the k largest logits, else 0.0 [B]."""
-  k = min(k, logits.shape[-1])
-  label_logit = jnp.take_along_axis(logits, labels[:, None].astype(jnp.int32), axis=-1)
+  """Per-example 1.0 where the int label is among the k largest logits, else 0.0 [B].
+
+  Garbage never counts as correct: a row with a NaN/inf logit, or a label outside
+  [0, num_classes), is a miss (0.0).
+  """
+  num_classes = logits.shape[-1]
+  k = min(k, num_classes)
+  labels = labels.astype(jnp.int32)
+  valid = (labels >= 0) & (labels < num_classes) & jnp.all(jnp.isfinite(logits), axis=-1)
+  label_logit = jnp.take_along_axis(logits, jnp.clip(labels, 0, num_classes - 1)[:, None], axis=-1)
   # Rank = number of classes with a strictly larger logit (ties count in the label's favour).
   rank = jnp.sum(logits > label_logit, axis=-1)
-  return (rank < k).astype(jnp.float32)
+  return ((rank < k) & valid).astype(jnp.float32)

@@ -13,7 +13,9 @@ Two modes, same results (to float rounding) as one device for the same global ba
   per-device gradient, and train_step averages grads, BN statistics and metrics with
   ``lax.pmean``. (With ``check_vma=True``, autodiff would already psum the gradient of a
   replicated parameter over devices; a pmean on top would then be n times too large.)
-  BatchNorm normalises with per-device batch statistics here, as with pmap.
+  BatchNorm normalises over the global batch here too (``train_step(sync_batch_stats=True)``,
+  the default; False gives pmap's per-device statistics), and augmentation and dropout draw
+  per example, so 1, 2 or 8 devices give the same parameters (jcv.train.invariance).
 
 Multi-host: ``initialize_distributed`` calls ``jax.distributed.initialize``; every process
 feeds its own shard of the global batch.

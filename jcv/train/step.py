@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jcv.data import augment as augment_lib
-from jcv.train import losses
+from jcv.train import invariance, losses
 from jcv.train.optim import decay_mask, param_paths
 
 __all__ = ["train_step", "eval_step", "predict_logits", "to_model_input", "bn_update"]
@@ -43,7 +43,7 @@ def _keep_frozen_stats(new_stats, old_stats, freeze):
 def train_step(state, batch, *, augment_fn: Callable | None = None, num_classes: int,
                mean=None, std=None, label_smoothing: float = 0.0, l2_weight: float = 0.0,
                decay_bn_and_bias: bool = False, l2_exclude: Callable | None = None, freeze=(),
-               schedule=None, axis_name: str | None = None):
+               schedule=None, axis_name: str | None = None, sync_batch_stats: bool = True):
   """One optimizer step on ``batch`` {"image": uint8 NHWC, "label": int [B]} -> (state, metrics).
 
   Options (keyword-only): ``augment_fn(key, images_uint8, labels_int) -> (images_float
@@ -52,16 +52,19 @@ def train_step(state, batch, *, augment_fn: Callable | None = None, num_classes:
   ``l2_weight * ||w||^2 / 2`` over decayed weights to the loss (the lecture's weight decay;
   ``l2_exclude(params)`` -> bool pytree removes some, e.g. Muon's kernels);
   ``freeze`` keeps those layers' BN statistics; ``schedule`` reports the learning rate;
-  ``axis_name`` (per-device SPMD only) averages grads, BN statistics and metrics with pmean.
+  ``axis_name`` (per-device SPMD only) averages grads, BN statistics and metrics with pmean;
+  there BatchNorm normalises over the global batch unless ``sync_batch_stats=False``.
+  Augmentation and dropout draw per example from the step key and the example's global index
+  (:mod:`jcv.train.invariance`), so results do not depend on the device count.
   Metrics: loss, top1, top5 (batch means), lr, grad_norm.
   """
   step_key = jax.random.fold_in(state.key, state.step)
-  if axis_name is not None:  # different augmentation / dropout on every device's shard
-    step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
   aug_key, dropout_key = jax.random.split(step_key)
   images, labels = batch["image"], batch["label"]
+  indices = invariance.example_indices(labels.shape[0], axis_name)
   if augment_fn is not None:
-    images, soft = augment_fn(aug_key, images, labels)
+    images, soft = invariance.augment_per_example(aug_key, images, labels, indices,
+                                                  augment_fn=augment_fn)
   else:
     soft = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   x = to_model_input(images, mean=mean, std=std)
@@ -72,7 +75,8 @@ def train_step(state, batch, *, augment_fn: Callable | None = None, num_classes:
     if state.batch_stats:
       variables["batch_stats"] = state.batch_stats
       mutable = ["batch_stats"]
-    out = state.apply_fn(variables, x, train=True, mutable=mutable, rngs={"dropout": dropout_key})
+    with invariance.model_context(indices=indices, axis_name=axis_name, sync_batch_stats=sync_batch_stats):
+      out = state.apply_fn(variables, x, train=True, mutable=mutable, rngs={"dropout": dropout_key})
     logits, new_vars = out
     loss = jnp.mean(losses.cross_entropy(logits, soft, label_smoothing=label_smoothing))
     total = loss

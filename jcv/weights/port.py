@@ -23,6 +23,8 @@ from typing import Callable, Iterable, Mapping
 import jax
 import numpy as np
 
+from jcv.weights.files import check_weight_file
+
 __all__ = [
     "FORMATS", "KERAS_MOBILENET_V1", "KERAS_MOBILENET_V2", "LAYOUTS", "NAME_MAPS", "PortError",
     "PortTable", "Rule", "SLIM_MOBILENET_V2", "TORCH_EFFICIENTNET_LITE", "batchnorm", "conv",
@@ -61,6 +63,7 @@ def read_arrays(path) -> dict[str, np.ndarray]:
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"weight file not found: {path}")
+  check_weight_file(path)  # a damaged, truncated, pickled or non-finite file: ValueError naming it
   suffix = path.suffix.lower()
   if suffix == ".npz":
     with np.load(path, allow_pickle=False) as data:

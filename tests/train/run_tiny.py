@@ -32,7 +32,28 @@ def dump_params(workdir):
   np.savez(pathlib.Path(workdir) / f"params_p{jax.process_index()}.npz", step=int(parallel.fetch(state.step)), **flat)
 
 
+def kill_during_save(step: int):
+  """Fault injection: SIGKILL this process right after the asynchronous save of ``step`` starts."""
+  import os
+  import signal
+
+  import jax
+  from jcv.train import checkpoint
+  original = checkpoint.RunCheckpointer.save
+
+  def save(self, state, **kwargs):
+    out = original(self, state, **kwargs)
+    if int(jax.device_get(state.step)) == step:
+      os.kill(os.getpid(), signal.SIGKILL)  # the checkpoint's files are being written
+    return out
+
+  checkpoint.RunCheckpointer.save = save
+
+
 if __name__ == "__main__":
+  import os
+  if os.environ.get("JCV_TEST_KILL_IN_SAVE"):
+    kill_during_save(int(os.environ["JCV_TEST_KILL_IN_SAVE"]))
   train, evaluation = array_sources(256, 40)
   cli.run(sys.argv[1:], base=BASE, fit_kwargs={"train_source": train, "eval_source": evaluation})
   workdir = sys.argv[sys.argv.index("--workdir") + 1]

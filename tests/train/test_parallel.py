@@ -54,8 +54,8 @@ def test_pmap_8_devices_equals_1():
 
 
 def test_pmap_bn_running_mean_is_global_mean():
-  # Per-device BN normalises with local statistics (pmap semantics), but the running mean
-  # after one step, pmean'ed over equal shards, equals the global-batch running mean.
+  # BN statistics are synchronised over devices in pmap mode (sync_batch_stats=True), so the
+  # running mean after one step equals the global-batch running mean.
   model = TinyCNN(use_bn=True)
   _, s1, _ = _run(model, "jit", 1, steps=1)
   _, s8, _ = _run(model, "pmap", 8, steps=1)
