@@ -17,25 +17,9 @@ __all__ = ["main", "predict"]
 
 
 def predict(workdir, files, *, top_k: int = 5, which: str = "best") -> list[dict]:
-  """Top-k (class name, probability) for each image file, from a run's checkpoint."""
-  import jax
-  import numpy as np
-
-  from jcv.data import decode, transforms
-  from jcv.train import loop, step
-  config, class_names, state, _ = loop.load_run(workdir, which=which)
-  view = loop.eval_view(config)
-  images = np.stack([transforms.eval_resize_crop(decode.decode_image(f), view["image_size"],
-                                                 crop_fraction=view["crop_fraction"]) for f in files])
-  logits = jax.jit(lambda s, x: step.predict_logits(s, x, mean=config.mean, std=config.std,
-                                                    tta_flip=config.tta_flip,
-                                                    tta_translate=config.tta_translate))(state, images)
-  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
-  out = []
-  for f, p in zip(files, probs):
-    top = np.argsort(-p)[:top_k]
-    out.append({"file": str(f), "top": [[class_names[i] if class_names else int(i), float(p[i])] for i in top]})
-  return out
+  """Top-k (class name, probability) for each image file; see jcv.train.evaluation.predict."""
+  from jcv.train import evaluation
+  return evaluation.predict(workdir, files, top_k=top_k, which=which)
 
 
 def main(argv=None):
@@ -60,8 +44,8 @@ def main(argv=None):
   args = p.parse_args(argv)
   try:
     if args.command == "evaluate":
-      from jcv.train import loop
-      print(json.dumps(loop.evaluate(args.workdir, data_dir=args.data_dir, split=args.split,
+      from jcv.train import evaluation
+      print(json.dumps(evaluation.evaluate(args.workdir, data_dir=args.data_dir, split=args.split,
                                      which=args.checkpoint, batch_size=args.batch_size)))
     elif args.command == "summary":
       from jcv import models

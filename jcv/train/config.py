@@ -65,7 +65,13 @@ class Config:
   onecycle_pct_start: float = 0.25
   onecycle_div_factor: float = 25.0
   onecycle_final_div_factor: float = 1e4
-  # --- parameter groups (transfer learning) ---
+  # --- initial weights and what trains (transfer learning) ---
+  init_from: dict = dataclasses.field(default_factory=dict)  # init steps, e.g. {"pretrained": {"weights": FILE}} (jcv.train.init_from)
+  trainable: Any = "all"              # "all" | "head" (frozen backbone) | N (top N stages + head, BN in inference mode)
+  backbone_lr_multiplier: float = 1.0  # trainable=N: the backbone's rate = learning_rate x this
+  feature_cache: dict | None = None   # trainable="head"/N: frozen bottom's features computed once ({"flip": True, "crop_views": 0})
+  phases: tuple = ()                  # run phases in order, each a dict of field changes (e.g. epochs, trainable, learning_rate)
+  # --- parameter groups ---
   freeze: tuple = ()                  # regexes on "/"-joined param paths: not trained, BN stats kept
   lr_multipliers: dict = dataclasses.field(default_factory=dict)  # regex -> lr multiplier
   group_epochs: dict = dataclasses.field(default_factory=dict)  # lr_multipliers regex -> N: whole schedule in N epochs, then 0
@@ -103,6 +109,26 @@ class Config:
         object.__setattr__(self, name, (value,))
       elif isinstance(value, list):
         object.__setattr__(self, name, _to_tuple(value))
+
+  def phase_configs(self) -> list["Config"]:
+    """One Config per phase (``[self]`` without ``phases``); a phase inherits every field it
+    does not change, except ``steps`` (a run's ``steps`` budget is shared out by ``fit``)."""
+    if not self.phases:
+      return [self]
+    return [self.replace(**{"phases": (), "steps": None, **dict(p)}) for p in self.phases]
+
+  def with_epochs(self, epochs: int) -> "Config":
+    """``epochs`` in all: without phases the field itself; with phases, each phase's share of
+    the recipe's epochs scaled to ``epochs`` (rounded at the phase boundaries)."""
+    if not self.phases:
+      return self.replace(epochs=epochs)
+    lengths = [c.epochs for c in self.phase_configs()]
+    total, done, scaled = sum(lengths), 0, []
+    for length in lengths:
+      done += length
+      scaled.append(round(epochs * done / total) - sum(scaled))
+    phases = tuple({**dict(p), "epochs": n} for p, n in zip(self.phases, scaled))
+    return self.replace(phases=phases, epochs=epochs)
 
   def replace(self, **changes) -> "Config":
     """A copy with the given fields changed (unknown names raise ValueError)."""
@@ -173,6 +199,19 @@ class Config:
       raise ValueError(f"max_steps_in_flight must be in [1, 30], got {self.max_steps_in_flight}")
     if (self.mean is None) != (self.std is None):
       raise ValueError("mean and std must both be set or both be None")
+    if not (self.trainable in ("all", "head") or (isinstance(self.trainable, int) and self.trainable >= 0)):
+      raise ValueError(f'trainable must be "all", "head" or a number of top stages >= 0, got {self.trainable!r}')
+    if self.feature_cache is not None and not isinstance(self.feature_cache, dict):
+      raise ValueError(f"feature_cache must be None or a dict of options, got {self.feature_cache!r}")
+    from jcv.train.init_from import INIT_STEPS
+    unknown = set(self.init_from or {}) - set(INIT_STEPS)
+    if unknown:
+      raise ValueError(f"unknown init_from step(s) {sorted(unknown)}; expected {sorted(INIT_STEPS)}")
+    for i, phase in enumerate(self.phases):
+      bad = set(dict(phase)) - self.field_names() | ({"phases"} & set(dict(phase)))
+      if bad:
+        raise ValueError(f"phase {i}: {sorted(bad)} cannot be set per phase")
+      self.replace(phases=(), **dict(phase)).validate()
     return self
 
 
