@@ -25,10 +25,10 @@ from typing import Callable
 from jcv.train.config import Config
 
 __all__ = ["HelpFormatter", "make_parser", "apply_args", "config_from_args", "start", "run",
-           "backend_preset", "fit_only_flags", "describe_presets"]
+           "backend_preset", "fit_only_flags", "describe_presets", "print_config"]
 
-# Flags that become the Config field of the same name.
-CONFIG_FLAGS = ("data_dir", "epochs", "steps", "batch_size", "seed", "parallel", "checkpoint_every")
+# Flags that become the Config field of the same name (--epochs: Config.with_epochs).
+CONFIG_FLAGS = ("data_dir", "steps", "batch_size", "seed", "parallel", "checkpoint_every")
 # Flags only a jcv.train.fit run uses (not the cached-feature transfer runs).
 FIT_ONLY = ("parallel", "checkpoint_every", "set")
 
@@ -44,6 +44,7 @@ HELP = {
     "checkpoint_every": "also checkpoint every N steps",
     "set": "any other Config field, e.g. --set learning_rate=0.05 (repeatable; Python literals)",
     "no_progress": "no tqdm progress bar",
+    "print_config": "print the exact config this command would run (JSON) and exit",
 }
 
 
@@ -95,6 +96,7 @@ def make_parser(description: str | None = None, *, presets=None, default_preset:
   p.add_argument("--checkpoint-every", type=int, metavar="N", help=h["checkpoint_every"])
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=h["set"])
   p.add_argument("--no-progress", action="store_true", help=h["no_progress"])
+  p.add_argument("--print-config", action="store_true", help=h["print_config"])
   g = p.add_argument_group("multi-host (or $JCV_COORDINATOR_ADDRESS, $JCV_NUM_PROCESSES, $JCV_PROCESS_ID)")
   g.add_argument("--coordinator-address", help="host:port of process 0")
   g.add_argument("--num-processes", type=int)
@@ -121,7 +123,14 @@ def apply_args(config: Config, args: argparse.Namespace) -> Config:
   changes = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name, None) is not None}
   if getattr(args, "no_progress", False):
     changes["progress"] = False
+  if getattr(args, "epochs", None) is not None:
+    config = config.with_epochs(args.epochs)
   return config.replace(**changes).set(getattr(args, "set", None) or []).validate()
+
+
+def print_config(config: Config) -> None:
+  """Prints ``config`` as the JSON that ``config.json`` of its run will hold."""
+  print(json.dumps(config.to_dict(), indent=1))
 
 
 def config_from_args(args: argparse.Namespace, *, presets=None, base: Config | None = None) -> Config:
@@ -185,6 +194,9 @@ def run(argv=None, *, presets=None, default_preset: str | None = None, base: Con
     config = config_from_args(args, presets=presets, base=base)
   except ValueError as e:  # a bad --set: usage and the message, exit status 2
     parser.error(str(e))
+  if args.print_config:
+    print_config(config)
+    return {"config": config}
   if callable(fit_kwargs):
     fit_kwargs = fit_kwargs(config)
   import jax

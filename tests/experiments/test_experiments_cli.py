@@ -14,7 +14,7 @@ import pytest
 
 from jcv.train import Config, cli, transfer
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPTS = {name: REPO / "experiments" / f"{name}.py" for name in ("cifar10", "cats_vs_dogs", "food101")}
 SHARED_FLAGS = {"--workdir", "--data-dir", "--preset", "--epochs", "--steps", "--batch-size", "--seed",
                 "--parallel", "--checkpoint-every", "--set", "--no-progress", "--coordinator-address",
