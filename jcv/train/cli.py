@@ -130,7 +130,8 @@ def apply_args(config: Config, args: argparse.Namespace) -> Config:
 
 def print_config(config: Config) -> None:
   """Prints ``config`` as the JSON that ``config.json`` of its run will hold."""
-  print(json.dumps(config.to_dict(), indent=1))
+  from jcv.train.init_from import resolve_preprocessing
+  print(json.dumps(resolve_preprocessing(config).to_dict(), indent=1))
 
 
 def config_from_args(args: argparse.Namespace, *, presets=None, base: Config | None = None) -> Config:

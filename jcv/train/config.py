@@ -220,7 +220,10 @@ class Config:
       bad = set(dict(phase)) - self.field_names() | ({"phases"} & set(dict(phase)))
       if bad:
         raise ValueError(f"phase {i}: {sorted(bad)} cannot be set per phase")
-      self.replace(phases=(), **dict(phase)).validate()
+      try:
+        self.replace(phases=(), **dict(phase)).validate()
+      except ValueError as e:
+        raise ValueError(f"phase {i}: {e}") from None
     return self
 
 

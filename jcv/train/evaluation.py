@@ -62,8 +62,8 @@ def test_metrics(logits, labels, class_names=()) -> dict:
   predictions = logits.argmax(-1)
   per_class = {name: float((predictions[labels == c] == c).mean())
                for c, name in enumerate(class_names) if (labels == c).any()}
-  return {"top1": float(np.mean(losses.topk_correct(logits, labels, k=1))),
-          "top5": float(np.mean(losses.topk_correct(logits, labels, k=min(5, logits.shape[-1])))),
+  hits = lambda k: np.asarray(losses.topk_correct(logits, labels, k=min(k, logits.shape[-1])), np.float64)
+  return {"top1": float(hits(1).mean()), "top5": float(hits(5).mean()),
           "n": int(len(labels)), "per_class_top1": per_class}
 
 

@@ -149,11 +149,13 @@ def train(config: Config, workdir, *, model, train_ld, eval_ld, input_shape, var
   eval_fn = parallel.compile_eval_step(build.eval_fn(config, features=features), mesh, mode=config.parallel)
   # Compile ahead of time, so that no process enters the first collective while another
   # is still compiling (CPU gloo connections time out after ~30 s).
-  train_fn = train_fn.lower(state, parallel.batch_spec(mesh, config.batch_size, tuple(input_shape))).compile()
+  dtype = train_ld.features.dtype if features else np.uint8
+  train_fn = train_fn.lower(state, parallel.batch_spec(mesh, config.batch_size, tuple(input_shape),
+                                                       dtype=dtype)).compile()
   if eval_ld is not None:
     eval_shape = tuple(input_shape) if features else (eval_view(config)["image_size"],) * 2 + (3,)
     eval_fn = eval_fn.lower(state, parallel.batch_spec(mesh, eval_ld.batch_size * pcount, eval_shape,
-                                                       mask=True)).compile()
+                                                       mask=True, dtype=dtype)).compile()
   run = _Run(config, state, checkpointer, iterator, logger, train_fn, eval_fn, eval_ld, mesh,
              steps_per_epoch, total_steps, start_step, is_main)
   try:

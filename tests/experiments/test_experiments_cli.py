@@ -1,6 +1,6 @@
-"""The experiment scripts on the shared parser: the same flags everywhere, what --epochs and
---steps mean in the two-phase transfer runs, and food101.py / cats_vs_dogs.py as real
-subprocesses for a few steps on a handful of real JPEGs."""
+"""The experiment scripts: shared flags, recipes as Config presets (--print-config shows the
+exact config), and food101.py / cats_vs_dogs.py as real subprocesses for a few steps on a
+handful of real JPEGs, leaving run folders that ``python -m jcv evaluate|predict`` accept."""
 import importlib.util
 import json
 import os
@@ -10,15 +10,13 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
-from jcv.train import Config, cli, transfer
+from jcv.train import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPTS = {name: REPO / "experiments" / f"{name}.py" for name in ("cifar10", "cats_vs_dogs", "food101")}
 SHARED_FLAGS = {"--workdir", "--data-dir", "--preset", "--epochs", "--steps", "--batch-size", "--seed",
-                "--parallel", "--checkpoint-every", "--set", "--no-progress", "--coordinator-address",
-                "--num-processes", "--process-id"}
+                "--parallel", "--checkpoint-every", "--set", "--no-progress", "--print-config",
+                "--coordinator-address", "--num-processes", "--process-id"}
 
 
 def _load(name):
@@ -30,72 +28,55 @@ def _load(name):
 
 def _env(tmp_path):
   env = dict(os.environ, JCV_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
+  env.pop("XLA_FLAGS", None)  # as a user runs it
   return env
 
 
-def _shared_actions(parser):
-  return {a.option_strings[0]: (a.dest, a.type, a.nargs, a.const, a.__class__)
-          for a in parser._actions if a.option_strings and a.option_strings[0] in SHARED_FLAGS}
+def _run(args, tmp_path, timeout=300):
+  return subprocess.run([sys.executable] + [str(a) for a in args], cwd=REPO, env=_env(tmp_path),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _printed(script, args, tmp_path) -> list[dict]:
+  proc = _run([SCRIPTS[script], *args, "--print-config"], tmp_path, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return [json.loads(block) for block in re.split(r"\n(?=\{)", proc.stdout.strip())]
 
 
 def test_every_script_has_the_shared_flags_in_its_help(tmp_path):
-  reference = _shared_actions(cli.make_parser())
-  assert set(reference) == SHARED_FLAGS
-  for name in ("cats_vs_dogs", "food101"):  # built on the shared parser, not a copy of it
-    assert _shared_actions(_load(name).make_parser()) == reference, name
+  assert {a.option_strings[0] for a in cli.make_parser()._actions if a.option_strings} >= SHARED_FLAGS
   for name, script in SCRIPTS.items():
-    out = subprocess.run([sys.executable, str(script), "--help"], cwd=REPO, env=_env(tmp_path),
-                         capture_output=True, text=True, timeout=120)
+    out = _run([script, "--help"], tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     text = " ".join(out.stdout.split())
     assert SHARED_FLAGS <= set(re.findall(r"--[a-z][a-z-]*", out.stdout)), name
     assert "stop after N optimizer steps in total" in text and " min" in text, name  # what, and how long
-    assert "presets:" in text or "recipes (" in text, name                           # the defaults
+    assert "presets:" in text, name                                                  # the defaults
 
 
-def test_two_phase_runs_split_epochs_and_steps():
-  assert transfer.split_epochs(20, None, recipe=(20, 15)) == (15, 5)
-  assert transfer.split_epochs(8, None, recipe=(20, 15)) == (6, 2)
-  assert transfer.split_epochs(8, 3, recipe=(20, 15)) == (3, 5)
-  with pytest.raises(ValueError, match=r"\[0, 4\]"):
-    transfer.split_epochs(4, 6, recipe=(20, 15))
-  assert transfer.split_steps(None, 15, examples=100, batch_size=32) == (None, None)
-  assert transfer.split_steps(7, 1, examples=44, batch_size=8) == (5, 2)   # 5 steps per epoch
-  assert transfer.split_steps(3, 15, examples=44, batch_size=8) == (3, 0)  # no fine-tuning left
+def test_epochs_flag_scales_the_phases():
+  cats, food = _load("cats_vs_dogs"), _load("food101")
+  assert [p["epochs"] for p in cats.FINETUNE.with_epochs(12).phases] == [10, 2]
+  assert [p["epochs"] for p in cats.FINETUNE.phases] == [20, 4]
+  assert [p["epochs"] for p in food.CACHED.with_epochs(8).phases] == [6, 2]
+  assert [p["epochs"] for p in food.CACHED.with_epochs(2).phases] == [2]  # no fine-tuning left
+  for preset in (*cats.PRESETS.values(), *food.PRESETS.values()):
+    preset.validate()
 
 
-def test_food101_flags_over_its_recipes():
-  food = _load("food101")
-  parse = food.make_parser().parse_args
-  args = parse([])
-  food.resolve_recipe(args)  # JAX sees only CPUs here
-  assert (args.preset, args.mode, args.seed) == ("cpu", "fit", 0)
-  assert {k: getattr(args, k) for k in food.RECIPES["cpu"]["fit"]} == food.RECIPES["cpu"]["fit"]
-  args = parse(["--mode", "cached", "--epochs", "8", "--batch-size", "16"])
-  food.resolve_recipe(args)
-  assert (args.epochs_head, args.epochs_finetune, args.batch_size, args.learning_rate) == (6, 2, 16, 1e-3)
-  args = parse(["--preset", "gpu"])
-  food.resolve_recipe(args)
-  import jax
-  assert (args.batch_size, args.dtype, args.epochs) == (64 * jax.device_count(), "bfloat16", 20)
-  for argv, message in ((["--epochs-head", "2"], "cached mode only"), (["--mode", "cached", "--set", "a=1"],
-                        "fit mode only"), (["--set", "learning_rat=1"], "unknown config field")):
-    args = parse(argv)
-    with pytest.raises(SystemExit, match=message):
-      food.resolve_recipe(args)
-
-
-def test_cats_vs_dogs_flags_over_its_recipes():
-  cats = _load("cats_vs_dogs")
-  args = cats.make_parser().parse_args(["--epochs", "12"])
-  assert (args.variant, args.batch_size, args.seed, args.preset) == ("all", 32, 0, "cpu")
-  assert cats.recipe(args, "advanced_cnn")["epochs"] == 12 and cats.finetune_epochs(args) == (10, 2)
-  assert cats.finetune_epochs(cats.make_parser().parse_args([])) == (20, 4)
-  args = cats.make_parser().parse_args(["--steps", "3", "--set", "label_smoothing=0.1"])
-  cfg = cli.apply_args(cats.base_config(args, **cats.recipe(args, "scratch")), args)
-  assert (cfg.model, cfg.epochs, cfg.steps, cfg.label_smoothing, cfg.batch_size) == ("mobilenet_v2", 2, 3, 0.1, 32)
-  assert isinstance(cfg, Config)
+def test_print_config_shows_what_a_command_runs(tmp_path):
+  (cpu,) = _printed("food101", ["--weights", "w.npz"], tmp_path)
+  assert cpu["init_from"] == {"pretrained": {"weights": "w.npz"}} and cpu["mean"] == [0.5, 0.5, 0.5]
+  assert (cpu["trainable"], cpu["epochs"], cpu["learning_rate"], cpu["eval_image_size"]) == (19, 20, 1e-3, 256)
+  (cached,) = _printed("food101", ["--mode", "cached", "--epochs", "8", "--batch-size", "16"], tmp_path)
+  assert [p["epochs"] for p in cached["phases"]] == [6, 2] and cached["batch_size"] == 16
+  assert cached["feature_cache"] == {"flip": True} and cached["phases"][0]["trainable"] == "head"
+  ft, scratch = _printed("cats_vs_dogs", ["--variant", "finetune", "--epochs", "12"], tmp_path) + \
+      _printed("cats_vs_dogs", ["--variant", "scratch", "--steps", "3", "--set", "label_smoothing=0.1"], tmp_path)
+  assert [p["epochs"] for p in ft["phases"]] == [10, 2] and ft["val_fraction"] == 0.1
+  assert (scratch["model"], scratch["epochs"], scratch["steps"], scratch["label_smoothing"]) == ("mobilenet_v2", 2, 3, 0.1)
+  bad = _run([SCRIPTS["food101"], "--set", "learning_rat=1", "--print-config"], tmp_path, timeout=120)
+  assert bad.returncode == 2 and "unknown config field" in bad.stderr
 
 
 def _tiny_folder(src: pathlib.Path, dst: pathlib.Path, classes, per_split):
@@ -112,37 +93,48 @@ def test_food101_smoke_run(shared_dir, tmp_path):
   data = _tiny_folder(shared_dir / "data" / "food101_mini", tmp_path / "food",
                       ("pizza", "ramen", "sushi"), {"train": 8, "test": 4})
   workdir = tmp_path / "run"
-  cmd = [sys.executable, str(SCRIPTS["food101"]), "--data-dir", str(data), "--workdir", str(workdir),
-         "--weights", str(shared_dir / "weights" / "mobilenet_v2_1.0_224_backbone.npz"),
-         "--steps", "2", "--batch-size", "8", "--image-size", "48", "--set", "plots=False",
-         "--set", "label_smoothing=0.2"]
-  proc = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+  proc = _run([SCRIPTS["food101"], "--data-dir", data, "--workdir", workdir,
+               "--weights", shared_dir / "weights" / "mobilenet_v2_1.0_224_backbone.npz",
+               "--steps", "2", "--batch-size", "8", "--image-size", "48", "--set", "plots=False",
+               "--set", "label_smoothing=0.2"], tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((workdir / "results.json").read_text())
-  assert results["mode"] == "fit" and results["n"] == 12 and 0 <= results["top1"] <= 1
+  assert results["n"] == 12 and 0 <= results["top1"] <= 1 and set(results["per_class_top1"]) == {"pizza", "ramen", "sushi"}
   config = results["config"]
   assert (config["steps"], config["batch_size"], config["image_size"], config["label_smoothing"]) == (2, 8, 48, 0.2)
-  assert config["epochs"] == 20 and config["freeze"] == []  # the cpu fit recipe: 20 epochs, whole network
+  assert config["epochs"] == 20 and config["trainable"] == 19  # the cpu recipe: 20 epochs, every stage
   assert tuple(config["crop_scale"]) == (0.25, 1.0) and config["tta_flip"]
+  assert config["init_from"]["pretrained"]["weights"].endswith("mobilenet_v2_1.0_224_backbone.npz")
   # evaluated on the whole image at 256/224 of the training size
   assert (config["eval_image_size"], config["eval_crop_fraction"]) == (round(48 * 256 / 224), 1.0)
   for name in ("confusion.png", "predictions.png", "config.json", "class_names.json"):
     assert (workdir / name).is_file(), name
 
 
-def test_cats_vs_dogs_smoke_run(shared_dir, tmp_path):
+def test_cats_vs_dogs_finetune_run_folder_is_usable(shared_dir, tmp_path):
   data = _tiny_folder(shared_dir / "data" / "cats_vs_dogs", tmp_path / "cvd", ("cat", "dog"),
                       {"train": 11, "test": 4})
   workdir = tmp_path / "run"
-  # finetune: the head alone for 1 epoch (2 x 10 images with their mirror images, batch 8:
-  # 5 steps), then fine-tuning for the 2 steps left of --steps 7.
-  cmd = [sys.executable, str(SCRIPTS["cats_vs_dogs"]), "--variant", "finetune", "--data-dir", str(data),
-         "--workdir", str(workdir), "--steps", "7", "--epochs-head", "1", "--batch-size", "8",
-         "--image-size", "48"]
-  proc = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+  # The head alone for 1 epoch (2 x 10 images with their mirror images, batch 8: 5 steps),
+  # then fine-tuning the top 3 stages for the 2 steps left of --steps 7.
+  phases = ('phases=({"epochs": 1, "trainable": "head"}, {"epochs": 1, "trainable": 3, '
+            '"learning_rate": 1e-4, "backbone_lr_multiplier": 0.3})')
+  proc = _run([SCRIPTS["cats_vs_dogs"], "--variant", "finetune", "--data-dir", data, "--workdir", workdir,
+               "--steps", "7", "--batch-size", "8", "--image-size", "48", "--set", phases], tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads((workdir / "finetune" / "result.json").read_text())
-  assert [(h["epoch"], h["step"]) for h in result["history"]] == [(1, 5), (2, 2)]
-  assert result["epochs"] == 24 and result["image_size"] == 48 and 0 <= result["test_top1"] <= 1
-  assert result["config"]["steps"] == 2 and result["config"]["learning_rate"] == 1e-4
-  assert not (workdir / "frozen").exists()  # its head ran 1 epoch, not the frozen variant's 20
+  run = workdir / "finetune"
+  result = json.loads((run / "result.json").read_text())
+  assert result["image_size"] == 48 and 0 <= result["test_top1"] <= 1
+  phases = json.loads((run / "results.json").read_text())["phases"]
+  assert [(p["trainable"], p["steps"], p["cached_features"]) for p in phases] == [("head", 5, True), (3, 2, True)]
+  records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["phase"], r["step"]) for r in records if r["split"] == "eval"] == [(0, 5), (1, 7)]
+  assert not (workdir / "frozen").exists()
+  # The run folder is a run like any other: evaluate and predict use it.
+  out = _run(["-m", "jcv", "evaluate", "--workdir", run, "--data-dir", data], tmp_path)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert abs(json.loads(out.stdout)["top1"] - result["test_top1"]) < 1e-6
+  image = next((data / "test" / "dog").iterdir())
+  out = _run(["-m", "jcv", "predict", "--workdir", run, image, "--top-k", "2"], tmp_path)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert {c for c, _ in json.loads(out.stdout)["top"]} == {"cat", "dog"}
