@@ -95,6 +95,13 @@ class Config:
       elif isinstance(value, list):
         object.__setattr__(self, name, _to_tuple(value))
 
+  def __getattr__(self, name):
+    # Reads of the flat names of older configs (config.momentum, config.muon_ns_steps ...)
+    # give the value the grouped options hold now.
+    if name not in _LEGACY_NAMES:
+      raise AttributeError(f"'Config' object has no attribute {name!r}")
+    return _legacy_value(self, name)
+
   def phase_configs(self) -> list["Config"]:
     """One Config per phase (``[self]`` without ``phases``); a phase inherits every field it
     does not change, except ``steps`` (a run's ``steps`` budget is shared out by ``fit``)."""
@@ -236,6 +243,25 @@ _LEGACY_OPTIMIZER = {"momentum": "momentum", "nesterov": "nesterov", "b1": "b1",
 _LEGACY_MUON = {"muon_learning_rate": "learning_rate", "muon_momentum": "momentum", "muon_ns_steps": "ns_steps",
                 "muon_normalize_weights": "normalize_weights", "muon_fallback": "fallback"}
 _LEGACY_NAMES = set(_LEGACY_SCHEDULE) | set(_LEGACY_OPTIMIZER) | set(_LEGACY_MUON)
+
+
+def _legacy_value(config: "Config", name: str):
+  """The value an older flat field ``name`` has in ``config``'s grouped options."""
+  from jcv.train import optim
+  if name in _LEGACY_SCHEDULE:
+    key = _LEGACY_SCHEDULE[name]
+    options = optim.schedule_options(config) if config.schedule in optim.SCHEDULES else {}
+    tables = [options] + [d for d, _ in optim.SCHEDULES.values()]
+  elif name in _LEGACY_MUON:
+    key = _LEGACY_MUON[name]
+    tables = [optim.optimizer_options(config) if config.optimizer == "muon" else optim.OPTIMIZERS["muon"][0]]
+  else:
+    key = _LEGACY_OPTIMIZER[name]
+    options = optim.optimizer_options(config) if config.optimizer in optim.OPTIMIZERS else {}
+    if config.optimizer == "muon":
+      options = options["fallback_options"] if key != "nesterov" else options
+    tables = [options] + [d for d, _ in optim.OPTIMIZERS.values()]
+  return next(t[key] for t in tables if key in t)
 
 
 def _init_with_legacy_names(init):

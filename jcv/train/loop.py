@@ -37,6 +37,9 @@ __all__ = [
 ]
 
 
+_train_fn = build.train_fn  # the name older callers (benchmarks/optimizers.py) use
+
+
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN/inf; the message names the step."""
 

@@ -18,6 +18,7 @@ def test_old_flat_config_json_is_read_into_the_groups():
   assert config.schedule_options == {"pct_start": 0.23, "div_factor": 5.0, "final_div_factor": 2.0}
   assert Config.from_dict(config.to_dict()) == config
   assert Config(momentum=0.5).optimizer_options == {"momentum": 0.5}  # older keyword names still work
+  assert (config.momentum, config.muon_ns_steps, config.onecycle_pct_start) == (0.85, 3, 0.23)  # and reads
 
 
 def test_one_table_per_optimizer_and_schedule():
