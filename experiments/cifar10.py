@@ -11,7 +11,7 @@ airbench94's Nesterov SGD + lookahead (``gpu``, ``cpu_sgd``) or airbench94_muon'
 
 Measured on ../shared/data/cifar10 (test split, TTA; the commands above; docs/cifar10.md):
 ``cpu`` 89.30 % top-1 in 23.4 min on a 2-core Xeon VM (2026-11-28); ``cpu_sgd`` 88.86 % in
-17.8 min on it (2026-11-27); ``gpu`` 90.64 % in 32.7 s of fit on one H200 (2026-11-27).
+17.8 min on it (2026-11-28); ``gpu`` 90.64 % in 32.7 s of fit on one H200 (2026-11-28).
 """
 from __future__ import annotations
 

@@ -96,7 +96,9 @@ def eval_view(config: Config) -> dict:
 def train_config(config: Config, model) -> Config:
   """``config`` with ``trainable`` turned into what trains it: ``freeze`` patterns,
   ``lr_multipliers`` groups and the model's ``frozen_stages`` options (see
-  :func:`jcv.train.transfer.regime_options`). ``trainable="all"`` changes nothing."""
+  :func:`jcv.train.transfer.regime_options`); what the config sets itself wins (e.g.
+  ``model_options={"frozen_bn_stages": 0}``: BatchNorm in train mode). ``trainable="all"``
+  changes nothing."""
   if config.trainable == "all":
     return config
   from jcv.train import transfer
@@ -108,7 +110,7 @@ def train_config(config: Config, model) -> Config:
                                      backbone_lr_multiplier=config.backbone_lr_multiplier)
   return config.replace(freeze=tuple(config.freeze) + tuple(fields["freeze"]),
                         lr_multipliers={**fields["lr_multipliers"], **config.lr_multipliers},
-                        model_options={**config.model_options, **fields["model_options"]})
+                        model_options={**fields["model_options"], **config.model_options})
 
 
 def train_fn(config: Config, *, num_classes, augment_fn, schedule, features: bool = False):
