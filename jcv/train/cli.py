@@ -106,13 +106,16 @@ def make_parser(description: str | None = None, *, presets=None, default_preset:
 
 def describe_presets(presets, *, title: str = "presets:",
                      fields=("model", "image_size", "epochs", "batch_size", "optimizer", "learning_rate",
-                             "dtype")) -> str:
+                             "trainable", "dtype")) -> str:
   """A help epilog: one wrapped line per preset with its main Config ``fields`` (or, for a
   dict recipe, every item)."""
   lines = [title]
   for name, preset in presets.items():
     items = preset.items() if isinstance(preset, dict) else ((f, getattr(preset, f)) for f in fields)
     text = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
+    if getattr(preset, "phases", ()):
+      text += ", phases: " + " then ".join(
+          f"{c.epochs} epochs trainable={c.trainable} lr={c.learning_rate:g}" for c in preset.phase_configs())
     lines.append(textwrap.fill(f"{name}: {text}", width=100, initial_indent="  ", subsequent_indent="      "))
   return "\n".join(lines)
 

@@ -287,7 +287,7 @@ def _from_legacy(config: "Config", changes: dict) -> dict:
   from jcv.train.optim import OPTIMIZERS, SCHEDULES
 
   def pick(table, name, renames):
-    known = OPTIMIZERS[name][0] if table == "optimizer" else SCHEDULES.get(name, ({},))[0]
+    known = (OPTIMIZERS if table == "optimizer" else SCHEDULES).get(name, ({},))[0]
     return {new: legacy[old] for old, new in renames.items() if old in legacy and new in known}
 
   optimizer = changes.get("optimizer", config.optimizer)

@@ -83,6 +83,9 @@ def run(config: Config, workdir, *, model, variables, train_src, eval_src, class
     else:
       phase_model, phase_vars = model, variables
       data = loop.image_loaders(phase, train_src, eval_src)
+    phase_augment = augment_fn
+    if phase.augment != config.augment:  # a phase with augmentation of its own
+      phase_augment = build.build_augment(phase, config.num_classes or len(class_names))
     length = phase.steps or phase.epochs * data["train_ld"].steps_per_epoch
     if remaining is not None:
       length = min(length, remaining)
@@ -92,7 +95,7 @@ def run(config: Config, workdir, *, model, variables, train_src, eval_src, class
       phase = phase.replace(steps=length)
     folder = workdir / "phases" / str(i)
     results, state = loop.train(phase.replace(plots=False), folder, model=phase_model, variables=phase_vars,
-                                augment_fn=None if cut else augment_fn, class_names=class_names,
+                                augment_fn=None if cut else phase_augment, class_names=class_names,
                                 eval_src=None if cut else eval_src, resume=resume, features=bool(cut), **data)
     trained = jax.device_get(state.variables)
     variables = feat.merge_variables(variables, trained) if cut else trained

@@ -249,3 +249,17 @@ def test_feature_loader_shuffles_per_epoch_and_resumes():
   np.testing.assert_array_equal(next(resumed)["label"], next(it)["label"])
   ev = list(FeatureLoader(x, y, batch_size=4, train=False))
   assert len(ev) == 3 and ev[-1]["mask"].tolist() == [True, True, False, False]
+
+
+def test_cached_run_with_nan_weights_stops_on_the_loss(variables, tmp_path):
+  """#16: NaN weights give NaN features; the cached run stops like any run, naming the step."""
+  from jcv.data.sources import ArraySource
+  from jcv.train import fit, loop
+  rng = np.random.default_rng(5)
+  source = ArraySource(rng.integers(0, 256, (16, SIZE, SIZE, 3), dtype=np.uint8), np.arange(16) % CLASSES,
+                       class_names=["a", "b", "c"])
+  nan = jax.tree.map(lambda v: np.full_like(v, np.nan), variables)
+  config = SGD.replace(trainable="head", feature_cache={}, batch_size=8, epochs=1, eval_split="", image_size=SIZE,
+                       augment=(), progress=False, plots=False, compilation_cache=None)
+  with pytest.raises(loop.NonFiniteLossError, match="at step 1"):
+    fit(config, workdir=tmp_path, train_source=source, model=_model(), init_variables=nan)
