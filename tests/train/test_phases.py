@@ -30,6 +30,10 @@ def test_phases_continue_from_the_previous_phase(tmp_path):
   records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records if r["split"] == "train"] == [4, 8]
   assert [r["phase"] for r in records if r["split"] == "train"] == [0, 1]
+  # Re-running resumes every phase at its end: nothing trains again, the run folder stays.
+  again = fit(two, workdir=tmp_path / "two", train_source=train, eval_source=ev)
+  assert again["steps"] == 8 and again["final"]["eval"] == results["final"]["eval"]
+  jax.tree.map(np.testing.assert_array_equal, _params(tmp_path / "two"), _params(tmp_path / "one"))
   # A steps budget is shared out in phase order: phase 2 gets what phase 1 leaves.
   short = fit(two.replace(steps=6), workdir=tmp_path / "short", train_source=train, eval_source=ev)
   assert [p["steps"] for p in short["phases"]] == [4, 2]
