@@ -8,7 +8,8 @@ over the data (:func:`cache_features`) and trains the top on the arrays
 A cache file is named by a digest of everything that determines its content
 (:func:`cache_key`): the bottom's structure and variables (so the weights), the cut, the image
 size and eval view, the extra views, the normalisation, the data (file names, sizes and
-modification times, or the arrays), the split and seed, and the code version. Changing any
+modification times, or the arrays), the split and seed, and the code version (jcv and jax
+versions, and the source of the models, transforms and this module). Changing any
 of them computes new features; stale files are never read.
 """
 from __future__ import annotations
@@ -129,10 +130,27 @@ def source_fingerprint(source) -> str:
   return h.hexdigest()
 
 
-def cache_key(**parts) -> str:
-  """A digest of ``parts`` (JSON-able) plus the cache format and the jcv/jax versions."""
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+  """sha256 of the source of the code that computes features: the models, the image decoding
+  and transforms, the input normalisation and this module."""
   import jcv
-  parts = {**parts, "format": CACHE_FORMAT, "jcv": getattr(jcv, "__version__", "?"), "jax": jax.__version__}
+  root = pathlib.Path(jcv.__file__).parent
+  files = sorted((root / "models").glob("*.py")) + [root / "data" / n for n in ("decode.py", "transforms.py", "pipeline.py")]
+  files += [root / "train" / "step.py", pathlib.Path(__file__)]
+  h = hashlib.sha256()
+  for f in files:
+    if f.is_file():
+      h.update(f.name.encode() + f.read_bytes())
+  return h.hexdigest()
+
+
+def cache_key(**parts) -> str:
+  """A digest of ``parts`` (JSON-able) plus the cache format, the jcv/jax versions and the
+  source of the code that computes the features (a code change computes new features)."""
+  import jcv
+  parts = {**parts, "format": CACHE_FORMAT, "jcv": getattr(jcv, "__version__", "?"), "jax": jax.__version__,
+           "code": _code_digest()}
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
