@@ -35,10 +35,7 @@ def cut_stage(config: Config, model) -> int:
 def _feature_inputs(config: Config, model, variables, cut, base, *, train_src, eval_src, workdir):
   """(phase config, top model, top variables, loaders) of a phase training the stages from
   ``cut`` up on features cached at stage ``base`` (the lowest cut of the run's phases)."""
-  options = {"flip": True, "crop_views": 0, **(config.feature_cache or {})}
-  unknown = set(options) - {"flip", "crop_views"}
-  if unknown:
-    raise ValueError(f"feature_cache: unknown option(s) {sorted(unknown)}; expected flip, crop_views")
+  options = {"flip": True, "crop_views": 0, "directory": None, **(config.feature_cache or {})}
   count = len(model.stage_names())
   if cut not in (base, count):
     raise ValueError(f"a phase training from stage {cut} cannot use features cached at stage {base}: "
@@ -47,7 +44,7 @@ def _feature_inputs(config: Config, model, variables, cut, base, *, train_src, e
   cached = feat.cache_features(model, variables, sources, stage=base, image_size=config.image_size,
                                crop_fraction=config.eval_crop_fraction, mean=config.mean, std=config.std,
                                flip=options["flip"], crop_views=options["crop_views"], seed=config.seed,
-                               directory=pathlib.Path(workdir) / "features")
+                               directory=options["directory"] or pathlib.Path(workdir) / "features")
   if cut == count and base < count:  # the head alone: run the frozen top stages once more
     cached = feat.pool_cached(model, variables, cached, stage=base)
   phase_model = model.clone(**loop._stage_options(build.train_config(config, model)))
@@ -75,6 +72,16 @@ def run(config: Config, workdir, *, model, variables, train_src, eval_src, class
   phases = config.phase_configs()
   cuts = [cut_stage(p, model) if config.feature_cache is not None else 0 for p in phases]
   base = min([c for c in cuts if c] or [0])
+  options = dict(config.feature_cache or {})
+  unknown = set(options) - {"flip", "crop_views", "stage", "directory"}
+  if unknown:
+    raise ValueError(f"feature_cache: unknown option(s) {sorted(unknown)}; expected flip, crop_views, "
+                     "stage, directory")
+  if base and options.get("stage") is not None:  # cache lower than needed: shareable with other runs
+    if not 0 < options["stage"] <= base:
+      raise ValueError(f"feature_cache stage {options['stage']} must be in [1, {base}], the lowest "
+                       "frozen stage of the cached phases")
+    base = int(options["stage"])
   remaining, records, summaries, offset = config.steps, [], [], (0, 0.0)
   for i, (phase, cut) in enumerate(zip(phases, cuts)):
     if cut:
