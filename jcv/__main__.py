@@ -14,36 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 __all__ = ["main", "predict", "predict_pretrained"]
 
 
 def predict(workdir, files, *, top_k: int = 5, which: str = "best") -> list[dict]:
-  """Top-k (class name, probability) for each image file, from a run's checkpoint."""
-  import jax
-  import numpy as np
-
-  from jcv.data import decode, transforms
-  from jcv.train import loop, step
-  missing = [str(f) for f in files if not os.path.isfile(f)]
-  if missing:
-    raise FileNotFoundError(f"image file(s) not found: {', '.join(missing[:5])}"
-                            + (f" ... ({len(missing)} in all)" if len(missing) > 5 else ""))
-  config, class_names, state, _ = loop.load_run(workdir, which=which)
-  view = loop.eval_view(config)
-  images = np.stack([transforms.eval_resize_crop(decode.decode_image(f), view["image_size"],
-                                                 crop_fraction=view["crop_fraction"]) for f in files])
-  logits = jax.jit(lambda s, x: step.predict_logits(s, x, mean=config.mean, std=config.std,
-                                                    tta_flip=config.tta_flip,
-                                                    tta_translate=config.tta_translate))(state, images)
-  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
-  out = []
-  for f, p in zip(files, probs):
-    top = np.argsort(-p)[:top_k]
-    out.append({"file": str(f), "top": [[class_names[i] if class_names else int(i), float(p[i])] for i in top]})
-  return out
+  """Top-k (class name, probability) for each image file; see jcv.train.evaluation.predict."""
+  from jcv.train import evaluation
+  return evaluation.predict(workdir, files, top_k=top_k, which=which)
 
 
 def predict_pretrained(name: str, weights, files, *, head=None, labels=None,
@@ -60,6 +39,7 @@ def predict_pretrained(name: str, weights, files, *, head=None, labels=None,
 
   import jcv.weights as W
   from jcv.data import decode, transforms
+  decode.require_files(files)
   info = W.pretrained_info(name)
   classes = (W.load_head(head)["kernel"].shape[-1] if head is not None
              else W.classifier_classes(name, weights))
@@ -114,9 +94,9 @@ def main(argv=None):
   try:  # user errors: one "error: ..." line and exit status 2 (SystemExit from user_errors)
     with user_errors(debug=args.debug):
       if args.command == "evaluate":
-        from jcv.train import loop
-        print(json.dumps(loop.evaluate(args.workdir, data_dir=args.data_dir, split=args.split,
-                                       which=args.checkpoint, batch_size=args.batch_size)))
+        from jcv.train import evaluation
+        print(json.dumps(evaluation.evaluate(args.workdir, data_dir=args.data_dir, split=args.split,
+                                             which=args.checkpoint, batch_size=args.batch_size)))
       elif args.command == "summary":
         from jcv import models
         models.summary(args.model, input_size=args.input_size)

@@ -5,7 +5,8 @@ import pathlib
 
 import numpy as np
 
-__all__ = ["training_curves", "confusion_matrix", "confusion_counts", "worst_mistakes"]
+__all__ = ["training_curves", "confusion_matrix", "confusion_counts", "worst_mistakes", "prediction_grid",
+           "curves_by_run"]
 
 
 def _plt():
@@ -114,3 +115,37 @@ def _save(fig, path) -> pathlib.Path:
   fig.savefig(path, dpi=100)
   _plt().close(fig)
   return path
+
+
+def prediction_grid(images, labels, predictions, class_names, path, *, count: int = 16) -> pathlib.Path:
+  """A grid of images titled 'predicted (true: label)', green when right, red when wrong."""
+  plt = _plt()
+  cols = 4
+  rows = max(1, (min(count, len(images)) + cols - 1) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+  for ax in axes.ravel():
+    ax.axis("off")
+  for ax, image, label, pred in zip(axes.ravel(), images, labels, predictions):
+    ax.imshow(image)
+    ax.set_title(f"{class_names[pred]}\n(true: {class_names[label]})", fontsize=9,
+                 color="green" if pred == label else "red")
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def curves_by_run(curves: dict, path, *, metric: str = "top1", title: str = "") -> pathlib.Path:
+  """One line per run: ``curves`` maps a run's name to its metrics.jsonl records; plots the
+  eval ``metric`` against the epoch."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for (name, records), style in zip(curves.items(), ("-o", "--s", "-^", "-d", ":x")):
+    rows = [r for r in records if r.get("split") == "eval" and metric in r and "epoch" in r]
+    ax.plot([r["epoch"] for r in rows], [r[metric] for r in rows], style, markersize=4, label=name)
+  ax.set_xlabel("epoch")
+  ax.set_ylabel(f"validation {metric}")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  return _save(fig, path)
+

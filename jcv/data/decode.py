@@ -8,7 +8,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["CorruptImageError", "IMAGE_EXTENSIONS", "MAX_PIXELS", "decode_image", "image_size"]
+__all__ = ["CorruptImageError", "IMAGE_EXTENSIONS", "MAX_PIXELS", "decode_image", "image_size",
+           "require_files"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -27,6 +28,14 @@ class CorruptImageError(ValueError):
     super().__init__(f"cannot decode image file {path!r}: {reason}")
     self.path = path
     self.reason = reason
+
+
+def require_files(files) -> None:
+  """Raises FileNotFoundError naming the paths in ``files`` that are not files."""
+  missing = [str(f) for f in files if not os.path.isfile(f)]
+  if missing:
+    raise FileNotFoundError(f"image file(s) not found: {', '.join(missing[:5])}"
+                            + (f" ... ({len(missing)} in all)" if len(missing) > 5 else ""))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

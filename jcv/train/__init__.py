@@ -15,7 +15,8 @@ from jcv.train.step import eval_step, predict_logits, train_step
 __all__ = [
     "Config", "TrainState", "create_train_state", "train_step", "eval_step", "predict_logits",
     "make_optimizer", "make_schedule", "fit", "evaluate",
-    "checkpoint", "cli", "config", "log", "loop", "losses", "optim", "parallel", "state", "step",
+    "build", "checkpoint", "cli", "config", "evaluation", "features", "init_from", "log", "loop", "losses",
+    "optim", "parallel", "phases", "precise_bn", "state", "step", "transfer",
 ]
 
 
@@ -26,12 +27,13 @@ def fit(config, *, workdir, **kwargs):
 
 
 def evaluate(*args, **kwargs):
-  """Evaluates a run's checkpoint; see jcv.train.loop.evaluate."""
-  from jcv.train import loop
-  return loop.evaluate(*args, **kwargs)
+  """Evaluates a run's checkpoint; see jcv.train.evaluation.evaluate."""
+  from jcv.train import evaluation
+  return evaluation.evaluate(*args, **kwargs)
 
 
 def __getattr__(name):
-  if name in ("checkpoint", "cli", "log", "loop", "parallel"):
+  if name in ("build", "checkpoint", "cli", "evaluation", "features", "init_from", "log", "loop", "parallel",
+              "phases", "precise_bn", "transfer"):
     return importlib.import_module(f"jcv.train.{name}")
   raise AttributeError(f"module 'jcv.train' has no attribute {name!r}")

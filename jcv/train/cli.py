@@ -27,10 +27,11 @@ from typing import Callable
 from jcv.train.config import Config
 
 __all__ = ["HelpFormatter", "make_parser", "apply_args", "config_from_args", "start", "run",
-           "backend_preset", "fit_only_flags", "describe_presets", "user_errors", "guarded_main", "USAGE_ERRORS"]
+           "backend_preset", "fit_only_flags", "describe_presets", "user_errors", "guarded_main", "USAGE_ERRORS",
+           "print_config"]
 
-# Flags that become the Config field of the same name.
-CONFIG_FLAGS = ("data_dir", "epochs", "steps", "batch_size", "seed", "parallel", "checkpoint_every")
+# Flags that become the Config field of the same name (--epochs: Config.with_epochs).
+CONFIG_FLAGS = ("data_dir", "steps", "batch_size", "seed", "parallel", "checkpoint_every")
 # Flags only a jcv.train.fit run uses (not the cached-feature transfer runs).
 FIT_ONLY = ("parallel", "checkpoint_every", "set")
 
@@ -48,6 +49,7 @@ HELP = {
     "no_progress": "no tqdm progress bar (progress lines are still printed when not on a terminal)",
     "restart": "move an existing run in --workdir aside (to WORKDIR.old-<time>) and start afresh",
     "debug": "show the full traceback of an error",
+    "print_config": "print the exact config this command would run (JSON) and exit",
 }
 
 
@@ -101,6 +103,7 @@ def make_parser(description: str | None = None, *, presets=None, default_preset:
   p.add_argument("--no-progress", action="store_true", help=h["no_progress"])
   p.add_argument("--restart", action="store_true", help=h["restart"])
   p.add_argument("--debug", action="store_true", help=h["debug"])
+  p.add_argument("--print-config", action="store_true", help=h["print_config"])
   g = p.add_argument_group("multi-host (or $JCV_COORDINATOR_ADDRESS, $JCV_NUM_PROCESSES, $JCV_PROCESS_ID)")
   g.add_argument("--coordinator-address", help="host:port of process 0")
   g.add_argument("--num-processes", type=int)
@@ -110,13 +113,16 @@ def make_parser(description: str | None = None, *, presets=None, default_preset:
 
 def describe_presets(presets, *, title: str = "presets:",
                      fields=("model", "image_size", "epochs", "batch_size", "optimizer", "learning_rate",
-                             "dtype")) -> str:
+                             "trainable", "dtype")) -> str:
   """A help epilog: one wrapped line per preset with its main Config ``fields`` (or, for a
   dict recipe, every item)."""
   lines = [title]
   for name, preset in presets.items():
     items = preset.items() if isinstance(preset, dict) else ((f, getattr(preset, f)) for f in fields)
     text = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
+    if getattr(preset, "phases", ()):
+      text += ", phases: " + " then ".join(
+          f"{c.epochs} epochs trainable={c.trainable} lr={c.learning_rate:g}" for c in preset.phase_configs())
     lines.append(textwrap.fill(f"{name}: {text}", width=100, initial_indent="  ", subsequent_indent="      "))
   return "\n".join(lines)
 
@@ -127,7 +133,15 @@ def apply_args(config: Config, args: argparse.Namespace) -> Config:
   changes = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name, None) is not None}
   if getattr(args, "no_progress", False):
     changes["progress"] = False
+  if getattr(args, "epochs", None) is not None:
+    config = config.with_epochs(args.epochs)
   return config.replace(**changes).set(getattr(args, "set", None) or []).validate()
+
+
+def print_config(config: Config) -> None:
+  """Prints ``config`` as the JSON that ``config.json`` of its run will hold."""
+  from jcv.train.init_from import resolve_preprocessing
+  print(json.dumps(resolve_preprocessing(config).to_dict(), indent=1))
 
 
 def config_from_args(args: argparse.Namespace, *, presets=None, base: Config | None = None) -> Config:
@@ -191,6 +205,9 @@ def run(argv=None, *, presets=None, default_preset: str | None = None, base: Con
     config = config_from_args(args, presets=presets, base=base)
   except ValueError as e:  # a bad --set: usage and the message, exit status 2
     parser.error(str(e))
+  if args.print_config:
+    print_config(config)
+    return {"config": config}
   import jax
   from jcv.train import loop
   with user_errors(debug=args.debug):

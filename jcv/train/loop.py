@@ -1,14 +1,16 @@
-"""The training loop: ``fit(config, workdir=...)`` and ``evaluate(workdir, ...)``.
+"""The trainer: ``fit(config, workdir=...)`` for every regime.
 
-fit builds data, model and state; resumes from the newest checkpoint in ``workdir``; runs
-the compiled step over the device mesh with a bounded number of steps in flight; evaluates
-and checkpoints every epoch (and every ``checkpoint_every`` steps); writes TensorBoard,
-metrics.jsonl, config.json, class_names.json, results.json and figures.
+fit builds data, model and initial variables from the config (jcv.train.build,
+jcv.train.init_from); a run with ``phases`` or a ``feature_cache`` goes through
+jcv.train.phases, which calls the same loop once per phase. The loop resumes from the newest
+checkpoint in its folder, runs the compiled step over the device mesh with a bounded number of
+steps in flight, evaluates and checkpoints every epoch (and every ``checkpoint_every`` steps)
+and writes TensorBoard, metrics.jsonl, config.json, class_names.json, results.json and figures.
+Precise BatchNorm runs after the loop; evaluation lives in jcv.train.evaluation.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import pathlib
 import platform
 import signal
@@ -19,163 +21,283 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcv.train import checkpoint as ckpt_lib
-from jcv.train import log as log_lib
-from jcv.train import parallel, rundir, step as step_lib
+from jcv.train import build, checkpoint as ckpt_lib, init_from, log as log_lib, parallel, rundir
+from jcv.train.build import (build_augment, build_model, enable_compilation_cache, eval_view,  # noqa: F401
+                             source_spec)
 from jcv.train.config import Config
-from jcv.train.optim import make_optimizer, muon_mask
+from jcv.train.evaluation import collect_logits, evaluate, load_run, run_eval  # noqa: F401
+from jcv.train.optim import make_optimizer
+from jcv.train.precise_bn import recompute_batch_stats  # noqa: F401
 from jcv.train.state import create_train_state
 
 __all__ = [
-    "NonFiniteLossError", "fit", "evaluate", "load_run", "run_eval", "collect_logits",
+    "NonFiniteLossError", "fit", "train", "image_loaders", "draw_figures", "evaluate", "load_run", "run_eval", "collect_logits",
     "enable_compilation_cache", "build_model", "build_augment", "source_spec", "eval_view",
     "recompute_batch_stats",
 ]
+
+
+_train_fn = build.train_fn  # the name older callers (benchmarks/optimizers.py) use
 
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN/inf; the message names the step."""
 
 
-# ------------------------------------------------------------------ building blocks
+@rundir.owns_workdir  # locks the workdir for the call; restart=True moves an old run aside
+def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=None,
+        augment_fn="auto", resume: bool = True, init_variables: dict | None = None) -> dict:
+  """Trains per ``config`` in ``workdir`` and returns the results dict (also results.json).
 
-
-def enable_compilation_cache(config: Config, workdir) -> str | None:
-  """Turns on JAX's persistent compilation cache ("auto": the user's cache directory,
-  :func:`jcv.perf.compilation_cache_dir`, never next to the workdir)."""
-  where = config.compilation_cache
-  if not where:
-    return None
-  if jax.config.jax_compilation_cache_dir:  # already chosen by the user or an earlier run
-    return jax.config.jax_compilation_cache_dir
-  from jcv import perf
-  return perf.enable_compilation_cache(None if where == "auto" else where, min_compile_time_s=0.5)
-
-
-def source_spec(config: Config, split: str):
-  """What to hand ``jcv.data.sources.resolve``: ``data_dir`` itself when it is an image
-  folder holding ``split`` (``--data-dir ../shared/data/cifar10``), else ``config.dataset``."""
-  if config.data_dir:
-    base = split.split("[", 1)[0]
-    if (pathlib.Path(config.data_dir) / base).is_dir() or (
-        config.val_fraction and (pathlib.Path(config.data_dir) / "train").is_dir()):
-      return config.data_dir
-  return config.dataset
-
-
-def _source(config: Config, split: str):
-  from jcv.data import sources
-  return sources.resolve(source_spec(config, split), split=split, data_dir=config.data_dir,
-                         val_fraction=config.val_fraction, seed=config.seed, **config.source_options)
-
-
-def build_model(config: Config, num_classes: int):
-  """``jcv.models.create(config.model, ...)`` with the config's dtype and model options."""
-  import jcv.models
-  options = dict(config.model_options)
-  if config.dtype != "float32":
-    options["dtype"] = jnp.dtype(config.dtype)
-  return jcv.models.create(config.model, num_classes=num_classes, **options)
-
-
-def build_augment(config: Config, num_classes: int):
-  """The on-device augmentation ``fn(key, images_uint8, labels) -> (float [0, 1], soft labels)``."""
-  try:
-    from jcv.data.augment import make_augment
-  except ImportError:
-    if config.augment:
-      warnings.warn("jcv.data.augment is not available; training without on-device augmentation")
-    return None
-  return make_augment(list(config.augment), num_classes=num_classes)
-
-
-def _train_fn(config: Config, *, num_classes, augment_fn, schedule):
-  l2 = config.weight_decay if config.weight_decay_mode == "l2" else 0.0
-  return functools.partial(
-      step_lib.train_step, augment_fn=augment_fn, num_classes=num_classes, mean=config.mean,
-      std=config.std, label_smoothing=config.label_smoothing, l2_weight=l2,
-      decay_bn_and_bias=config.decay_bn_and_bias, freeze=tuple(config.freeze), schedule=schedule,
-      sync_batch_stats=config.sync_batch_stats,
-      l2_exclude=(lambda p: muon_mask(p, config)) if config.optimizer == "muon" else None)
-
-
-def eval_view(config: Config) -> dict:
-  """The evaluation view of a run: ``{"image_size", "crop_fraction"}`` for eval loaders."""
-  return {"image_size": config.eval_image_size or config.image_size,
-          "crop_fraction": config.eval_crop_fraction}
-
-
-def _eval_fn(config: Config):
-  return functools.partial(step_lib.eval_step, mean=config.mean, std=config.std,
-                           tta_flip=config.tta_flip, tta_translate=config.tta_translate)
-
-
-def recompute_batch_stats(state, batches, mesh, *, augment_fn=None, mean=None, std=None, freeze=()):
-  """Precise BatchNorm (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021).
-
-  Returns ``state`` whose BatchNorm running statistics are replaced by plain averages, over
-  ``batches`` (host dicts with "image" and "label", global batches of equal size), of the
-  statistics each batch gets in train mode with the training augmentation. The running
-  averages training leaves behind weight the last few batches most (momentum 0.6 at batch 128
-  is ~300 images); this uses as many as given. Works for any Flax model whose BatchNorm layers
-  update ``momentum * old + (1 - momentum) * batch``: each layer's momentum is read off one
-  batch run with running statistics of 0 and of 1. Layers matching ``freeze`` keep theirs.
+  Every regime is a config: from scratch; from ``config.init_from`` (pretrained weights, a
+  whitened first layer); ``trainable`` parts ("all", "head" or the top N stages);
+  ``feature_cache`` (the frozen bottom's features computed once, keyed by what determines
+  them); ``phases`` run one after the other, each from the previous one's weights. The
+  workdir is a run folder for ``evaluate``/``predict`` (checkpoints, config.json,
+  class_names.json). Re-running with the same ``workdir`` resumes bitwise-identically.
+  Sources, model, augmentation and initial variables can be passed instead of being built
+  from the config. Raises NonFiniteLossError naming the step if the loss becomes NaN/inf (the
+  last good checkpoint stays); SIGINT/SIGTERM save a checkpoint and return early with
+  ``results["stopped_by"]`` set.
   """
-  if not state.batch_stats:
-    return state
-  fn = jax.jit(functools.partial(step_lib.bn_update, augment_fn=augment_fn, mean=mean, std=std))
-  zeros = jax.tree.map(jnp.zeros_like, state.batch_stats)
-  total, count, momentum = None, 0, None
-  for index, batch in enumerate(batches):
-    batch = parallel.shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
-    scaled = fn(state, batch, zeros, index)  # (1 - momentum) * this batch's statistics
-    if momentum is None:
-      ones = jax.tree.map(jnp.ones_like, state.batch_stats)
-      momentum = jax.tree.map(lambda a, b: jnp.mean(a - b), fn(state, batch, ones, index), scaled)
-    total = scaled if total is None else jax.tree.map(jnp.add, total, scaled)
-    count += 1
-  if not count:
-    raise ValueError("recompute_batch_stats needs at least one batch")
-  new = jax.tree.map(lambda t, m, old: jnp.where(1 - m > 1e-6, t / (count * (1 - m)), old),
-                     total, momentum, state.batch_stats)
-  new = step_lib._keep_frozen_stats(new, state.batch_stats, tuple(freeze))
-  return state.replace(batch_stats=new)
+  config = init_from.resolve_preprocessing(config).validate()
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  enable_compilation_cache(config, workdir)
+  train_src, eval_src = build.build_sources(config, train_source, eval_source)
+  class_names = list(getattr(train_src, "class_names", []) or [])
+  num_classes = config.num_classes or len(class_names)
+  if not num_classes:
+    raise ValueError("num_classes is unknown: the source has no class_names; set config.num_classes")
+  if num_classes < 2:
+    raise ValueError(f"the training data has {num_classes} class ({class_names}): a classifier needs "
+                     "at least 2; check --data-dir (one sub-folder per class)")
+  model = model if model is not None else build_model(config, num_classes)
+  if init_variables is None:
+    init_variables = init_from.initial_variables(config, model, train_src)
+  if isinstance(augment_fn, str) and augment_fn == "auto":
+    augment_fn = build_augment(config, num_classes)
+  if len(config.phase_configs()) > 1 or config.feature_cache is not None:
+    from jcv.train import phases
+    return phases.run(config, workdir, model=model, variables=init_variables, train_src=train_src,
+                      eval_src=eval_src, class_names=class_names, augment_fn=augment_fn, resume=resume)
+  data = image_loaders(config, train_src, eval_src)
+  results, _ = train(config, workdir, model=model, variables=init_variables, augment_fn=augment_fn,
+                     class_names=class_names, eval_src=eval_src, resume=resume, **data)
+  return results
 
 
-def run_eval(state, loader, eval_fn, mesh, *, max_in_flight: int = 16) -> dict:
-  """Sums compiled ``eval_fn`` over one pass of ``loader`` -> {loss, top1, top5, n}."""
-  pending, totals = [], {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
-  def drain():
-    for sums in parallel.fetch(pending):
-      for k in totals:
-        totals[k] += float(sums[k])
-    pending.clear()
-  for batch in loader:
-    batch = {"image": batch["image"], "label": batch["label"], "mask": batch["mask"]}
-    pending.append(eval_fn(state, parallel.shard_batch(batch, mesh)))
-    if len(pending) >= max_in_flight:
-      drain()
-  drain()
-  n = totals.pop("count")
-  out = {k: v / max(n, 1.0) for k, v in totals.items()}
-  out["n"] = int(round(n))
-  return out
+def image_loaders(config: Config, train_src, eval_src) -> dict:
+  """{"train_ld", "eval_ld", "input_shape"}: the image pipelines of a run (per-process batches)."""
+  from jcv.data import pipeline
+  pcount = jax.process_count()
+  if config.batch_size % jax.device_count():
+    raise ValueError(f"batch_size {config.batch_size} must be divisible by the {jax.device_count()} devices")
+  train_ld = pipeline.train_loader(train_src, batch_size=config.batch_size // pcount,
+                                   image_size=config.image_size, seed=config.seed, crop=config.crop,
+                                   scale=tuple(config.crop_scale),
+                                   flip={"none": False, "random": True}.get(config.host_flip, config.host_flip),
+                                   num_workers=config.num_workers)
+  eval_bs = (config.eval_batch_size or config.batch_size) // pcount
+  eval_ld = (pipeline.eval_loader(eval_src, batch_size=eval_bs, num_workers=config.num_workers,
+                                  **eval_view(config)) if eval_src is not None else None)
+  return {"train_ld": train_ld, "eval_ld": eval_ld,
+          "input_shape": (config.image_size, config.image_size, 3)}
 
 
-def collect_logits(state, loader, config: Config, mesh):
-  """(logits [N, C], labels [N], dataset indices [N]) over one pass of an eval loader (one process)."""
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  fn = jax.jit(functools.partial(step_lib.predict_logits, mean=config.mean, std=config.std,
-                                 tta_flip=config.tta_flip, tta_translate=config.tta_translate),
-               out_shardings=replicated)
-  logits, labels, index = [], [], []
-  for b, batch in enumerate(loader):
-    out = parallel.fetch(fn(state, parallel.shard_batch({"image": batch["image"]}, mesh)["image"]))
-    keep = np.asarray(batch["mask"], bool)
-    logits.append(out[keep])
-    labels.append(np.asarray(batch["label"])[keep])
-    index.append(np.asarray(loader.batch_indices(b))[keep])
-  return np.concatenate(logits), np.concatenate(labels), np.concatenate(index)
+def _stage_options(config: Config) -> dict:
+  return {k: v for k, v in config.model_options.items() if k in ("frozen_stages", "frozen_bn_stages")}
+
+
+def train(config: Config, workdir, *, model, train_ld, eval_ld, input_shape, variables=None,
+          augment_fn=None, class_names=(), eval_src=None, resume: bool = True,
+          features: bool = False):
+  """The training loop of one run folder -> (results, final state).
+
+  (Longer than most functions here: it is the one place where state, checkpointer, compiled
+  steps and loop meet; the loop body is ``_Run.loop``.)
+
+  ``train_ld``/``eval_ld``: loaders (jcv.data.pipeline, or jcv.train.features.FeatureLoader
+  with ``features=True``: inputs are cached features, not images); ``input_shape``: one
+  example's shape; ``variables``: initial variables (None: the model's random init from
+  ``config.seed``). Most callers want :func:`fit`.
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  started = time.time()
+  is_main, pcount = jax.process_index() == 0, jax.process_count()
+  mesh = parallel.make_mesh()
+  tconfig = build.train_config(config, model)  # `trainable` -> freeze, lr groups, frozen stages
+  if not features and config.trainable != "all":
+    model = model.clone(**_stage_options(tconfig))
+  steps_per_epoch = train_ld.steps_per_epoch
+  total_steps = config.steps or config.epochs * steps_per_epoch
+  tx, schedule = make_optimizer(tconfig, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  state = create_train_state(jax.random.key(config.seed), model, tx, (1,) + tuple(input_shape),
+                             variables=variables)
+  state = parallel.replicate(state, mesh)
+  checkpointer = ckpt_lib.RunCheckpointer(
+      workdir / "checkpoints", keep=config.keep_checkpoints, best_metric=config.best_metric,
+      best_mode="min" if config.best_metric == "loss" else "max")
+  iterator = train_ld.iter_from(0)
+  # A run's checkpoints are resumed only by the same run (rundir.resume refuses others).
+  num_classes = config.num_classes or len(class_names)
+  restored = rundir.resume(checkpointer, state, workdir=workdir, is_main=is_main, current=rundir.describe(
+      config, class_names=list(class_names), num_classes=num_classes, total_steps=total_steps,
+      steps_per_epoch=steps_per_epoch, state=state)) if resume else None
+  if restored is not None:
+    state, data_state, _, _ = restored
+    iterator.set_state(data_state)
+  start_step = int(parallel.fetch(state.step))
+  if is_main:
+    log_lib.write_json(workdir / "config.json", config.to_dict())
+    log_lib.write_json(workdir / "class_names.json", list(class_names))
+  logger = log_lib.MetricLogger(workdir, enabled=is_main)
+  train_fn = parallel.compile_train_step(
+      build.train_fn(tconfig, num_classes=num_classes, augment_fn=augment_fn,
+                     schedule=schedule, features=features), mesh, mode=config.parallel)
+  eval_fn = parallel.compile_eval_step(build.eval_fn(config, features=features), mesh, mode=config.parallel)
+  # Compile ahead of time, so that no process enters the first collective while another
+  # is still compiling (CPU gloo connections time out after ~30 s).
+  dtype = train_ld.features.dtype if features else np.uint8
+  train_fn = train_fn.lower(state, parallel.batch_spec(mesh, config.batch_size, tuple(input_shape),
+                                                       dtype=dtype)).compile()
+  if eval_ld is not None:
+    eval_shape = tuple(input_shape) if features else (eval_view(config)["image_size"],) * 2 + (3,)
+    eval_fn = eval_fn.lower(state, parallel.batch_spec(mesh, eval_ld.batch_size * pcount, eval_shape,
+                                                       mask=True, dtype=dtype)).compile()
+  run = _Run(config, state, checkpointer, iterator, logger, train_fn, eval_fn, eval_ld, mesh,
+             steps_per_epoch, total_steps, start_step, is_main)
+  try:
+    run.loop(augment_fn, train_ld)
+    if (run.step == total_steps and run.step > start_step and run.stopped_by is None
+        and config.bn_recompute_images and run.state.batch_stats):
+      # Precise BN once training is over, then the final evaluation and checkpoint.
+      run.state = recompute_batch_stats(
+          run.state, _first_batches(train_ld, config.bn_recompute_images, config.batch_size), mesh,
+          augment_fn=augment_fn, mean=None if features else config.mean,
+          std=None if features else config.std, freeze=tconfig.freeze)
+      run.bn_recomputed = config.bn_recompute_images
+      run.evaluate_and_save(final=True)
+  finally:
+    run.progress.close()
+    if hasattr(iterator, "close"):
+      iterator.close()
+    checkpointer.wait()
+    logger.flush()
+  checkpointer.close()
+  if run.last_eval is None and eval_ld is not None and run.step >= total_steps:  # re-run of a finished run
+    run.last_eval = run_eval(run.state, eval_ld, eval_fn, mesh, max_in_flight=config.max_steps_in_flight)
+    run.last_eval["epoch"] = run.step / steps_per_epoch
+  results = run.results(workdir, started)
+  if is_main:
+    log_lib.write_json(workdir / "results.json", results)
+    logger.hparams(config.to_dict(), {k: v for k, v in (run.last_eval or {}).items() if k != "n"})
+    if config.plots and run.stopped_by is None and not features:
+      draw_figures(workdir, run.state, eval_ld, config, mesh, class_names, eval_src)
+  logger.close()
+  return results, run.state
+
+
+class _Run:
+  """The state of one pass of the loop: steps, pending metrics, last evaluation, progress."""
+
+  def __init__(self, config, state, checkpointer, iterator, logger, train_fn, eval_fn, eval_ld, mesh,
+               steps_per_epoch, total_steps, start_step, is_main):
+    self.config, self.state, self.checkpointer, self.iterator = config, state, checkpointer, iterator
+    self.logger, self.train_fn, self.eval_fn, self.eval_ld, self.mesh = logger, train_fn, eval_fn, eval_ld, mesh
+    self.steps_per_epoch, self.total_steps, self.start_step = steps_per_epoch, total_steps, start_step
+    self.step, self.is_main = start_step, is_main
+    self.last_eval, self.stopped_by, self.bn_recomputed = None, None, None
+    self.running, self.timer = _Running(), _Throughput(config.batch_size)
+    self.progress = log_lib.Progress(total=total_steps, start=start_step, steps_per_epoch=steps_per_epoch,
+                                     enabled=is_main, bar=config.progress)
+
+  def save(self, metrics=None):
+    self.checkpointer.save(self.state, data_state=self.iterator.get_state(), config=self.config.to_dict(),
+                           metrics=metrics)
+
+  def evaluate_and_save(self, *, final: bool = False):
+    """Evaluates (when there is eval data) and checkpoints with the metrics."""
+    metrics = None
+    if self.eval_ld is not None:
+      metrics = run_eval(self.state, self.eval_ld, self.eval_fn, self.mesh,
+                         max_in_flight=self.config.max_steps_in_flight)
+      metrics["epoch"] = self.step / self.steps_per_epoch
+      self.logger.scalars(self.step, metrics, split="eval")
+      self.progress.eval(self.step, metrics)
+      self.last_eval = metrics
+      self.timer.restart()
+    self.save({k: v for k, v in metrics.items() if k in ("loss", "top1", "top5")} if metrics else None)
+
+  def loop(self, augment_fn, train_ld):
+    """Steps until ``total_steps`` or a stop signal; evaluates and saves on the way."""
+    config, pcount, pending = self.config, jax.process_count(), []
+    # With precise BN the last evaluation and checkpoint come after it (see train).
+    bn_after = bool(config.bn_recompute_images and self.state.batch_stats)
+    with _stop_signals() as signals:
+      if self.start_step == 0 and augment_fn is not None and self.is_main:
+        _log_augmented_grid(self.logger, augment_fn, train_ld.iter_from(0), config)
+      if pcount > 1:
+        import orbax.checkpoint as ocp
+        ocp.multihost.sync_global_processes("jcv_fit_start", timeout=600)
+      while self.step < self.total_steps:
+        batch = next(self.iterator)
+        batch = {"image": batch["image"], "label": batch["label"]}
+        self.state, metrics = self.train_fn(self.state, parallel.shard_batch(batch, self.mesh))
+        self.step += 1
+        step, last = self.step, self.step == self.total_steps
+        pending.append(metrics)
+        epoch_end = step % self.steps_per_epoch == 0
+        log_now = step % config.log_every == 0 or last
+        ckpt_now = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+        # Drain points are the same on every process; a stop request is only acted on there,
+        # and agreed on by all processes (each may have received the signal at another step).
+        drain_now = (len(pending) >= config.max_steps_in_flight or log_now or epoch_end or ckpt_now
+                     or (signals and pcount == 1))
+        stop = False
+        if drain_now:
+          _drain(pending, self.running, step, self.timer)
+          self.progress.show(step, self.running.last, self.timer.rate())  # bar on a terminal, else lines
+          stop = _any_process(bool(signals)) if pcount > 1 else bool(signals)
+        if log_now:
+          self.logger.scalars(step, {**self.running.mean(), "img_per_s": self.timer.rate()}, split="train")
+          self.running.reset()
+        if last and bn_after and not stop:
+          break
+        eval_now = self.eval_ld is not None and (
+            (epoch_end and (step // self.steps_per_epoch) % config.eval_every == 0) or last)
+        if eval_now:
+          self.evaluate_and_save()
+        elif epoch_end or ckpt_now or stop or last:
+          self.save()
+        if stop:
+          self.stopped_by = signal.Signals(signals[0]).name if signals else "SIGTERM"
+          break
+
+  def results(self, workdir, started) -> dict:
+    """The results dict of the run (results.json)."""
+    config, step = self.config, self.step
+    return {
+        "final": {"train": self.running.last, "eval": self.last_eval},
+        "best": _best_eval(workdir / "metrics.jsonl", config.best_metric) if self.is_main else None,
+        "best_step": self.checkpointer.best_step(),
+        "steps": step, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+        "epochs": step / self.steps_per_epoch,
+        "wall_time_s": time.time() - started,
+        "train_img_per_s": self.timer.overall(),
+        "devices": {"count": jax.device_count(), "local": jax.local_device_count(),
+                    "processes": jax.process_count(), "kind": jax.devices()[0].device_kind,
+                    "platform": jax.devices()[0].platform},
+        "parallel": config.parallel,
+        "versions": _versions(),
+        "resumed_from_step": self.start_step or None,
+        "stopped_by": self.stopped_by,
+        "bn_recomputed_images": self.bn_recomputed,
+    }
+
+
+# ------------------------------------------------------------------ helpers of the loop
 
 
 @contextlib.contextmanager
@@ -206,189 +328,6 @@ def _versions() -> dict:
           "flax": flax.__version__,
           "optax": optax.__version__, "orbax-checkpoint": getattr(ocp, "__version__", "?"),
           "numpy": np.__version__}
-
-
-# ------------------------------------------------------------------ fit
-
-
-@rundir.owns_workdir  # locks the workdir for the call; restart=True moves an old run aside
-def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=None,
-        augment_fn="auto", resume: bool = True) -> dict:
-  """Trains per ``config`` in ``workdir`` and returns the results dict (also results.json).
-
-  Re-running with the same ``workdir`` resumes from its newest complete checkpoint,
-  bitwise-identically to an uninterrupted run. Sources, model and augmentation can be passed
-  in instead of being built from the config. Raises NonFiniteLossError naming the step if
-  the loss becomes NaN/inf (the last good checkpoint stays). SIGINT/SIGTERM save a checkpoint
-  and return early with ``results["stopped_by"]`` set.
-  """
-  config = config.validate()
-  workdir = pathlib.Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
-  enable_compilation_cache(config, workdir)
-  started = time.time()
-  is_main = jax.process_index() == 0
-  pcount = jax.process_count()
-  mesh = parallel.make_mesh()
-  if config.batch_size % jax.device_count():
-    raise ValueError(f"batch_size {config.batch_size} must be divisible by the {jax.device_count()} devices")
-  per_process = config.batch_size // pcount
-
-  from jcv.data import pipeline
-  train_src = train_source if train_source is not None else _source(config, config.train_split)
-  if eval_source is None and config.eval_split:
-    eval_src = _source(config, config.eval_split)
-  else:
-    eval_src = eval_source
-  class_names = list(getattr(train_src, "class_names", []) or [])
-  num_classes = config.num_classes or len(class_names)
-  if not num_classes:
-    raise ValueError("num_classes is unknown: the source has no class_names; set config.num_classes")
-  if num_classes < 2:
-    raise ValueError(f"the training data has {num_classes} class ({class_names}): a classifier needs "
-                     "at least 2; check --data-dir (one sub-folder per class)")
-  train_ld = pipeline.train_loader(train_src, batch_size=per_process, image_size=config.image_size,
-                                   seed=config.seed, crop=config.crop, scale=tuple(config.crop_scale),
-                                   flip={"none": False, "random": True}.get(config.host_flip, config.host_flip),
-                                   num_workers=config.num_workers)
-  steps_per_epoch = train_ld.steps_per_epoch
-  total_steps = config.steps or config.epochs * steps_per_epoch
-  eval_bs = (config.eval_batch_size or config.batch_size) // pcount
-  eval_ld = (pipeline.eval_loader(eval_src, batch_size=eval_bs, num_workers=config.num_workers,
-                                  **eval_view(config)) if eval_src is not None else None)
-
-  model = model if model is not None else build_model(config, num_classes)
-  if isinstance(augment_fn, str) and augment_fn == "auto":
-    augment_fn = build_augment(config, num_classes)
-  tx, schedule = make_optimizer(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  state = create_train_state(jax.random.key(config.seed), model, tx,
-                             (1, config.image_size, config.image_size, 3))
-  state = parallel.replicate(state, mesh)
-  checkpointer = ckpt_lib.RunCheckpointer(
-      workdir / "checkpoints", keep=config.keep_checkpoints, best_metric=config.best_metric,
-      best_mode="min" if config.best_metric == "loss" else "max")
-  iterator = train_ld.iter_from(0)
-  # A run's checkpoints are resumed only by the same run (rundir.resume refuses others).
-  restored = rundir.resume(checkpointer, state, workdir=workdir, is_main=is_main, current=rundir.describe(
-      config, class_names=class_names, num_classes=num_classes, total_steps=total_steps,
-      steps_per_epoch=steps_per_epoch, state=state)) if resume else None
-  if restored is not None:
-    state, data_state, _, _ = restored
-    iterator.set_state(data_state)
-  start_step = int(parallel.fetch(state.step))
-  if is_main:
-    log_lib.write_json(workdir / "config.json", config.to_dict())
-    log_lib.write_json(workdir / "class_names.json", class_names)
-  logger = log_lib.MetricLogger(workdir, enabled=is_main)
-  train_fn = parallel.compile_train_step(
-      _train_fn(config, num_classes=num_classes, augment_fn=augment_fn, schedule=schedule),
-      mesh, mode=config.parallel)
-  eval_fn = parallel.compile_eval_step(_eval_fn(config), mesh, mode=config.parallel)
-  # Compile ahead of time, so that no process enters the first collective while another
-  # is still compiling (CPU gloo connections time out after ~30 s).
-  image_shape = (config.image_size, config.image_size, 3)
-  train_fn = train_fn.lower(state, parallel.batch_spec(mesh, config.batch_size, image_shape)).compile()
-  if eval_ld is not None:
-    eval_size = eval_view(config)["image_size"]
-    eval_fn = eval_fn.lower(state, parallel.batch_spec(mesh, eval_bs * pcount, (eval_size, eval_size, 3),
-                                                       mask=True)).compile()
-
-  def save(metrics=None):
-    checkpointer.save(state, data_state=iterator.get_state(), config=config.to_dict(), metrics=metrics)
-
-  last_eval, stopped_by, bn_recomputed = None, None, None
-  running = _Running()
-  progress = log_lib.Progress(total=total_steps, start=start_step, steps_per_epoch=steps_per_epoch,
-                              enabled=is_main, bar=config.progress)
-  pending: list = []
-  timer = _Throughput(config.batch_size)
-  step = start_step
-  try:
-    with _stop_signals() as signals:
-      if start_step == 0 and augment_fn is not None and is_main:
-        _log_augmented_grid(logger, augment_fn, train_ld.iter_from(0), config)
-      if pcount > 1:
-        import orbax.checkpoint as ocp
-        ocp.multihost.sync_global_processes("jcv_fit_start", timeout=600)
-      while step < total_steps:
-        batch = next(iterator)
-        batch = {"image": batch["image"], "label": batch["label"]}
-        state, metrics = train_fn(state, parallel.shard_batch(batch, mesh))
-        step += 1
-        pending.append(metrics)
-        epoch_end = step % steps_per_epoch == 0
-        log_now = step % config.log_every == 0 or step == total_steps
-        ckpt_now = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
-        # Drain points are the same on every process; a stop request is only acted on there,
-        # and agreed on by all processes (each may have received the signal at another step).
-        drain_now = (len(pending) >= config.max_steps_in_flight or log_now or epoch_end or ckpt_now
-                     or step == total_steps or (signals and pcount == 1))
-        stop = False
-        if drain_now:
-          _drain(pending, running, step, timer)
-          progress.show(step, running.last, timer.rate())  # bar on a terminal, else lines
-          stop = _any_process(bool(signals)) if pcount > 1 else bool(signals)
-        if log_now:
-          logger.scalars(step, {**running.mean(), "img_per_s": timer.rate()}, split="train")
-          running.reset()
-        if step == total_steps and config.bn_recompute_images and state.batch_stats:
-          state = recompute_batch_stats(
-              state, _first_batches(train_ld, config.bn_recompute_images, config.batch_size), mesh,
-              augment_fn=augment_fn, mean=config.mean, std=config.std, freeze=config.freeze)
-          bn_recomputed = config.bn_recompute_images
-        eval_metrics = None
-        if eval_ld is not None and ((epoch_end and (step // steps_per_epoch) % config.eval_every == 0)
-                                    or step == total_steps):
-          eval_metrics = run_eval(state, eval_ld, eval_fn, mesh, max_in_flight=config.max_steps_in_flight)
-          eval_metrics["epoch"] = step / steps_per_epoch
-          logger.scalars(step, eval_metrics, split="eval")
-          progress.eval(step, eval_metrics)
-          last_eval = eval_metrics
-          timer.restart()
-        if eval_metrics is not None or epoch_end or ckpt_now or stop or step == total_steps:
-          save({k: v for k, v in eval_metrics.items() if k in ("loss", "top1", "top5")}
-               if eval_metrics is not None else None)
-        if stop:
-          stopped_by = signal.Signals(signals[0]).name if signals else "SIGTERM"
-          break
-  finally:
-    progress.close()
-    if hasattr(iterator, "close"):
-      iterator.close()
-    checkpointer.wait()
-    logger.flush()
-  checkpointer.close()
-  if last_eval is None and eval_ld is not None and step >= total_steps:  # re-run of a finished run
-    last_eval = run_eval(state, eval_ld, eval_fn, mesh, max_in_flight=config.max_steps_in_flight)
-    last_eval["epoch"] = step / steps_per_epoch
-
-  results = {
-      "final": {"train": running.last, "eval": last_eval},
-      "best": _best_eval(workdir / "metrics.jsonl", config.best_metric) if is_main else None,
-      "best_step": checkpointer.best_step(),
-      "steps": step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-      "epochs": step / steps_per_epoch,
-      "wall_time_s": time.time() - started,
-      "train_img_per_s": timer.overall(),
-      "devices": {"count": jax.device_count(), "local": jax.local_device_count(),
-                  "processes": pcount, "kind": jax.devices()[0].device_kind,
-                  "platform": jax.devices()[0].platform},
-      "parallel": config.parallel,
-      "versions": _versions(),
-      "resumed_from_step": start_step or None,
-      "stopped_by": stopped_by,
-      "bn_recomputed_images": bn_recomputed,
-  }
-  if is_main:
-    log_lib.write_json(workdir / "results.json", results)
-    logger.hparams(config.to_dict(), {k: v for k, v in (last_eval or {}).items() if k != "n"})
-    if config.plots and stopped_by is None:
-      _plots(workdir, state, eval_ld, config, mesh, class_names, eval_src)
-  logger.close()
-  return results
-
-
-# ------------------------------------------------------------------ helpers of fit
 
 
 class _Running:
@@ -442,14 +381,8 @@ class _Throughput:
 
 
 def _first_batches(loader, num_images: int, global_batch: int):
-  """The first ceil(num_images / global_batch) batches of the loader's first epoch."""
-  iterator = loader.iter_from(0)
-  try:
-    for _ in range(min(-(-num_images // global_batch), loader.steps_per_epoch)):
-      yield next(iterator)
-  finally:
-    if hasattr(iterator, "close"):
-      iterator.close()
+  from jcv.train.precise_bn import first_batches
+  return first_batches(loader, num_images, global_batch)
 
 
 def _any_process(flag: bool) -> bool:
@@ -496,7 +429,8 @@ def _log_augmented_grid(logger, augment_fn, it, config):
     it.close()
 
 
-def _plots(workdir, state, eval_ld, config, mesh, class_names, eval_src):
+def draw_figures(workdir, state, eval_ld, config, mesh, class_names, eval_src):
+  """curves.png, confusion.png and mistakes.png of a run in ``workdir`` (never raises)."""
   if eval_ld is None or jax.process_count() > 1:
     return
   try:
@@ -508,54 +442,3 @@ def _plots(workdir, state, eval_ld, config, mesh, class_names, eval_src):
     plots.worst_mistakes(logits, labels, index, eval_src, class_names, workdir / "mistakes.png")
   except Exception as e:  # figures must never lose a finished run
     warnings.warn(f"could not draw figures: {e!r}")
-
-
-# ------------------------------------------------------------------ evaluate a saved run
-
-
-def load_run(workdir, *, which: str = "best"):
-  """(config, class_names, state, mesh) of a run's ``best`` or ``latest`` checkpoint."""
-  import json
-  workdir = pathlib.Path(workdir)
-  if not (workdir / "checkpoints").is_dir():
-    raise ValueError(f"{workdir} has no checkpoints/ folder; expected the --workdir of a training run")
-  checkpointer = ckpt_lib.RunCheckpointer(workdir / "checkpoints")
-  step = checkpointer.best_step() if which == "best" else checkpointer.latest_step()
-  if step is None:
-    raise ValueError(f"no complete checkpoint in {workdir / 'checkpoints'}")
-  config = Config.from_dict(checkpointer.restore_config(step=step))
-  names_file = workdir / "class_names.json"
-  class_names = json.loads(names_file.read_text()) if names_file.exists() else []
-  num_classes = config.num_classes or len(class_names)
-  model = build_model(config, num_classes)
-  tx, _ = make_optimizer(config, steps_per_epoch=1, total_steps=1)
-  state = create_train_state(jax.random.key(0), model, tx, (1, config.image_size, config.image_size, 3))
-  mesh = parallel.make_mesh()
-  state = parallel.replicate(state, mesh)
-  state = checkpointer.restore(state, step=step)[0]
-  checkpointer.close()
-  return config, class_names, state, mesh
-
-
-def evaluate(workdir, *, data_dir=None, split: str = "test", which: str = "best",
-             batch_size: int | None = None, source=None) -> dict:
-  """Evaluates a run's checkpoint on ``split`` of its dataset (or ``data_dir``) -> {top1, top5, loss, n}.
-
-  The data's class names must be the run's (class_names.json), or a subset mapped by name;
-  other classes raise ValueError."""
-  from jcv.data import pipeline
-  from jcv.train.classmap import align_classes
-  config, class_names, state, mesh = load_run(workdir, which=which)
-  if data_dir is not None:
-    config = config.replace(data_dir=str(data_dir))
-  src = source if source is not None else _source(config, split)
-  src = align_classes(src, class_names, what=f"split {split!r}")  # by name; refuses unknown classes
-  bs = batch_size or config.eval_batch_size or config.batch_size
-  bs = max(jax.device_count(), bs - bs % jax.device_count()) // jax.process_count()
-  loader = pipeline.eval_loader(src, batch_size=bs, **eval_view(config))
-  eval_fn = parallel.compile_eval_step(_eval_fn(config), mesh, mode="jit")
-  out = run_eval(state, loader, eval_fn, mesh)
-  if not np.isfinite(out["loss"]):
-    warnings.warn(f"the checkpoint's logits are NaN/inf on some of the {out['n']} examples: the loss is "
-                  f"{out['loss']}, and those examples count as misses")
-  return {"top1": out["top1"], "top5": out["top5"], "loss": out["loss"], "n": out["n"]}

@@ -16,7 +16,7 @@ import optax
 __all__ = [
     "param_paths", "decay_mask", "param_labels", "make_schedule", "make_optimizer",
     "lookahead", "LookaheadState", "muon", "MuonState", "newton_schulz", "muon_mask", "FROZEN",
-    "DEFAULT", "MUON",
+    "DEFAULT", "MUON", "OPTIMIZERS", "SCHEDULES", "optimizer_options", "schedule_options",
 ]
 
 FROZEN = "frozen"
@@ -79,73 +79,161 @@ def muon_mask(params, config):
   return jax.tree.map(lambda l: l == MUON, labels)
 
 
-def make_schedule(config, *, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-  """The learning-rate schedule named by ``config.schedule`` (peak ``config.learning_rate``)."""
-  lr = config.learning_rate
-  total_steps = max(int(total_steps), 1)
-  warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps - 1)
-  name = config.schedule
-  if name == "onecycle":
-    return optax.cosine_onecycle_schedule(
-        transition_steps=total_steps, peak_value=lr, pct_start=config.onecycle_pct_start,
-        div_factor=config.onecycle_div_factor, final_div_factor=config.onecycle_final_div_factor)
-  if name == "triangle":  # airbench's: linear up from lr/div to lr at pct_start, linear down
-    start = lr / config.onecycle_div_factor
-    peak_step = max(1, int(config.onecycle_pct_start * total_steps))
-    return optax.join_schedules(
-        [optax.linear_schedule(start, lr, peak_step),
-         optax.linear_schedule(lr, start / config.onecycle_final_div_factor, total_steps - peak_step)],
-        [peak_step])
-  if name == "linear":  # airbench94_muon's: straight down to final_lr_fraction of the peak
-    main = optax.linear_schedule(lr, lr * config.final_lr_fraction, max(total_steps - warmup, 1))
-    if not warmup:
-      return main
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
-  if name == "cosine":
-    if warmup:
-      return optax.warmup_cosine_decay_schedule(
-          init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=total_steps,
-          end_value=lr * config.final_lr_fraction)
-    return optax.cosine_decay_schedule(lr, decay_steps=total_steps, alpha=config.final_lr_fraction)
-  if name == "step":
-    boundaries = {int(round(e * steps_per_epoch)): config.step_decay_factor
-                  for e in config.step_decay_epochs}
-    main = optax.piecewise_constant_schedule(lr, {b - warmup: f for b, f in boundaries.items() if b > warmup})
-  elif name == "constant":
-    main = optax.constant_schedule(lr)
-  else:
-    raise ValueError(f"schedule must be one of cosine, onecycle, triangle, linear, step, constant; "
-                     f"got {name!r}")
+# ------------------------------------------------------------------ schedules
+# Each schedule: fn(lr, options, *, steps_per_epoch, total_steps, warmup) -> optax schedule.
+
+
+def _with_warmup(main, lr, warmup):
   if not warmup:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
+def _onecycle(lr, o, *, steps_per_epoch, total_steps, warmup):
+  return optax.cosine_onecycle_schedule(
+      transition_steps=total_steps, peak_value=lr, pct_start=o["pct_start"],
+      div_factor=o["div_factor"], final_div_factor=o["final_div_factor"])
+
+
+def _triangle(lr, o, *, steps_per_epoch, total_steps, warmup):
+  """airbench's: linear up from lr/div to lr at pct_start, linear down."""
+  start = lr / o["div_factor"]
+  peak_step = max(1, int(o["pct_start"] * total_steps))
+  return optax.join_schedules(
+      [optax.linear_schedule(start, lr, peak_step),
+       optax.linear_schedule(lr, start / o["final_div_factor"], total_steps - peak_step)], [peak_step])
+
+
+def _linear(lr, o, *, steps_per_epoch, total_steps, warmup):
+  """airbench94_muon's: straight down to final_lr_fraction of the peak."""
+  main = optax.linear_schedule(lr, lr * o["final_lr_fraction"], max(total_steps - warmup, 1))
+  return _with_warmup(main, lr, warmup)
+
+
+def _cosine(lr, o, *, steps_per_epoch, total_steps, warmup):
+  if warmup:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=total_steps,
+        end_value=lr * o["final_lr_fraction"])
+  return optax.cosine_decay_schedule(lr, decay_steps=total_steps, alpha=o["final_lr_fraction"])
+
+
+def _step(lr, o, *, steps_per_epoch, total_steps, warmup):
+  """lr multiplied by decay_factor at each of decay_epochs."""
+  boundaries = {int(round(e * steps_per_epoch)): o["decay_factor"] for e in o["decay_epochs"]}
+  main = optax.piecewise_constant_schedule(lr, {b - warmup: f for b, f in boundaries.items() if b > warmup})
+  return _with_warmup(main, lr, warmup)
+
+
+def _constant(lr, o, *, steps_per_epoch, total_steps, warmup):
+  return _with_warmup(optax.constant_schedule(lr), lr, warmup)
+
+
+_ONECYCLE = {"pct_start": 0.25, "div_factor": 25.0, "final_div_factor": 1e4}
+# name -> (default options, builder). Adding a schedule is one entry here.
+SCHEDULES = {
+    "cosine": ({"final_lr_fraction": 0.0}, _cosine),
+    "onecycle": (_ONECYCLE, _onecycle),
+    "triangle": (_ONECYCLE, _triangle),
+    "linear": ({"final_lr_fraction": 0.0}, _linear),
+    "step": ({"decay_epochs": (), "decay_factor": 0.1}, _step),
+    "constant": ({}, _constant),
+}
+
+
+def _options(kind: str, table: dict, name: str, given: dict) -> dict:
+  if name not in table:
+    raise ValueError(f"{kind} must be one of {', '.join(table)}; got {name!r}")
+  defaults = table[name][0]
+  unknown = set(given or {}) - set(defaults)
+  if unknown:
+    raise ValueError(f"{kind} {name!r} has no option(s) {sorted(unknown)}; its options are "
+                     f"{sorted(defaults) or 'none'}")
+  return {**defaults, **(given or {})}
+
+
+def schedule_options(config) -> dict:
+  """``config.schedule_options`` over the schedule's defaults (ValueError on unknown names)."""
+  return _options("schedule", SCHEDULES, config.schedule, config.schedule_options)
+
+
+def make_schedule(config, *, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+  """The learning-rate schedule named by ``config.schedule`` (peak ``config.learning_rate``,
+  options ``config.schedule_options``, see :data:`SCHEDULES`)."""
+  total_steps = max(int(total_steps), 1)
+  warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps - 1)
+  builder = SCHEDULES[config.schedule][1] if config.schedule in SCHEDULES else None
+  options = schedule_options(config)
+  return builder(config.learning_rate, options, steps_per_epoch=steps_per_epoch,
+                 total_steps=total_steps, warmup=warmup)
+
+
+# ------------------------------------------------------------------ optimizers
+# Each optimizer: fn(learning_rate, options, *, weight_decay, mask) -> GradientTransformation,
+# weight decay decoupled (lr-scaled, after momentum) when weight_decay > 0.
+
+
+def _decoupled(parts, learning_rate, weight_decay, mask):
+  """SGDW-style: lr * wd * w is added after momentum, not folded into it."""
+  if weight_decay:
+    parts.append(optax.add_decayed_weights(weight_decay, mask))
+  parts.append(optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(*parts)
+
+
+def _sgd(learning_rate, o, *, weight_decay, mask):
+  parts = [optax.trace(decay=o["momentum"], nesterov=o["nesterov"])] if o["momentum"] else []
+  return _decoupled(parts, learning_rate, weight_decay, mask)
+
+
+def _rmsprop(learning_rate, o, *, weight_decay, mask):
+  parts = [optax.scale_by_rms(decay=o["decay"], eps=o["eps"])]
+  if o["momentum"]:
+    parts.append(optax.trace(decay=o["momentum"], nesterov=o["nesterov"]))
+  return _decoupled(parts, learning_rate, weight_decay, mask)
+
+
+def _adamw(learning_rate, o, *, weight_decay, mask):
+  return optax.adamw(learning_rate, b1=o["b1"], b2=o["b2"], eps=o["eps"], weight_decay=weight_decay, mask=mask)
+
+
+def _lamb(learning_rate, o, *, weight_decay, mask):
+  return optax.lamb(learning_rate, b1=o["b1"], b2=o["b2"], eps=o["eps"], weight_decay=weight_decay, mask=mask)
+
+
+_ADAM = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}
+# name -> (default options, builder). Adding an optimizer is one entry here. "muon" trains the
+# conv kernels with :func:`muon` and every other parameter with its "fallback" optimizer.
+OPTIMIZERS = {
+    "sgd": ({"momentum": 0.9, "nesterov": True}, _sgd),
+    "adamw": (_ADAM, _adamw),
+    "rmsprop": ({"decay": 0.9, "eps": 1e-8, "momentum": 0.9, "nesterov": True}, _rmsprop),
+    "lamb": (_ADAM, _lamb),
+    "muon": ({"learning_rate": 0.02, "momentum": 0.95, "nesterov": True, "ns_steps": 5,
+              "normalize_weights": False, "fallback": "sgd", "fallback_options": {}}, None),
+}
+
+
+def optimizer_options(config) -> dict:
+  """``config.optimizer_options`` over the optimizer's defaults (ValueError on unknown names);
+  for muon, ``fallback_options`` over the fallback's defaults."""
+  options = _options("optimizer", OPTIMIZERS, config.optimizer, config.optimizer_options)
+  if config.optimizer == "muon":
+    if options["fallback"] == "muon" or options["fallback"] not in OPTIMIZERS:
+      raise ValueError(f"muon fallback must be one of {[n for n in OPTIMIZERS if n != 'muon']}, "
+                       f"got {options['fallback']!r}")
+    options["fallback_options"] = _options("optimizer", OPTIMIZERS, options["fallback"],
+                                           options["fallback_options"])
+  return options
+
+
 def _base_optimizer(config, learning_rate, mask) -> optax.GradientTransformation:
   """One optimizer for one parameter group, with decoupled weight decay if asked."""
   wd = config.weight_decay if config.weight_decay_mode == "decoupled" else 0.0
-  name = config.optimizer
+  name, options = config.optimizer, optimizer_options(config)
   if name == "muon":  # the parameters Muon does not take (biases, norms, dense heads)
-    name = config.muon_fallback
-  if name == "adamw":
-    return optax.adamw(learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,
-                       weight_decay=wd, mask=mask)
-  if name == "lamb":
-    return optax.lamb(learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,
-                      weight_decay=wd, mask=mask)
-  if name == "sgd":
-    parts = [optax.trace(decay=config.momentum, nesterov=config.nesterov)] if config.momentum else []
-  elif name == "rmsprop":
-    parts = [optax.scale_by_rms(decay=config.rms_decay, eps=config.eps)]
-    if config.momentum:
-      parts.append(optax.trace(decay=config.momentum, nesterov=config.nesterov))
-  else:
-    raise ValueError(f"optimizer must be one of sgd, adamw, rmsprop, lamb, muon; got {name!r}")
-  # Decoupled (SGDW-style): lr * wd * w is added after momentum, not folded into it.
-  if wd:
-    parts.append(optax.add_decayed_weights(wd, mask))
-  parts.append(optax.scale_by_learning_rate(learning_rate))
-  return optax.chain(*parts)
+    name, options = options["fallback"], options["fallback_options"]
+  return OPTIMIZERS[name][1](learning_rate, options, weight_decay=wd, mask=mask)
 
 
 def make_optimizer(config, *, steps_per_epoch: int, total_steps: int
@@ -155,8 +243,8 @@ def make_optimizer(config, *, steps_per_epoch: int, total_steps: int
   Frozen parameters (``config.freeze``) get ``optax.set_to_zero`` and no optimizer state;
   each ``lr_multipliers`` pattern gets its own group whose schedule is scaled. With
   ``optimizer="muon"`` the remaining convolution kernels train with :func:`muon` (peak rate
-  ``muon_learning_rate``, same schedule shape) and everything else with ``muon_fallback``.
-  ``group_epochs`` squeezes a group's whole schedule into its first N epochs.
+  ``optimizer_options["learning_rate"]``, same schedule shape) and everything else with the
+  ``fallback`` optimizer. ``group_epochs`` squeezes a group's whole schedule into its first N epochs.
   """
   schedule = make_schedule(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   mask: Callable = lambda p: decay_mask(p, decay_bn_and_bias=config.decay_bn_and_bias,
@@ -180,10 +268,11 @@ def make_optimizer(config, *, steps_per_epoch: int, total_steps: int
         group = _squeezed(group, total_steps, int(round(short[p] * steps_per_epoch)))
       transforms[f"lr{i}"] = _base_optimizer(config, group, mask)
     if is_muon:
+      o = optimizer_options(config)
       transforms[MUON] = muon(
-          _scaled(schedule, config.muon_learning_rate / config.learning_rate),
-          momentum=config.muon_momentum, nesterov=config.nesterov, ns_steps=config.muon_ns_steps,
-          normalize_weights=config.muon_normalize_weights,
+          _scaled(schedule, o["learning_rate"] / config.learning_rate),
+          momentum=o["momentum"], nesterov=o["nesterov"], ns_steps=o["ns_steps"],
+          normalize_weights=o["normalize_weights"],
           weight_decay=config.weight_decay if config.weight_decay_mode == "decoupled" else 0.0)
     labels = lambda p: param_labels(p, freeze=config.freeze, lr_multipliers=config.lr_multipliers,
                                     muon=is_muon)

@@ -87,10 +87,11 @@ def shard_batch(batch, mesh: Mesh):
   return jax.tree.map(put, batch)
 
 
-def batch_spec(mesh: Mesh, global_batch: int, image_shape, *, mask: bool = False) -> dict:
-  """ShapeDtypeStructs of a global uint8 batch sharded on ``data`` (for ahead-of-time lowering)."""
+def batch_spec(mesh: Mesh, global_batch: int, image_shape, *, mask: bool = False, dtype=np.uint8) -> dict:
+  """ShapeDtypeStructs of a global batch (uint8 images, or ``dtype`` inputs such as cached
+  features) sharded on ``data`` (for ahead-of-time lowering)."""
   sharding = NamedSharding(mesh, P(DATA_AXIS))
-  spec = {"image": jax.ShapeDtypeStruct((global_batch, *image_shape), np.uint8, sharding=sharding),
+  spec = {"image": jax.ShapeDtypeStruct((global_batch, *image_shape), dtype, sharding=sharding),
           "label": jax.ShapeDtypeStruct((global_batch,), np.int32, sharding=sharding)}
   if mask:
     spec["mask"] = jax.ShapeDtypeStruct((global_batch,), np.bool_, sharding=sharding)

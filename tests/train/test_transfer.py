@@ -125,30 +125,27 @@ def test_finetune_step_freezes_and_scales_backbone_lr(variables, batch):
 
 
 def test_cached_features_train_like_the_full_frozen_model(variables, batch):
+  from jcv.train import features
   config = transfer.transfer_config(SGD.replace(batch_size=8, epochs=1), "frozen", stage_names=STAGES)
   model = _model(**config.model_options)
   # The whole model, one step on the images.
   state = _state(model, variables, config)
-  full, _ = jax.jit(lambda s, b: step_lib.train_step(s, b, num_classes=CLASSES, freeze=config.freeze))(state, batch)
-  # Cached: backbone once, then the head alone on its pooled features.
+  step = jax.jit(lambda s, b: step_lib.train_step(s, b, num_classes=CLASSES, freeze=config.freeze))
+  full, _ = step(state, batch)
+  # Cached: backbone once, then the head alone on its pooled features, with the same step.
   bottom, top = transfer.split_model(model, len(STAGES))
-  features, labels = transfer.compute_features(
-      lambda v, x: bottom.apply(v, x), {k: variables[k] for k in variables}, [batch])
-  assert features.shape == (8, 32)
+  feats, labels = transfer.compute_features(lambda v, x: bottom.apply(v, x), variables, [batch])
+  assert feats.shape == (8, 32)
   head_vars = transfer.top_variables(variables, model, len(STAGES))
   assert set(head_vars["params"]) == {"head"}
-  cached, history = transfer.fit_cached(jax.random.key(0), top, head_vars, (features, labels),
-                                        config=config, log=None)
-  assert len(history) == 1
+  cached, _ = step(_state(top, head_vars, config), {"image": feats, "label": labels})
   np.testing.assert_allclose(cached.params["head"]["kernel"], full.params["head"]["kernel"], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(cached.params["head"]["bias"], full.params["head"]["bias"], rtol=1e-4, atol=1e-5)
-  # Cached below the top stages: the frozen regime pools the maps once, then trains the head.
+  # Cached below the top stages, then pooled once: the same features as the whole backbone.
   bottom2, _ = transfer.split_model(model, 2)
   maps = transfer.compute_features(lambda v, x: bottom2.apply(v, x), variables, [batch])
-  two_level = transfer.cached_transfer(jax.random.key(0), model, variables, {"train": maps},
-                                       stage=2, config=config, log=None)
-  np.testing.assert_allclose(two_level["state"].params["head"]["kernel"], full.params["head"]["kernel"],
-                             rtol=1e-4, atol=1e-5)
+  pooled = features.pool_cached(model, variables, {"train": maps}, stage=2)["train"][0]
+  np.testing.assert_allclose(pooled, feats, rtol=1e-4, atol=1e-5)
   merged = transfer.merge_variables(variables, jax.device_get(cached.variables))
   jax.tree.map(np.testing.assert_array_equal, merged["params"]["block_0"], variables["params"]["block_0"])
   # Split in the middle: bottom then top equals the whole network.
@@ -158,12 +155,12 @@ def test_cached_features_train_like_the_full_frozen_model(variables, batch):
   np.testing.assert_allclose(top.apply(variables, mid), whole, rtol=1e-4, atol=1e-4)
 
 
-def test_pretrained_model_starts_from_given_variables(variables):
-  model = transfer.PretrainedModel(_model(), variables)
+def test_train_state_starts_from_given_variables(variables):
   tx = optax.sgd(0.1)
-  state = create_train_state(jax.random.key(5), model, tx, (1, SIZE, SIZE, 3))
+  state = create_train_state(jax.random.key(5), _model(), tx, (1, SIZE, SIZE, 3), variables=variables)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), variables["params"])
-  assert model.stage_names() == STAGES and model.num_classes == CLASSES
+  random = create_train_state(jax.random.key(5), _model(), tx, (1, SIZE, SIZE, 3))
+  np.testing.assert_array_equal(state.key, random.key)  # the run's key does not depend on the init
 
 
 def test_save_run_is_loadable(tmp_path):
@@ -201,5 +198,68 @@ def test_cache_features_views_and_disk_cache(variables, tmp_path):
   flipped = transfer.cache_features(model, variables, {"test": mirrored}, stage=2, image_size=SIZE,
                                     batch_size=4, log=None)["test"][0]
   np.testing.assert_allclose(x[10:20], flipped, rtol=1e-5, atol=1e-5)
+  files = sorted(tmp_path.glob("*.npz"))
+  assert len(files) == 2  # train, test
   again = transfer.cache_features(model, variables, {"train": source}, crop_views=2, **kwargs)
   np.testing.assert_array_equal(again["train"][0], x)  # read back from tmp_path
+  assert sorted(tmp_path.glob("*.npz")) == files
+
+
+def test_feature_cache_key_changes_with_weights_seed_and_data(variables, tmp_path):
+  """#16: a cache file is never reused after the weights, the seed or the data change."""
+  from jcv.data.sources import ArraySource
+  rng = np.random.default_rng(3)
+  images = rng.integers(0, 256, (8, 20, 20, 3), dtype=np.uint8)
+  source = ArraySource(images, np.arange(8) % CLASSES)
+  model = _model()
+
+  def run(vars_=variables, src=source, **kw):
+    out = transfer.cache_features(model, vars_, {"train": src}, stage=2, image_size=SIZE, batch_size=4,
+                                  directory=tmp_path, log=None, **kw)
+    return out["train"][0], {p.name for p in tmp_path.glob("*.npz")}
+
+  x, files = run()
+  x_again, files_again = run()
+  assert files_again == files and len(files) == 1
+  nan_weights = jax.tree.map(lambda v: np.full_like(v, np.nan), variables)
+  x_nan, files = run(vars_=nan_weights)
+  assert len(files) == 2 and np.isnan(x_nan).all() and not np.isnan(x).any()
+  other = ArraySource(images[::-1].copy(), source.labels)
+  _, files = run(src=other)
+  assert len(files) == 3
+  _, files = run(crop_views=1, seed=1)
+  _, files2 = run(crop_views=1, seed=2)
+  assert len(files2) == len(files) + 1 == 5
+  assert not list(tmp_path.glob("*.tmp.npz"))
+
+
+def test_feature_loader_shuffles_per_epoch_and_resumes():
+  from jcv.train.features import FeatureLoader
+  x, y = np.arange(10, dtype=np.float32)[:, None], np.arange(10)
+  loader = FeatureLoader(x, y, batch_size=4, seed=0)
+  assert loader.steps_per_epoch == 2
+  it = loader.iter_from(0)
+  seen = [next(it)["label"] for _ in range(6)]
+  rng = np.random.default_rng(0)
+  orders = [rng.permutation(10) for _ in range(3)]
+  for step, labels in enumerate(seen):
+    np.testing.assert_array_equal(labels, orders[step // 2][(step % 2) * 4:(step % 2) * 4 + 4])
+  resumed = FeatureLoader(x, y, batch_size=4, seed=0).iter_from(0)
+  resumed.set_state(it.get_state())
+  np.testing.assert_array_equal(next(resumed)["label"], next(it)["label"])
+  ev = list(FeatureLoader(x, y, batch_size=4, train=False))
+  assert len(ev) == 3 and ev[-1]["mask"].tolist() == [True, True, False, False]
+
+
+def test_cached_run_with_nan_weights_stops_on_the_loss(variables, tmp_path):
+  """#16: NaN weights give NaN features; the cached run stops like any run, naming the step."""
+  from jcv.data.sources import ArraySource
+  from jcv.train import fit, loop
+  rng = np.random.default_rng(5)
+  source = ArraySource(rng.integers(0, 256, (16, SIZE, SIZE, 3), dtype=np.uint8), np.arange(16) % CLASSES,
+                       class_names=["a", "b", "c"])
+  nan = jax.tree.map(lambda v: np.full_like(v, np.nan), variables)
+  config = SGD.replace(trainable="head", feature_cache={}, batch_size=8, epochs=1, eval_split="", image_size=SIZE,
+                       augment=(), progress=False, plots=False, compilation_cache=None)
+  with pytest.raises(loop.NonFiniteLossError, match="at step 1"):
+    fit(config, workdir=tmp_path, train_source=source, model=_model(), init_variables=nan)

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "experiments" / "cifar10.py"
 
 
@@ -50,7 +50,8 @@ def test_presets_follow_airbench():
   decayed = jax.tree.leaves(optim.decay_mask(params))
   assert sum(decayed) == 8  # the 6 block convs, the head and the (frozen) whitening kernel
   # airbench94_muon: Muon takes the 6 block convs, the whitening bias stops after 3 epochs.
-  assert muon.optimizer == "muon" and muon.muon_normalize_weights and muon.lookahead_every == 0
+  assert muon.optimizer == "muon" and muon.optimizer_options["normalize_weights"] and muon.lookahead_every == 0
+  assert gpu.init_from == {"whiten": {"num_images": 5000}}  # the first layer is a declared init step
   labels = optim.param_labels(params, freeze=muon.freeze, lr_multipliers=muon.lr_multipliers, muon=True)
   flat = {path: label for path, label in zip(jax.tree.leaves(optim.param_paths(params)), jax.tree.leaves(labels))}
   assert {p for p, l in flat.items() if l == optim.MUON} == {f"block{i}/conv{j}/kernel" for i in (1, 2, 3)
