@@ -124,7 +124,7 @@ def test_pth_loads_with_weights_only(files, tmp_path):
 def test_pth_without_torch_says_how(monkeypatch, tmp_path):
   import sys
   monkeypatch.setitem(sys.modules, "torch", None)
-  (tmp_path / "w.pth").write_bytes(b"")
+  (tmp_path / "w.pth").write_bytes(b"PK\x03\x04 a torch zip archive")  # non-empty: an empty file is refused first
   with pytest.raises(ImportError, match="needs PyTorch"):
     port.read_arrays(tmp_path / "w.pth")
 
