@@ -181,6 +181,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding="SAME",
     return _xla_conv(x, kernel, strides, padding, groups, dilation)
   pads = _explicit_pads(x.shape[1:3], (kh, kw), strides, dilation, padding)
   if name == "onednn" and _use_onednn(x, kernel, strides, pads, groups):
+    x, kernel = onednn.match_vma(x, kernel)
     return _onednn_conv(x, kernel, strides, pads, dilation, groups)
   if groups == 1 and kh == kw == 1:
     return _conv_1x1(x, kernel, strides, pads)

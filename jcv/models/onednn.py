@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 __all__ = ["available", "conv_backward_data", "conv_backward_weights", "conv_forward",
-           "library_path", "set_threads", "status", "unavailable_reason"]
+           "library_path", "match_vma", "set_threads", "status", "unavailable_reason"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
 _TARGETS = ("jcv_onednn_conv_fwd", "jcv_onednn_conv_bwd_data", "jcv_onednn_conv_bwd_weights")
@@ -178,9 +178,31 @@ def _attrs(strides, pads, dilation, groups):
               groups=np.int64(groups))
 
 
+def _vma(x) -> frozenset:
+  """The shard_map axes x varies over (jax 0.10: ``manual_axis_type.varying``; older: ``vma``)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)
+  return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+
+
+def match_vma(*arrays):
+  """Casts arrays to vary over the union of their shard_map axes (no-op outside shard_map).
+
+  A custom_vjp's gradients must have their inputs' types, so a replicated kernel used with a
+  per-device batch is made per-device first (its transpose is the psum autodiff inserts).
+  """
+  axes = frozenset().union(*map(_vma, arrays))
+  return tuple(jax.lax.pcast(a, tuple(sorted(axes - _vma(a))), to="varying") if axes - _vma(a) else a
+               for a in arrays)
+
+
 def _call(target, out_shape, dtype, a, b, attrs):
-  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, dtype),
-                          vmap_method="expand_dims")(a, b, **attrs)
+  out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, dtype),
+                         vmap_method="expand_dims")(a, b, **attrs)
+  # Inside shard_map the result varies over the manual axes its operands vary over (ffi_call
+  # drops that type), which custom_vjp checks against the primal's inputs.
+  axes = (_vma(a) | _vma(b)) - _vma(out)
+  return jax.lax.pcast(out, tuple(sorted(axes)), to="varying") if axes else out
 
 
 def conv_forward(x, kernel, out_hw, strides, pads, dilation, groups):
