@@ -196,28 +196,94 @@ def match_vma(*arrays):
                for a in arrays)
 
 
-def _call(target, out_shape, dtype, a, b, attrs):
-  out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, dtype),
-                         vmap_method="expand_dims")(a, b, **attrs)
+def _ffi(kind, cfg, a, b):
+  """The FFI call itself: kind 0/1/2 = forward / input gradient / kernel gradient."""
+  out_tail, strides, pads, dilation, groups = cfg
+  lead = () if kind == 2 else a.shape[:1]
+  out = jax.ffi.ffi_call(_TARGETS[kind], jax.ShapeDtypeStruct(lead + out_tail, a.dtype),
+                         vmap_method="expand_dims")(a, b, **_attrs(strides, pads, dilation, groups))
   # Inside shard_map the result varies over the manual axes its operands vary over (ffi_call
   # drops that type), which custom_vjp checks against the primal's inputs.
   axes = (_vma(a) | _vma(b)) - _vma(out)
   return jax.lax.pcast(out, tuple(sorted(axes)), to="varying") if axes else out
 
 
+# Sharding rules: only the batch (N) may be sharded; the kernel gradient sums over it.
+_RULES = {
+    0: ("n h w c, a b d o -> n i j o", (), ("h", "w", "c", "a", "b", "d", "o", "i", "j")),
+    1: ("n i j o, a b d o -> n h w c", (), ("i", "j", "o", "a", "b", "d", "h", "w", "c")),
+    2: ("n h w c, n i j o -> a b d o", ("n",), ("h", "w", "c", "i", "j", "o", "a", "b", "d")),
+}
+
+
+def _batch_axis(sharding):
+  spec = getattr(sharding, "spec", None)
+  return spec[0] if spec is not None and len(spec) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _op(kind, cfg):
+  """The FFI call for one configuration, partitioned over the batch under a sharded ``jit``.
+
+  ``custom_partitioning`` tells XLA's SPMD partitioner (Shardy or GSPMD) that every device
+  runs the call on its shard of the batch (the kernel gradient is then psum-ed) instead of
+  all-gathering the operands; its ``custom_vmap`` rule sends ``vmap`` to the plain call.
+  """
+  from jax.experimental.custom_partitioning import custom_partitioning
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  def plain(a, b):
+    return _ffi(kind, cfg, a, b)
+
+  def out_sharding(mesh, axis):
+    return NamedSharding(mesh, P() if kind == 2 else P(axis))
+
+  def infer(mesh, arg_shapes, result_shape):
+    return out_sharding(mesh, _batch_axis(arg_shapes[0].sharding))
+
+  def partition(mesh, arg_shapes, result_shape):
+    axis = _batch_axis(arg_shapes[0].sharding)
+    batch = NamedSharding(mesh, P(axis))
+    args = (batch, batch) if kind == 2 else (batch, NamedSharding(mesh, P()))
+
+    def lower(a, b):
+      out = plain(a, b)
+      return jax.lax.psum(out, axis) if kind == 2 and axis is not None else out
+    return mesh, lower, out_sharding(mesh, axis), args
+
+  partitioned = custom_partitioning(plain)
+  rule, reduction, replicated = _RULES[kind]
+  partitioned.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                            reduction_factors=reduction, need_replication_factors=replicated)
+
+  @jax.custom_batching.custom_vmap
+  def op(a, b):
+    return partitioned(a, b)
+
+  @op.def_vmap
+  def _(axis_size, in_batched, a, b):
+    del axis_size
+    return jax.vmap(plain, in_axes=tuple(0 if x else None for x in in_batched))(a, b), True
+  return op
+
+
+def _cfg(out_tail, strides, pads, dilation, groups):
+  return (tuple(int(v) for v in out_tail), tuple(int(v) for v in strides),
+          tuple((int(lo), int(hi)) for lo, hi in pads), tuple(int(v) for v in dilation), int(groups))
+
+
 def conv_forward(x, kernel, out_hw, strides, pads, dilation, groups):
   """y = conv(x, kernel): x [N, H, W, C], kernel HWIO, explicit pads ((t, b), (l, r))."""
-  shape = x.shape[:-3] + tuple(out_hw) + kernel.shape[-1:]
-  return _call(_TARGETS[0], shape, x.dtype, x, kernel, _attrs(strides, pads, dilation, groups))
+  cfg = _cfg(tuple(out_hw) + kernel.shape[-1:], strides, pads, dilation, groups)
+  return _op(0, cfg)(x, kernel)
 
 
 def conv_backward_data(dy, kernel, in_hw, in_channels, strides, pads, dilation, groups):
   """dL/dx from dL/dy."""
-  shape = dy.shape[:-3] + tuple(in_hw) + (in_channels,)
-  return _call(_TARGETS[1], shape, dy.dtype, dy, kernel, _attrs(strides, pads, dilation, groups))
+  cfg = _cfg(tuple(in_hw) + (in_channels,), strides, pads, dilation, groups)
+  return _op(1, cfg)(dy, kernel)
 
 
 def conv_backward_weights(x, dy, kernel_shape, strides, pads, dilation, groups):
   """dL/dkernel (HWIO) from the input and dL/dy."""
-  return _call(_TARGETS[2], tuple(kernel_shape), x.dtype, x, dy,
-               _attrs(strides, pads, dilation, groups))
+  return _op(2, _cfg(kernel_shape, strides, pads, dilation, groups))(x, dy)
