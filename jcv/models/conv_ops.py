@@ -19,7 +19,8 @@ computes ``lax.conv_general_dilated`` exactly, through one of these lowerings:
   - everything else stays with XLA.
 * ``"onednn"``: oneDNN's convolutions (forward, input and kernel gradient) through XLA's FFI
   (:mod:`jcv.models.onednn`, multi-threaded, AVX-512/AMX), keeping the "cpu" rewrites only
-  where they measured faster per layer (``benchmarks/layers.py``): 1x1 convolutions.
+  where they measured faster per layer (``benchmarks/layers.py``): 1x1 convolutions (matmul),
+  tiny-kernel first layers (kh*kw*cin <= 16) and outputs of at most 2x2 pixels (im2col).
   Falls back to "cpu" with a one-line warning when the native library cannot be built.
 * ``"auto"``: "onednn" on a CPU backend when it is available (else "cpu"); "xla" elsewhere.
 
@@ -180,7 +181,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding="SAME",
   if name == "xla":
     return _xla_conv(x, kernel, strides, padding, groups, dilation)
   pads = _explicit_pads(x.shape[1:3], (kh, kw), strides, dilation, padding)
-  if name == "onednn" and _use_onednn(x, kernel, strides, pads, groups):
+  if name == "onednn" and _use_onednn(x, kernel, strides, pads, dilation, groups):
     x, kernel = onednn.match_vma(x, kernel)
     return _onednn_conv(x, kernel, strides, pads, dilation, groups)
   if groups == 1 and kh == kw == 1:
@@ -201,16 +202,26 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding="SAME",
 
 # --- oneDNN through XLA's FFI ---------------------------------------------------------------
 
-def _use_onednn(x, kernel, strides, pads, groups) -> bool:
-  """Whether oneDNN beats the "cpu" rewrites for this layer (benchmarks/layers.py)."""
+def _use_onednn(x, kernel, strides, pads, dilation, groups) -> bool:
+  """Whether oneDNN beats the "cpu" rewrites for this layer.
+
+  Measured with ``benchmarks/layers.py --batch 32`` (forward + backward, 2-core EPYC, see
+  docs/benchmarks.md): oneDNN wins on depthwise (1.7-4x), stems (1.9-2.9x) and general 3x3
+  convolutions down to 4x4 maps (1.2-2.4x); the rewrites win on 1x1 convolutions (a matmul,
+  0.75-0.98x), the 2x2 whitening layer (0.3x) and outputs of at most 2x2 pixels (0.3x).
+  """
   if x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
     return False
   if any(lo < 0 or hi < 0 for lo, hi in pads):
     return False
-  kh, kw, _, _ = kernel.shape
-  if groups == 1 and kh == kw == 1:  # a plain matmul: XLA's uses every core too
+  kh, kw, kin, _ = kernel.shape
+  if groups > 1:
+    return True
+  if kh == kw == 1 or kh * kw * kin <= 16:
     return False
-  return True
+  out_pixels = (_out_size(x.shape[1], kh, strides[0], dilation[0], pads[0])
+                * _out_size(x.shape[2], kw, strides[1], dilation[1], pads[1]))
+  return out_pixels > 4
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 __all__ = ["available", "conv_backward_data", "conv_backward_weights", "conv_forward",
-           "library_path", "match_vma", "set_threads", "status", "unavailable_reason"]
+           "default_threads", "library_path", "match_vma", "set_threads", "status", "unavailable_reason"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
 _TARGETS = ("jcv_onednn_conv_fwd", "jcv_onednn_conv_bwd_data", "jcv_onednn_conv_bwd_weights")
@@ -116,9 +116,7 @@ def _load():
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, name)), platform="cpu")
     handle.jcv_onednn_set_threads.argtypes = [ctypes.c_int]
     _state.update(lib=handle, path=path)
-    threads = os.environ.get("JCV_ONEDNN_THREADS")
-    if threads:
-      set_threads(int(threads))
+    set_threads(int(os.environ.get("JCV_ONEDNN_THREADS") or default_threads()))
   except Exception as e:  # any failure: XLA's convolutions instead
     _state["reason"] = f"{type(e).__name__}: {e}" if not isinstance(e, RuntimeError) else str(e)
   return _state["lib"]
@@ -158,6 +156,15 @@ def status() -> dict:
     version = f"{v // 10000}.{v // 100 % 100}.{v % 100}"
   return {"available": lib is not None, "reason": _state["reason"], "path": _state["path"],
           "onednn": version, "threads": _state.get("threads", 0)}
+
+
+def default_threads() -> int:
+  """Cores per local XLA CPU device: each device's convolutions get their share of the cores."""
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:
+    cores = os.cpu_count() or 1
+  return max(1, cores // max(1, len(jax.local_devices(backend="cpu"))))
 
 
 def set_threads(threads: int) -> None:
