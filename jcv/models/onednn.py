@@ -31,7 +31,8 @@ import jax
 import numpy as np
 
 __all__ = ["available", "conv_backward_data", "conv_backward_weights", "conv_forward",
-           "default_threads", "library_path", "match_vma", "set_threads", "status", "unavailable_reason"]
+           "default_threads", "library_path", "match_vma", "set_threads", "status", "unavailable_reason",
+           "warn_unavailable"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
 _TARGETS = ("jcv_onednn_conv_fwd", "jcv_onednn_conv_bwd_data", "jcv_onednn_conv_bwd_weights")
