@@ -97,12 +97,13 @@ def resolve(name: str | None = None) -> str:
   """The concrete lowering for ``name`` (None: the default) on ``jax.default_backend()``.
 
   "auto" is "onednn" on a CPU backend when the native library is available, else "cpu";
-  "xla" on other backends. "onednn" without the native library is "cpu" (warned once).
+  "auto" and "onednn" are "xla" on other backends. "onednn" without the native library is
+  "cpu" (warned once).
   """
   name = get_lowering() if name is None else _check_lowering(name)
+  if name in ("auto", "onednn") and jax.default_backend() != "cpu":
+    return "xla"  # the rewrites and oneDNN are for XLA:CPU
   if name == "auto":
-    if jax.default_backend() != "cpu":
-      return "xla"
     name = "onednn"
   if name == "onednn" and not onednn.available():
     onednn.warn_unavailable()
