@@ -19,8 +19,9 @@ computes ``lax.conv_general_dilated`` exactly, through one of these lowerings:
   - everything else stays with XLA.
 * ``"onednn"``: oneDNN's convolutions (forward, input and kernel gradient) through XLA's FFI
   (:mod:`jcv.models.onednn`, multi-threaded, AVX-512/AMX), keeping the "cpu" rewrites only
-  where they measured faster per layer (``benchmarks/layers.py``): 1x1 convolutions (matmul),
-  tiny-kernel first layers (kh*kw*cin <= 16) and outputs of at most 2x2 pixels (im2col).
+  where they measured faster per layer (``benchmarks/layers.py``): 1x1 convolutions (matmul
+  gradients), tiny-kernel first layers (kh*kw*cin <= 16) and outputs of at most 2x2 pixels
+  (im2col), and XLA's conv for first layers (cin <= 4) on inputs of at most 64x64 pixels.
   Falls back to "cpu" with a one-line warning when the native library cannot be built.
 * ``"auto"``: "onednn" on a CPU backend when it is available (else "cpu"); "xla" elsewhere.
 
@@ -182,11 +183,14 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding="SAME",
   if name == "xla":
     return _xla_conv(x, kernel, strides, padding, groups, dilation)
   pads = _explicit_pads(x.shape[1:3], (kh, kw), strides, dilation, padding)
-  if name == "onednn" and _use_onednn(x, kernel, strides, pads, dilation, groups):
-    x, kernel = onednn.match_vma(x, kernel)
-    if groups == 1 and kh == kw == 1:
-      return _onednn_1x1(x, kernel, strides, pads)
-    return _onednn_conv(x, kernel, strides, pads, dilation, groups)
+  if name == "onednn":
+    if _use_onednn(x, kernel, strides, pads, dilation, groups):
+      x, kernel = onednn.match_vma(x, kernel)
+      if groups == 1 and kh == kw == 1:
+        return _onednn_1x1(x, kernel, strides, pads)
+      return _onednn_conv(x, kernel, strides, pads, dilation, groups)
+    if groups == 1 and cin <= 4 and kh * kw * cin > 16 and x.shape[1] * x.shape[2] <= 64 * 64:
+      return _xla_conv(x, kernel, strides, pads, groups, dilation)
   if groups == 1 and kh == kw == 1:
     return _conv_1x1(x, kernel, strides, pads)
   if groups == cin and kin == 1:
@@ -209,9 +213,11 @@ def _use_onednn(x, kernel, strides, pads, dilation, groups) -> bool:
   """Whether oneDNN beats the "cpu" rewrites for this layer.
 
   Measured with ``benchmarks/layers.py --batch 32`` (forward + backward, 2-core EPYC, see
-  docs/benchmarks.md): oneDNN wins on depthwise (1.7-4x), stems (1.9-2.9x) and general 3x3
-  convolutions down to 4x4 maps (1.2-2.4x); the rewrites win on 1x1 convolutions (a matmul,
-  0.75-0.98x), the 2x2 whitening layer (0.3x) and outputs of at most 2x2 pixels (0.3x).
+  docs/benchmarks.md): oneDNN wins on depthwise (1.6-8.7x), 224 px stems (1.7-2.3x) and
+  general 3x3 convolutions down to 4x4 maps (1.1-2.0x); the rewrites win on 1x1 convolutions
+  (oneDNN's forward is kept, the matmul's gradients are as fast or faster), the 2x2 whitening
+  layer (5x) and outputs of at most 2x2 pixels (1.7x); XLA's own conv wins on a stem at
+  32x32 (2-3x, up to 64x64 pixels here).
   """
   if x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
     return False
@@ -221,6 +227,8 @@ def _use_onednn(x, kernel, strides, pads, dilation, groups) -> bool:
   if groups > 1 or kh == kw == 1:  # 1x1: oneDNN forward, matmul gradients (_onednn_1x1)
     return True
   if kh * kw * kin <= 16:
+    return False
+  if kin <= 4 and x.shape[1] * x.shape[2] <= 64 * 64:  # a small stem: XLA's conv (below)
     return False
   out_pixels = (_out_size(x.shape[1], kh, strides[0], dilation[0], pads[0])
                 * _out_size(x.shape[2], kw, strides[1], dilation[1], pads[1]))
