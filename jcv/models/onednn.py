@@ -229,6 +229,11 @@ def _batch_axis(sharding):
   return spec[0] if spec is not None and len(spec) else None
 
 
+def _require():
+  if not available():
+    raise RuntimeError(f"jcv oneDNN convolutions unavailable: {_state['reason']}")
+
+
 @functools.lru_cache(maxsize=None)
 def _op(kind, cfg):
   """The FFI call for one configuration, partitioned over the batch under a sharded ``jit``.
@@ -239,6 +244,7 @@ def _op(kind, cfg):
   """
   from jax.experimental.custom_partitioning import custom_partitioning
   from jax.sharding import NamedSharding, PartitionSpec as P
+  _require()  # builds and registers the FFI targets on first use
 
   def plain(a, b):
     return _ffi(kind, cfg, a, b)
