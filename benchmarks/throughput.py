@@ -8,6 +8,9 @@ For each model (any name ``jcv.models.create`` knows), image size, batch size an
   memory estimate, the backend's peak memory when it reports one, achieved FLOP/s and MFU on a
   known accelerator. On a CPU the step runs as ``jcv.train`` runs it there: data-parallel over
   one XLA CPU device per core (``--host-devices``; XLA:CPU gives each convolution one core);
+* ``jcv_cpu`` / ``jcv_xla_dev`` (``--compare jcv_cpu``): the same jcv step with the "cpu"
+  conv lowering (exact jnp rewrites + XLA's conv, jcv's CPU default before the oneDNN
+  backend) on the same devices;
 * ``flax_xla`` (``--baseline``): the same jcv model with XLA's own convolution everywhere
   (``jcv.models.conv_ops`` lowering "xla"), i.e. what stock Flax ``nn.Conv`` gives;
 * ``torch`` / ``torch_compile`` (``--compare torch,torch_compile``): the same architecture
@@ -285,7 +288,12 @@ def _make_data(batch, size, num_classes, seed=0):
 def _build(framework, name, size, batch, dtype, data, args=None):
   if framework == "jcv":
     devices = getattr(args, "jcv_devices", 1)
-    return _jcv_runner(name, size, batch, dtype, "auto", data,
+    return _jcv_runner(name, size, batch, dtype, getattr(args, "lowering", "auto"), data,
+                       devices=devices if batch % max(devices, 1) == 0 else 1,
+                       parallel_mode=getattr(args, "parallel", "jit"))
+  if framework == "jcv_cpu":
+    devices = getattr(args, "jcv_devices", 1)
+    return _jcv_runner(name, size, batch, dtype, "cpu", data,
                        devices=devices if batch % max(devices, 1) == 0 else 1,
                        parallel_mode=getattr(args, "parallel", "jit"))
   if framework == "flax_xla":
@@ -444,7 +452,9 @@ def main(argv=None):
   p.add_argument("--batch-sizes", default="32")
   p.add_argument("--dtypes", default="float32", help="float32,bfloat16")
   p.add_argument("--modes", default="train,infer")
-  p.add_argument("--compare", default="", help="peers: torch,torch_compile,keras")
+  p.add_argument("--compare", default="", help="peers: torch,torch_compile,keras,jcv_cpu")
+  p.add_argument("--lowering", default="auto", choices=("auto", "xla", "cpu", "onednn"),
+                 help="jcv's conv lowering (jcv.models.conv_ops; auto: oneDNN on a CPU if built)")
   p.add_argument("--baseline", action="store_true",
                  help="also time the jcv model with XLA's own convolutions (stock Flax)")
   p.add_argument("--rounds", type=int, default=5)
@@ -476,10 +486,13 @@ def main(argv=None):
   args.device_kind = jax.devices()[0].device_kind
   args.jcv_devices = len(jax.devices()) if jax.default_backend() == "cpu" else 1
   info["jcv_devices"] = args.jcv_devices
+  from jcv.models import conv_ops, onednn
+  info["jcv_lowering"] = conv_ops.resolve(args.lowering)
+  info["onednn"] = onednn.status()
   peers = [c for c in args.compare.split(",") if c]
   for c in peers:
-    if c not in ("torch", "torch_compile", "keras"):
-      p.error(f"--compare takes torch, torch_compile, keras; got {c!r}")
+    if c not in ("torch", "torch_compile", "keras", "jcv_cpu"):
+      p.error(f"--compare takes torch, torch_compile, keras, jcv_cpu; got {c!r}")
   frameworks = ["jcv"] + (["flax_xla"] if args.baseline else []) + peers
   log = functools.partial(print, flush=True)
   log(f"# {info['cpu']} x{info['cpu_count']} | devices {info['devices']} | load "

@@ -1,11 +1,11 @@
 """Convolution primitives used by every jcv layer.
 
-One entry point, :func:`conv2d`, with NHWC inputs and HWIO kernels (Flax's layout). It picks
-an exact lowering per backend when the function is traced:
+One entry point, :func:`conv2d`, with NHWC inputs and HWIO kernels (Flax's layout). It
+computes ``lax.conv_general_dilated`` exactly, through one of these lowerings:
 
-* GPU/TPU ("xla" lowering): XLA's own convolution, ``lax.conv_general_dilated``.
-* CPU ("cpu" lowering), where XLA runs every convolution on one core and is slow for
-  depthwise convolutions and weight gradients:
+* ``"xla"``: XLA's own convolution (GPU/TPU; stock Flax).
+* ``"cpu"``: exact jnp rewrites where XLA:CPU (one core per convolution) is slow, XLA's conv
+  elsewhere:
 
   - 1x1 convolutions (any stride) are a strided slice and a matrix multiply;
   - depthwise convolutions (``groups == in_channels``, any channel multiplier) are
@@ -16,34 +16,43 @@ an exact lowering per backend when the function is traced:
     im2col + one matrix multiply, forward and backward;
   - other first layers (at most 4 input channels) keep XLA's forward convolution but compute
     the kernel gradient as im2col + matrix multiply (a ``jax.custom_vjp``);
-  - everything else (other ungrouped convs, 1 < groups < in_channels) stays with XLA, whose
-    CPU convolution is competitive there (``benchmarks/layers.py``).
+  - everything else stays with XLA.
+* ``"onednn"``: oneDNN's convolutions (forward, input and kernel gradient) through XLA's FFI
+  (:mod:`jcv.models.onednn`, multi-threaded, AVX-512/AMX), keeping the "cpu" rewrites only
+  where they measured faster per layer (``benchmarks/layers.py``): 1x1 convolutions (matmul
+  gradients), tiny-kernel first layers (kh*kw*cin <= 16) and outputs of at most 2x2 pixels
+  (im2col), and XLA's conv for first layers (cin <= 4) on inputs of at most 64x64 pixels.
+  Falls back to "cpu" with a one-line warning when the native library cannot be built.
+* ``"auto"``: "onednn" on a CPU backend when it is available (else "cpu"); "xla" elsewhere.
 
 All lowerings compute the same function as ``lax.conv_general_dilated`` (tests compare them
 to 1e-5 in float32). bfloat16 inputs are computed with float32 accumulation and rounded once.
 
-The choice is made at trace time: ``"auto"`` (default, or ``$JCV_CONV_LOWERING``) means "cpu"
-when ``jax.default_backend()`` is the CPU, else "xla". Change it with :func:`set_lowering` or
-the :func:`lowering` context manager *before* a function is jitted (a cached trace keeps the
-lowering it was traced with).
+The choice is explicit: ``conv2d(..., lowering="onednn")``, a ``lowering`` field on
+:class:`jcv.models.layers.Conv`, or :func:`make_conv` for a conv function to inject. Without
+one, :func:`conv2d` uses the default lowering: ``$JCV_CONV_LOWERING`` or "auto", changed with
+:func:`set_lowering` or the :func:`lowering` context manager. The default is a JAX config
+option that is part of ``jax.jit``'s cache key, so a function traced under one lowering is
+retraced under another (no stale cached trace).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["LOWERINGS", "conv2d", "get_lowering", "lowering", "normalize_padding",
-           "resolved_lowering", "set_lowering"]
+from jcv.models import onednn
 
-LOWERINGS = ("auto", "xla", "cpu")
+__all__ = ["LOWERINGS", "conv2d", "get_lowering", "lowering", "make_conv", "normalize_padding",
+           "resolve", "resolved_lowering", "set_lowering"]
+
+LOWERINGS = ("auto", "xla", "cpu", "onednn")
 _DIMS = ("NHWC", "HWIO", "NHWC")
-_state = {"lowering": os.environ.get("JCV_CONV_LOWERING", "auto").lower()}
 
 
 def _check_lowering(name: str) -> str:
@@ -53,34 +62,80 @@ def _check_lowering(name: str) -> str:
   return name
 
 
+def _make_state():
+  """The default lowering as a JAX config option in the jit cache key (plain dict if absent)."""
+  default = _check_lowering(os.environ.get("JCV_CONV_LOWERING", "auto"))
+  try:
+    from jax._src import config as jax_config
+    return jax_config.enum_state(
+        "jcv_conv_lowering", list(LOWERINGS), default,
+        "Default convolution lowering of jcv.models.conv_ops.conv2d.",
+        include_in_jit_key=True, include_in_trace_context=True)
+  except Exception:  # private API moved: a plain value (then set it before jitting)
+    return None
+
+
+_STATE = _make_state()
+_fallback = {"lowering": os.environ.get("JCV_CONV_LOWERING", "auto").lower()}
+
+
 def set_lowering(name: str) -> str:
-  """Sets the global conv lowering ("auto", "xla" or "cpu"); returns the previous one."""
-  previous = _state["lowering"]
-  _state["lowering"] = _check_lowering(name)
+  """Sets the default conv lowering ("auto", "xla", "cpu", "onednn"); returns the previous one."""
+  name, previous = _check_lowering(name), get_lowering()
+  if _STATE is not None:
+    jax.config.update("jcv_conv_lowering", name)
+  else:
+    _fallback["lowering"] = name
   return previous
 
 
 def get_lowering() -> str:
-  """The configured lowering name, possibly "auto"."""
-  return _check_lowering(_state["lowering"])
+  """The default lowering name, possibly "auto"."""
+  return _check_lowering(_STATE.value if _STATE is not None else _fallback["lowering"])
+
+
+def resolve(name: str | None = None) -> str:
+  """The concrete lowering for ``name`` (None: the default) on ``jax.default_backend()``.
+
+  "auto" is "onednn" on a CPU backend when the native library is available, else "cpu";
+  "auto" and "onednn" are "xla" on other backends. "onednn" without the native library is
+  "cpu" (warned once).
+  """
+  name = get_lowering() if name is None else _check_lowering(name)
+  if name in ("auto", "onednn") and jax.default_backend() != "cpu":
+    return "xla"  # the rewrites and oneDNN are for XLA:CPU
+  if name == "auto":
+    name = "onednn"
+  if name == "onednn" and not onednn.available():
+    onednn.warn_unavailable()
+    return "cpu"
+  return name
 
 
 def resolved_lowering() -> str:
-  """The lowering :func:`conv2d` uses now: "auto" resolved against ``jax.default_backend()``."""
-  name = get_lowering()
-  if name == "auto":
-    return "cpu" if jax.default_backend() == "cpu" else "xla"
-  return name
+  """The lowering :func:`conv2d` uses now without a ``lowering`` argument."""
+  return resolve(None)
 
 
 @contextlib.contextmanager
 def lowering(name: str) -> Iterator[None]:
-  """Context manager that sets the conv lowering for the functions traced inside it."""
+  """Context manager that sets the default conv lowering for the functions traced inside it."""
+  name = _check_lowering(name)
+  if _STATE is not None:
+    with _STATE(name):
+      yield
+    return
   previous = set_lowering(name)
   try:
     yield
   finally:
     set_lowering(previous)
+
+
+def make_conv(lowering: str | None = None) -> Callable:
+  """A conv function with :func:`conv2d`'s signature bound to one lowering (to inject)."""
+  name = None if lowering is None else _check_lowering(lowering)
+  return functools.partial(conv2d, lowering=name)
 
 
 def normalize_padding(padding, kernel_size: Sequence[int]):
@@ -108,12 +163,12 @@ def _pair(value, what: str) -> tuple[int, int]:
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding="SAME",
-           groups: int = 1, dilation=(1, 1)) -> jax.Array:
+           groups: int = 1, dilation=(1, 1), lowering: str | None = None) -> jax.Array:
   """2-D convolution, NHWC input, HWIO kernel of shape (kh, kw, cin // groups, cout).
 
   Same result as ``lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
-  dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)``, lowered the
-  fastest exact way for the backend (see the module docstring).
+  dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)``. ``lowering``:
+  "auto", "xla", "cpu" or "onednn" (see the module docstring); None uses the default.
   """
   strides = _pair(strides, "strides")
   dilation = _pair(dilation, "dilation")
@@ -124,9 +179,18 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding="SAME",
   if groups < 1 or cin % groups or cout % groups or kin * groups != cin:
     raise ValueError(f"kernel {kernel.shape} does not fit input channels {cin} with groups={groups}")
   padding = normalize_padding(padding, (kh, kw))
-  if resolved_lowering() == "xla":
+  name = resolve(lowering)
+  if name == "xla":
     return _xla_conv(x, kernel, strides, padding, groups, dilation)
   pads = _explicit_pads(x.shape[1:3], (kh, kw), strides, dilation, padding)
+  if name == "onednn":
+    if _use_onednn(x, kernel, strides, pads, dilation, groups):
+      x, kernel = onednn.match_vma(x, kernel)
+      if groups == 1 and kh == kw == 1:
+        return _onednn_1x1(x, kernel, strides, pads)
+      return _onednn_conv(x, kernel, strides, pads, dilation, groups)
+    if groups == 1 and cin <= 4 and kh * kw * cin > 16 and x.shape[1] * x.shape[2] <= 64 * 64:
+      return _xla_conv(x, kernel, strides, pads, groups, dilation)
   if groups == 1 and kh == kw == 1:
     return _conv_1x1(x, kernel, strides, pads)
   if groups == cin and kin == 1:
@@ -141,6 +205,81 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding="SAME",
     if cin <= 4:
       return _conv_im2col_grad(x, kernel, strides, pads, dilation)
   return _xla_conv(x, kernel, strides, pads, groups, dilation)
+
+
+# --- oneDNN through XLA's FFI ---------------------------------------------------------------
+
+def _use_onednn(x, kernel, strides, pads, dilation, groups) -> bool:
+  """Whether oneDNN beats the "cpu" rewrites for this layer.
+
+  Measured with ``benchmarks/layers.py --batch 32`` (forward + backward, 2-core EPYC, see
+  docs/benchmarks.md): oneDNN wins on depthwise (1.6-8.7x), 224 px stems (1.7-2.3x) and
+  general 3x3 convolutions down to 4x4 maps (1.1-2.0x); the rewrites win on 1x1 convolutions
+  (oneDNN's forward is kept, the matmul's gradients are as fast or faster), the 2x2 whitening
+  layer (5x) and outputs of at most 2x2 pixels (1.7x); XLA's own conv wins on a stem at
+  32x32 (2-3x, up to 64x64 pixels here).
+  """
+  if x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
+    return False
+  if any(lo < 0 or hi < 0 for lo, hi in pads):
+    return False
+  kh, kw, kin, _ = kernel.shape
+  if groups > 1 or kh == kw == 1:  # 1x1: oneDNN forward, matmul gradients (_onednn_1x1)
+    return True
+  if kh * kw * kin <= 16:
+    return False
+  if kin <= 4 and x.shape[1] * x.shape[2] <= 64 * 64:  # a small stem: XLA's conv (below)
+    return False
+  out_pixels = (_out_size(x.shape[1], kh, strides[0], dilation[0], pads[0])
+                * _out_size(x.shape[2], kw, strides[1], dilation[1], pads[1]))
+  return out_pixels > 4
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _onednn_conv(x, kernel, strides, pads, dilation, groups):
+  out_hw = (_out_size(x.shape[1], kernel.shape[0], strides[0], dilation[0], pads[0]),
+            _out_size(x.shape[2], kernel.shape[1], strides[1], dilation[1], pads[1]))
+  return onednn.conv_forward(x, kernel, out_hw, strides, pads, dilation, groups)
+
+
+def _onednn_conv_fwd(x, kernel, strides, pads, dilation, groups):
+  return _onednn_conv(x, kernel, strides, pads, dilation, groups), (x, kernel)
+
+
+def _onednn_conv_bwd(strides, pads, dilation, groups, residuals, g):
+  x, kernel = residuals
+  g = g.astype(x.dtype)
+  dx = onednn.conv_backward_data(g, kernel, x.shape[1:3], x.shape[3], strides, pads, dilation, groups)
+  if x.dtype == jnp.bfloat16:
+    # oneDNN 3.2's bfloat16 kernel gradient (AVX512-BF16, no AMX) ran 6x slower than its float32
+    # one in a cifar_cnn step (1140 vs 179 CPU ms, 2-core EPYC): compute it from float32 copies.
+    dk = onednn.conv_backward_weights(x.astype(jnp.float32), g.astype(jnp.float32), kernel.shape,
+                                      strides, pads, dilation, groups).astype(kernel.dtype)
+  else:
+    dk = onednn.conv_backward_weights(x, g, kernel.shape, strides, pads, dilation, groups)
+  return dx, dk
+
+
+_onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _onednn_1x1(x, kernel, strides, pads):
+  """1x1 convolution: oneDNN's forward (1.3-1.4x the matmul's), the matmul's gradients."""
+  return _onednn_conv(x, kernel, strides, pads, (1, 1), 1)
+
+
+def _onednn_1x1_fwd(x, kernel, strides, pads):
+  return _onednn_1x1(x, kernel, strides, pads), (x, kernel)
+
+
+def _onednn_1x1_bwd(strides, pads, residuals, g):
+  x, kernel = residuals
+  _, vjp = jax.vjp(lambda a, b: _conv_1x1(a, b, strides, pads), x, kernel)
+  return vjp(g.astype(x.dtype))
+
+
+_onednn_1x1.defvjp(_onednn_1x1_fwd, _onednn_1x1_bwd)
 
 
 # --- XLA's convolution --------------------------------------------------------------------

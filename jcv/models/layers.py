@@ -10,6 +10,7 @@ blocks (:class:`BasicBlock`, :class:`Bottleneck`) and :func:`drop_path` (stochas
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -67,7 +68,10 @@ class Conv(nn.Module):
   """Drop-in for ``nn.Conv`` (same ``kernel``/``bias`` parameter names and HWIO layout).
 
   Calls :func:`jcv.models.conv_ops.conv2d`, which picks the fastest exact lowering for the
-  backend. ``feature_group_count == in_features`` is a depthwise convolution.
+  backend. ``feature_group_count == in_features`` is a depthwise convolution. ``lowering``
+  ("auto", "xla", "cpu", "onednn"; None: ``conv_ops``' default) chooses it explicitly;
+  ``conv`` injects another function with ``conv2d``'s signature (like ``nn.Conv``'s
+  ``conv_general_dilated``), e.g. ``conv_ops.make_conv("xla")``.
   """
   features: int
   kernel_size: Sequence[int] = (3, 3)
@@ -80,6 +84,8 @@ class Conv(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernel_init: Callable = variance_scaling(1.0, "fan_in", "truncated_normal")  # lecun_normal
   bias_init: Callable = nn.initializers.zeros_init()
+  lowering: str | None = None
+  conv: Callable | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -91,8 +97,9 @@ class Conv(nn.Module):
                         ks + (cin // self.feature_group_count, self.features), self.param_dtype)
     dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    y = conv2d(x, kernel, strides=self.strides, padding=self.padding,
-               groups=self.feature_group_count, dilation=self.kernel_dilation)
+    conv = self.conv or functools.partial(conv2d, lowering=self.lowering)
+    y = conv(x, kernel, strides=self.strides, padding=self.padding,
+             groups=self.feature_group_count, dilation=self.kernel_dilation)
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
       y = y + bias.astype(dtype)
@@ -122,6 +129,7 @@ class ConvBNAct(nn.Module):
   bn_use_scale: bool = True  # False: BN with a shift only (Keras' Inception-ResNet-v2)
   bn_scale_init: Callable = nn.initializers.ones_init()  # zeros: "zero-init residual"
   use_bias: bool | None = None  # None: a bias only without BN (True: torchvision's VGG-BN)
+  lowering: str | None = None  # conv lowering, see Conv
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -130,7 +138,7 @@ class ConvBNAct(nn.Module):
     x = Conv(self.features, ks, strides=self.strides, padding=self.padding,
              feature_group_count=groups,
              use_bias=not self.use_bn if self.use_bias is None else self.use_bias, dtype=self.dtype,
-             kernel_init=self.kernel_init, name="conv")(x)
+             kernel_init=self.kernel_init, lowering=self.lowering, name="conv")(x)
     if self.use_bn:
       x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                        epsilon=self.bn_epsilon, dtype=self.dtype, use_scale=self.bn_use_scale,
@@ -167,13 +175,14 @@ def _explicit_pool_padding(x, window, strides, padding, ceil_mode):
   return pads
 
 
-def max_pool(x, window=3, strides=2, *, padding=0, ceil_mode: bool = False):
+def max_pool(x, window=3, strides=2, *, padding=0, ceil_mode: bool = False,
+             lowering: str | None = None):
   """Max pooling on NHWC with PyTorch semantics: int/pair ``padding`` (or 'SAME'/'VALID'), ``ceil_mode``.
 
   With the CPU lowering (``jcv.models.conv_ops``), non-overlapping windows are a reshape + max:
   XLA:CPU's gradient of ``reduce_window`` (select-and-scatter) took a fifth of a CIFAR CNN's
   training step. Same forward values; where a window holds tied maxima the gradient is shared
-  between them instead of going to the first one.
+  between them instead of going to the first one. ``lowering``: as for ``conv_ops.conv2d``.
   """
   window, strides = _pair(window), _pair(strides)
   if isinstance(padding, str):
@@ -181,7 +190,7 @@ def max_pool(x, window=3, strides=2, *, padding=0, ceil_mode: bool = False):
     pads = lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
   else:
     pads = _explicit_pool_padding(x, window, strides, padding, ceil_mode)
-  if window == strides and conv_ops.resolved_lowering() == "cpu":
+  if window == strides and conv_ops.resolve(lowering) in ("cpu", "onednn"):
     return _max_pool_blocks(x, window, [tuple(p) for p in pads])
   return nn.max_pool(x, window, strides, padding=padding if isinstance(padding, str) else pads)
 

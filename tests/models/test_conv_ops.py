@@ -134,9 +134,12 @@ def test_cpu_lowering_avoids_xla_conv_for_1x1_depthwise_and_tiny_maps():
 
 
 def test_auto_lowering_follows_backend():
+  from jcv.models import onednn
   with conv_ops.lowering("auto"):
-    expected = "cpu" if jax.default_backend() == "cpu" else "xla"
+    cpu = "onednn" if onednn.available() else "cpu"
+    expected = cpu if jax.default_backend() == "cpu" else "xla"
     assert conv_ops.resolved_lowering() == expected
+    assert conv_ops.resolve("xla") == "xla"
 
 
 def test_bad_arguments_raise_clear_errors():

@@ -1,0 +1,303 @@
+"""oneDNN convolutions on the CPU through XLA's FFI: build, load and call ``onednn_conv.cc``.
+
+The C++ file is compiled on first use with the system's ``g++`` against jaxlib's FFI headers
+(``jax.ffi.include_dir()``) and oneDNN 3.2 (the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp``
+wheels, which jcv depends on for Linux x86-64). The shared library is cached under
+``$JCV_CACHE_DIR`` (default ``~/.cache/jcv``)``/native``, keyed by a hash of the source, the
+flags, the jaxlib version and the oneDNN library, and built under a file lock so concurrent
+processes do not race. No network is used. When anything is missing (another OS or CPU, no
+compiler, no oneDNN), :func:`available` is False, jcv warns once in one line and uses XLA's
+convolutions. ``JCV_ONEDNN=0`` turns the native path off.
+
+The three FFI targets (forward, input gradient, kernel gradient) are called by
+:mod:`jcv.models.conv_ops`; the functions here take NHWC activations, HWIO kernels and
+explicit ``(lo, hi)`` pads.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import warnings
+
+import jax
+import numpy as np
+
+__all__ = ["available", "conv_backward_data", "conv_backward_weights", "conv_forward",
+           "default_threads", "library_path", "match_vma", "set_threads", "status", "unavailable_reason",
+           "warn_unavailable"]
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
+_TARGETS = ("jcv_onednn_conv_fwd", "jcv_onednn_conv_bwd_data", "jcv_onednn_conv_bwd_weights")
+_FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fvisibility=hidden", "-w"]
+_state: dict = {"lib": None, "reason": None, "warned": False, "path": None}
+
+
+def _prefixes() -> list[str]:
+  """Where pip puts the oneDNN wheels' lib/ and include/ (venv, base, --user), then the system."""
+  import site
+  env = os.environ.get("JCV_ONEDNN_ROOT")
+  out = [env] if env else []
+  out += [sys.prefix, sys.base_prefix, getattr(site, "USER_BASE", None) or "", "/usr/local", "/usr"]
+  return [p for i, p in enumerate(out) if p and p not in out[:i]]
+
+
+def _find_onednn() -> tuple[str, str]:
+  """(library file, include dir) of oneDNN 3.x, or raises RuntimeError."""
+  for prefix in _prefixes():
+    inc = os.path.join(prefix, "include")
+    for libdir in ("lib", "lib64", "lib/x86_64-linux-gnu"):
+      lib = os.path.join(prefix, libdir, "libdnnl.so.3")
+      if os.path.exists(lib) and os.path.exists(os.path.join(inc, "oneapi", "dnnl", "dnnl.hpp")):
+        return os.path.realpath(lib), inc
+  raise RuntimeError("oneDNN 3 not found (pip install onednn-cpu-gomp==2023.2.0 "
+                     "onednn-devel-cpu-gomp==2023.2.0)")
+
+
+def _cache_dir() -> str:
+  base = os.environ.get("JCV_CACHE_DIR") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "jcv")
+  return os.path.join(base, "native")
+
+
+def _build(lib: str, inc: str) -> str:
+  """Compiles the handlers (once per key) and returns the shared library's path."""
+  import jaxlib
+  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  if not compiler:
+    raise RuntimeError("no C++ compiler (g++) on PATH")
+  with open(_SOURCE, "rb") as f:
+    source = f.read()
+  key = hashlib.sha256(b"\0".join([
+      source, " ".join(_FLAGS).encode(), jaxlib.__version__.encode(), lib.encode(),
+      str(os.path.getsize(lib)).encode(), compiler.encode(), sysconfig.get_platform().encode(),
+  ])).hexdigest()[:16]
+  out_dir = _cache_dir()
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"onednn_conv-{key}.so")
+  if os.path.exists(path):
+    return path
+  import fcntl
+  with open(path + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same key
+    if os.path.exists(path):
+      return path
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{inc}", _SOURCE, lib,
+           f"-Wl,-rpath,{os.path.dirname(lib)}", "-o", tmp]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+      os.unlink(tmp)
+      last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+      raise RuntimeError(f"compiling {os.path.basename(_SOURCE)} failed: {last[:200]}")
+    os.replace(tmp, path)
+  return path
+
+
+def _load():
+  if _state["lib"] is not None or _state["reason"] is not None:
+    return _state["lib"]
+  try:
+    if os.environ.get("JCV_ONEDNN", "1").lower() in ("0", "false", "no", "off"):
+      raise RuntimeError("disabled by JCV_ONEDNN=0")
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+      raise RuntimeError(f"needs Linux x86-64, this is {platform.system()} {platform.machine()}")
+    lib, inc = _find_onednn()
+    path = _build(lib, inc)
+    handle = ctypes.CDLL(path)
+    for name in _TARGETS:
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, name)), platform="cpu")
+    handle.jcv_onednn_set_threads.argtypes = [ctypes.c_int]
+    _state.update(lib=handle, path=path)
+    set_threads(int(os.environ.get("JCV_ONEDNN_THREADS") or default_threads()))
+  except Exception as e:  # any failure: XLA's convolutions instead
+    _state["reason"] = f"{type(e).__name__}: {e}" if not isinstance(e, RuntimeError) else str(e)
+  return _state["lib"]
+
+
+def available() -> bool:
+  """True if the native oneDNN convolutions are built and loaded (builds them on first call)."""
+  return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+  """Why :func:`available` is False (None when it is True)."""
+  _load()
+  return _state["reason"]
+
+
+def warn_unavailable() -> None:
+  """Warns once, in one line, that jcv falls back to XLA's convolutions."""
+  if not _state["warned"] and not available():
+    _state["warned"] = True
+    warnings.warn(f"jcv: oneDNN convolutions unavailable ({_state['reason']}); using XLA's "
+                  "convolutions", RuntimeWarning, stacklevel=3)
+
+
+def library_path() -> str | None:
+  """The loaded shared library's path (None if unavailable)."""
+  _load()
+  return _state["path"]
+
+
+def status() -> dict:
+  """Availability, reason, library path and oneDNN version, for logs and benchmarks."""
+  lib = _load()
+  version = None
+  if lib is not None:
+    v = lib.jcv_onednn_version()
+    version = f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+  return {"available": lib is not None, "reason": _state["reason"], "path": _state["path"],
+          "onednn": version, "threads": _state.get("threads", 0)}
+
+
+def default_threads() -> int:
+  """Cores per local XLA CPU device: each device's convolutions get their share of the cores."""
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:
+    cores = os.cpu_count() or 1
+  return max(1, cores // max(1, len(jax.local_devices(backend="cpu"))))
+
+
+def set_threads(threads: int) -> None:
+  """OpenMP threads per oneDNN call (0: OpenMP's default, all cores or ``$OMP_NUM_THREADS``).
+
+  Applies to primitives created afterwards (they are cached per thread count).
+  """
+  lib = _load()
+  if lib is not None:
+    lib.jcv_onednn_set_threads(int(threads))
+    _state["threads"] = int(threads)
+
+
+def _attrs(strides, pads, dilation, groups):
+  (pt, pb), (pl, pr) = pads
+  return dict(sh=np.int64(strides[0]), sw=np.int64(strides[1]), pt=np.int64(pt), pb=np.int64(pb),
+              pl=np.int64(pl), pr=np.int64(pr), dh=np.int64(dilation[0]), dw=np.int64(dilation[1]),
+              groups=np.int64(groups))
+
+
+def _vma(x) -> frozenset:
+  """The shard_map axes x varies over (jax 0.10: ``manual_axis_type.varying``; older: ``vma``)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)
+  return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+
+
+def match_vma(*arrays):
+  """Casts arrays to vary over the union of their shard_map axes (no-op outside shard_map).
+
+  A custom_vjp's gradients must have their inputs' types, so a replicated kernel used with a
+  per-device batch is made per-device first (its transpose is the psum autodiff inserts).
+  """
+  axes = frozenset().union(*map(_vma, arrays))
+  return tuple(jax.lax.pcast(a, tuple(sorted(axes - _vma(a))), to="varying") if axes - _vma(a) else a
+               for a in arrays)
+
+
+def _ffi(kind, cfg, a, b):
+  """The FFI call itself: kind 0/1/2 = forward / input gradient / kernel gradient."""
+  out_tail, strides, pads, dilation, groups = cfg
+  lead = () if kind == 2 else a.shape[:1]
+  out = jax.ffi.ffi_call(_TARGETS[kind], jax.ShapeDtypeStruct(lead + out_tail, a.dtype),
+                         vmap_method="expand_dims")(a, b, **_attrs(strides, pads, dilation, groups))
+  # Inside shard_map the result varies over the manual axes its operands vary over (ffi_call
+  # drops that type), which custom_vjp checks against the primal's inputs.
+  axes = (_vma(a) | _vma(b)) - _vma(out)
+  return jax.lax.pcast(out, tuple(sorted(axes)), to="varying") if axes else out
+
+
+# Sharding rules: only the batch (N) may be sharded; the kernel gradient sums over it.
+_RULES = {
+    0: ("n h w c, a b d o -> n i j o", (), ("h", "w", "c", "a", "b", "d", "o", "i", "j")),
+    1: ("n i j o, a b d o -> n h w c", (), ("i", "j", "o", "a", "b", "d", "h", "w", "c")),
+    2: ("n h w c, n i j o -> a b d o", ("n",), ("h", "w", "c", "i", "j", "o", "a", "b", "d")),
+}
+
+
+def _batch_axis(sharding):
+  spec = getattr(sharding, "spec", None)
+  return spec[0] if spec is not None and len(spec) else None
+
+
+def _require():
+  if not available():
+    raise RuntimeError(f"jcv oneDNN convolutions unavailable: {_state['reason']}")
+
+
+@functools.lru_cache(maxsize=None)
+def _op(kind, cfg):
+  """The FFI call for one configuration, partitioned over the batch under a sharded ``jit``.
+
+  ``custom_partitioning`` tells XLA's SPMD partitioner (Shardy or GSPMD) that every device
+  runs the call on its shard of the batch (the kernel gradient is then psum-ed) instead of
+  all-gathering the operands; its ``custom_vmap`` rule sends ``vmap`` to the plain call.
+  """
+  from jax.experimental.custom_partitioning import custom_partitioning
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  _require()  # builds and registers the FFI targets on first use
+
+  def plain(a, b):
+    return _ffi(kind, cfg, a, b)
+
+  def out_sharding(mesh, axis):
+    return NamedSharding(mesh, P() if kind == 2 else P(axis))
+
+  def infer(mesh, arg_shapes, result_shape):
+    return out_sharding(mesh, _batch_axis(arg_shapes[0].sharding))
+
+  def partition(mesh, arg_shapes, result_shape):
+    axis = _batch_axis(arg_shapes[0].sharding)
+    batch = NamedSharding(mesh, P(axis))
+    args = (batch, batch) if kind == 2 else (batch, NamedSharding(mesh, P()))
+
+    def lower(a, b):
+      out = plain(a, b)
+      return jax.lax.psum(out, axis) if kind == 2 and axis is not None else out
+    return mesh, lower, out_sharding(mesh, axis), args
+
+  partitioned = custom_partitioning(plain)
+  rule, reduction, replicated = _RULES[kind]
+  partitioned.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                            reduction_factors=reduction, need_replication_factors=replicated)
+
+  @jax.custom_batching.custom_vmap
+  def op(a, b):
+    return partitioned(a, b)
+
+  @op.def_vmap
+  def _(axis_size, in_batched, a, b):
+    del axis_size
+    return jax.vmap(plain, in_axes=tuple(0 if x else None for x in in_batched))(a, b), True
+  return op
+
+
+def _cfg(out_tail, strides, pads, dilation, groups):
+  return (tuple(int(v) for v in out_tail), tuple(int(v) for v in strides),
+          tuple((int(lo), int(hi)) for lo, hi in pads), tuple(int(v) for v in dilation), int(groups))
+
+
+def conv_forward(x, kernel, out_hw, strides, pads, dilation, groups):
+  """y = conv(x, kernel): x [N, H, W, C], kernel HWIO, explicit pads ((t, b), (l, r))."""
+  cfg = _cfg(tuple(out_hw) + kernel.shape[-1:], strides, pads, dilation, groups)
+  return _op(0, cfg)(x, kernel)
+
+
+def conv_backward_data(dy, kernel, in_hw, in_channels, strides, pads, dilation, groups):
+  """dL/dx from dL/dy."""
+  cfg = _cfg(tuple(in_hw) + (in_channels,), strides, pads, dilation, groups)
+  return _op(1, cfg)(dy, kernel)
+
+
+def conv_backward_weights(x, dy, kernel_shape, strides, pads, dilation, groups):
+  """dL/dkernel (HWIO) from the input and dL/dy."""
+  return _op(2, _cfg(kernel_shape, strides, pads, dilation, groups))(x, dy)
