@@ -176,6 +176,27 @@ class ImageFolderSource:
     return f"ImageFolderSource({self.root!r}, {len(self)} files, {len(self.class_names)} classes)"
 
 
+def _split_folder(root_path: pathlib.Path, name: str | None, val_fraction):
+  """(folder to list, "train"/"val" part to carve from it or None, whether root has split folders)."""
+  has_splits = (root_path / "train").is_dir() or (name is not None and (root_path / name).is_dir())
+  carve = None
+  if name is None:
+    folder = root_path
+  elif (root_path / name).is_dir() and not (name == "train" and val_fraction):
+    folder = root_path / name
+  elif name in ("train", "val", "validation"):
+    if not val_fraction:
+      raise ValueError(
+        f"split {name!r} not found under {str(root_path)!r}: pass val_fraction=... to carve a "
+        "validation set out of the training images")
+    folder = root_path / "train" if has_splits else root_path
+    carve = "val" if name in ("val", "validation") else "train"
+  else:
+    found = _list_classes(root_path) if root_path.is_dir() else []
+    raise ValueError(f"split {name!r} not found under {str(root_path)!r} (sub-folders: {found})")
+  return folder, carve, has_splits
+
+
 def image_folder(
   root: str | os.PathLike,
   *,
@@ -212,22 +233,7 @@ def image_folder(
   if val_fraction is not None and not 0.0 < val_fraction < 1.0:
     raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction}")
 
-  has_splits = (root_path / "train").is_dir() or (name is not None and (root_path / name).is_dir())
-  carve = None
-  if name is None:
-    folder = root_path
-  elif (root_path / name).is_dir() and not (name == "train" and val_fraction):
-    folder = root_path / name
-  elif name in ("train", "val", "validation"):
-    if not val_fraction:
-      raise ValueError(
-        f"split {name!r} not found under {str(root_path)!r}: pass val_fraction=... to carve a "
-        "validation set out of the training images")
-    folder = root_path / "train" if has_splits else root_path
-    carve = "val" if name in ("val", "validation") else "train"
-  else:
-    found = _list_classes(root_path) if root_path.is_dir() else []
-    raise ValueError(f"split {name!r} not found under {str(root_path)!r} (sub-folders: {found})")
+  folder, carve, has_splits = _split_folder(root_path, name, val_fraction)
 
   class_dir = root_path / "train" if has_splits and (root_path / "train").is_dir() else folder
   class_names = _list_classes(class_dir)
