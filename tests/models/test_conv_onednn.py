@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jcv.models import conv_ops, onednn
 
-DIMS = ("NHWC", "HWIO", "NHWC")
+from conv_reference import DIMS, _inputs, _pair, _reference  # noqa: E402  (tests/models)
 native = pytest.mark.skipif(not onednn.available(),
                             reason=f"oneDNN native convolutions unavailable: {onednn.unavailable_reason()}")
 
@@ -44,24 +44,6 @@ CASES = [
     (2, 7, 8, 4, 6, 1, 1, 2, "SAME", 1, 1),        # 1x1
 ]
 IDS = ["-".join(map(str, c)).replace(" ", "") for c in CASES]
-
-
-def _pair(v):
-  return (v, v) if isinstance(v, int) else tuple(v)
-
-
-def _reference(x, k, strides, padding, groups, dilation):
-  padding = conv_ops.normalize_padding(padding, k.shape[:2])
-  return lax.conv_general_dilated(x, k, _pair(strides), padding, rhs_dilation=_pair(dilation),
-                                  dimension_numbers=DIMS, feature_group_count=groups)
-
-
-def _inputs(case, dtype=jnp.float32, seed=0):
-  n, h, w, cin, cout, kh, kw, *_, groups, _ = case
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=(n, h, w, cin)).astype(np.float32)
-  k = rng.normal(size=(kh, kw, cin // groups, cout)).astype(np.float32) / np.sqrt(kh * kw * cin / groups)
-  return jnp.asarray(x, dtype), jnp.asarray(k, dtype)
 
 
 def _onednn_raw(strides, padding, groups, dilation):

@@ -12,7 +12,7 @@ from jax import lax
 
 from jcv.models import conv_ops
 
-DIMS = ("NHWC", "HWIO", "NHWC")
+from conv_reference import DIMS, _inputs, _pair, _reference  # noqa: E402  (tests/models)
 
 # (N, H, W, Cin, Cout, kh, kw, strides, padding, groups, dilation). groups == Cin is depthwise.
 CASES = [
@@ -51,24 +51,6 @@ CASES = [
     # grouped (falls back to XLA)
     (2, 6, 6, 4, 6, 3, 3, 1, "SAME", 2, 1),
 ]
-
-
-def _pair(v):
-  return (v, v) if isinstance(v, int) else tuple(v)
-
-
-def _reference(x, k, strides, padding, groups, dilation):
-  padding = conv_ops.normalize_padding(padding, k.shape[:2])
-  return lax.conv_general_dilated(x, k, _pair(strides), padding, rhs_dilation=_pair(dilation),
-                                  dimension_numbers=DIMS, feature_group_count=groups)
-
-
-def _inputs(case, dtype=jnp.float32, seed=0):
-  n, h, w, cin, cout, kh, kw, *_, groups, _ = case
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=(n, h, w, cin)).astype(np.float32)
-  k = rng.normal(size=(kh, kw, cin // groups, cout)).astype(np.float32) / np.sqrt(kh * kw * cin / groups)
-  return jnp.asarray(x, dtype), jnp.asarray(k, dtype)
 
 
 def _value_and_grads(fn, x, k, seed=1):
