@@ -10,8 +10,8 @@ airbench94's Nesterov SGD + lookahead (``gpu``, ``cpu_sgd``) or airbench94_muon'
 (``cpu``, with precise BN over 10k images). ``cpu`` is sized for about 20 min on a 2-core CPU.
 
 Measured on ../shared/data/cifar10 (test split, TTA; the commands above; docs/cifar10.md):
-``cpu`` 89.30 % top-1 in 23.4 min on a 2-core Xeon VM (2026-11-28); ``cpu_sgd`` 88.86 % in
-17.8 min on it (2026-11-28); ``gpu`` 90.64 % in 32.7 s of fit on one H200 (2026-11-28).
+``cpu`` 89.83 % top-1 in 16.1 min on a 2-core AMD EPYC VM (2026-11-30); ``cpu_sgd`` 88.86 % in
+17.8 min on a 2-core Xeon VM (2026-11-28); ``gpu`` 90.64 % in 32.7 s of fit on one H200 (2026-11-28).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ GPU = Config(
     schedule="triangle", schedule_options={"pct_start": 0.23, "div_factor": 1 / 0.2, "final_div_factor": 0.2 / 0.07},
     lr_multipliers={r"bn\d/bias$": 64.0},
     epochs=10, batch_size=1024, eval_batch_size=1000, tta_flip=True, tta_translate=1,
-    lookahead_every=5, log_every=10,
+    lookahead={"every": 5}, log_every=10,
 )
 # Half width, batch 128 (faster per image on a 2-core CPU than 256 or 512), 12 epochs.
 CPU_SGD = GPU.replace(model_options={"width": 0.5}, dtype="float32", epochs=12, batch_size=128,
@@ -48,7 +48,7 @@ CPU = CPU_SGD.replace(
                        "fallback": "sgd", "fallback_options": {"momentum": MOMENTUM, "nesterov": True}},
     schedule="linear", schedule_options={},
     lr_multipliers={r"bn\d/bias$": 36.0, r"^whiten/bias$": 36.0}, group_epochs={r"^whiten/bias$": 3},
-    lookahead_every=0, epochs=13, eval_every=13, bn_recompute_images=10000,
+    lookahead={}, epochs=13, eval_every=13, bn_recompute_images=10000,
 )
 PRESETS = {"cpu": CPU, "cpu_sgd": CPU_SGD, "gpu": GPU}
 

@@ -104,11 +104,22 @@ def train_config(config: Config, model) -> Config:
     fields = transfer.regime_options("frozen", stage_names=model.stage_names())
   else:
     fields = transfer.regime_options("finetune", stage_names=model.stage_names(),
-                                     trainable_stages=int(config.trainable),
+                                     trainable_stages=trainable_stages(config, model),
                                      backbone_lr_multiplier=config.backbone_lr_multiplier)
   return config.replace(freeze=tuple(config.freeze) + tuple(fields["freeze"]),
                         lr_multipliers={**fields["lr_multipliers"], **config.lr_multipliers},
                         model_options={**fields["model_options"], **config.model_options})
+
+
+def trainable_stages(config: Config, model) -> int | None:
+  """How many top stages ``config.trainable`` trains: N, the stage count for "backbone", None
+  for "all" and 0 for "head"."""
+  if config.trainable == "all":
+    return None
+  if config.trainable == "head":
+    return 0
+  count = len(model.stage_names())
+  return count if config.trainable == "backbone" else int(config.trainable)
 
 
 def train_fn(config: Config, *, num_classes, augment_fn, schedule, features: bool = False):

@@ -54,17 +54,15 @@ class Config:
   warmup_epochs: float = 0.0
   # --- initial weights and what trains (transfer learning) ---
   init_from: dict = dataclasses.field(default_factory=dict)  # init steps, e.g. {"pretrained": {"weights": FILE}} (jcv.train.init_from)
-  trainable: Any = "all"              # "all" | "head" (frozen backbone) | N (top N stages + head, BN in inference mode)
+  trainable: Any = "all"              # "all" | "head" (frozen backbone) | N (top N stages + head, BN in inference mode) | "backbone" (every stage, BN in inference mode)
   backbone_lr_multiplier: float = 1.0  # trainable=N: the backbone's rate = learning_rate x this
-  feature_cache: dict | None = None   # trainable="head"/N: frozen bottom's features computed once ({"flip": True, "crop_views": 0})
+  feature_cache: dict | None = None   # trainable="head"/N: frozen bottom's features computed once ({"flip": True, "crop_views": 0, "stage": -3})
   phases: tuple = ()                  # run phases in order, each a dict of field changes (e.g. epochs, trainable, learning_rate)
   # --- parameter groups ---
   freeze: tuple = ()                  # regexes on "/"-joined param paths: not trained, BN stats kept
   lr_multipliers: dict = dataclasses.field(default_factory=dict)  # regex -> lr multiplier
   group_epochs: dict = dataclasses.field(default_factory=dict)  # lr_multipliers regex -> N: whole schedule in N epochs, then 0
-  lookahead_every: int = 0            # >0: lookahead (airbench's schedule) syncing every N steps
-  lookahead_decay: float = 0.95 ** 5  # slow-weight decay reached at the end of training
-  lookahead_power: float = 3.0        # decay(step) = lookahead_decay * (step / total) ** power
+  lookahead: dict = dataclasses.field(default_factory=dict)  # airbench's lookahead, e.g. {"every": 5} (LOOKAHEAD)
   # --- run length and parallelism ---
   epochs: int = 10
   steps: int | None = None            # stop after this many optimizer steps in total
@@ -189,6 +187,7 @@ class Config:
     from jcv.train.optim import optimizer_options, schedule_options
     optimizer_options(self)  # unknown optimizer, schedule or option: ValueError naming them
     schedule_options(self)
+    lookahead_options(self)
     _choice("host_flip", self.host_flip, ("none", "random", "alternate"))
     _choice("parallel", self.parallel, ("jit", "pmap"))
     _choice("weight_decay_mode", self.weight_decay_mode, ("decoupled", "l2"))
@@ -220,8 +219,8 @@ class Config:
       raise ValueError(f"max_steps_in_flight must be in [1, 30], got {self.max_steps_in_flight}")
     if (self.mean is None) != (self.std is None):
       raise ValueError("mean and std must both be set or both be None")
-    if not (self.trainable in ("all", "head") or (isinstance(self.trainable, int) and self.trainable >= 0)):
-      raise ValueError(f'trainable must be "all", "head" or a number of top stages >= 0, got {self.trainable!r}')
+    if not (self.trainable in ("all", "head", "backbone") or (isinstance(self.trainable, int) and self.trainable >= 0)):
+      raise ValueError(f'trainable must be "all", "head", "backbone" or a number of top stages >= 0, got {self.trainable!r}')
     if self.feature_cache is not None and not isinstance(self.feature_cache, dict):
       raise ValueError(f"feature_cache must be None or a dict of options, got {self.feature_cache!r}")
     from jcv.train.init_from import INIT_STEPS
@@ -239,6 +238,19 @@ class Config:
     return self
 
 
+# Lookahead (jcv.train.optim.lookahead): "every" > 0 turns it on, syncing every N steps; the
+# slow-weight decay grows as decay * (step / total) ** power.
+LOOKAHEAD = {"every": 0, "decay": 0.95 ** 5, "power": 3.0}
+
+
+def lookahead_options(config: "Config") -> dict:
+  """``config.lookahead`` over the defaults (ValueError on an unknown option)."""
+  unknown = set(config.lookahead) - set(LOOKAHEAD)
+  if unknown:
+    raise ValueError(f"lookahead: unknown option(s) {sorted(unknown)}; expected {sorted(LOOKAHEAD)}")
+  return {**LOOKAHEAD, **config.lookahead}
+
+
 # Flat fields of older configs -> (options field, option name); muon's depend on the optimizer.
 _LEGACY_SCHEDULE = {"final_lr_fraction": "final_lr_fraction", "step_decay_epochs": "decay_epochs",
                     "step_decay_factor": "decay_factor", "onecycle_pct_start": "pct_start",
@@ -247,12 +259,15 @@ _LEGACY_OPTIMIZER = {"momentum": "momentum", "nesterov": "nesterov", "b1": "b1",
                      "rms_decay": "decay"}
 _LEGACY_MUON = {"muon_learning_rate": "learning_rate", "muon_momentum": "momentum", "muon_ns_steps": "ns_steps",
                 "muon_normalize_weights": "normalize_weights", "muon_fallback": "fallback"}
-_LEGACY_NAMES = set(_LEGACY_SCHEDULE) | set(_LEGACY_OPTIMIZER) | set(_LEGACY_MUON)
+_LEGACY_LOOKAHEAD = {"lookahead_every": "every", "lookahead_decay": "decay", "lookahead_power": "power"}
+_LEGACY_NAMES = set(_LEGACY_SCHEDULE) | set(_LEGACY_OPTIMIZER) | set(_LEGACY_MUON) | set(_LEGACY_LOOKAHEAD)
 
 
 def _legacy_value(config: "Config", name: str):
   """The value an older flat field ``name`` has in ``config``'s grouped options."""
   from jcv.train import optim
+  if name in _LEGACY_LOOKAHEAD:
+    return lookahead_options(config)[_LEGACY_LOOKAHEAD[name]]
   if name in _LEGACY_SCHEDULE:
     key = _LEGACY_SCHEDULE[name]
     options = optim.schedule_options(config) if config.schedule in optim.SCHEDULES else {}
@@ -272,7 +287,8 @@ def _legacy_value(config: "Config", name: str):
 def _init_with_legacy_names(init):
   """Wraps the dataclass ``__init__`` so ``Config(momentum=0.8)`` (an older flat name) still
   works: the value goes into ``optimizer_options``/``schedule_options``."""
-  defaults = types.SimpleNamespace(optimizer="sgd", schedule="cosine", optimizer_options={}, schedule_options={})
+  defaults = types.SimpleNamespace(optimizer="sgd", schedule="cosine", optimizer_options={}, schedule_options={},
+                                   lookahead={})
 
   def __init__(self, **fields):
     init(self, **_from_legacy(defaults, dict(fields)))
@@ -287,6 +303,9 @@ def _from_legacy(config: "Config", changes: dict) -> dict:
   """``changes`` with flat optimizer/schedule names of older configs moved into
   ``optimizer_options``/``schedule_options`` (only those the named optimizer/schedule has)."""
   legacy = {k: changes.pop(k) for k in list(changes) if k in _LEGACY_NAMES}
+  ahead = {new: legacy.pop(old) for old, new in _LEGACY_LOOKAHEAD.items() if old in legacy}
+  if ahead:
+    changes["lookahead"] = {**changes.get("lookahead", getattr(config, "lookahead", {})), **ahead}
   if not legacy:
     return changes
   from jcv.train.optim import OPTIMIZERS, SCHEDULES

@@ -283,9 +283,11 @@ def make_optimizer(config, *, steps_per_epoch: int, total_steps: int
       frozen = lambda p: jax.tree.map(lambda l: l == FROZEN, param_labels(p, freeze=config.freeze))
       prefix.append(optax.masked(optax.set_to_zero(), frozen))
     tx = optax.chain(*prefix, optax.clip_by_global_norm(config.grad_clip_norm), tx)
-  if config.lookahead_every:
-    tx = lookahead(tx, sync_every=config.lookahead_every, total_steps=total_steps,
-                   decay=config.lookahead_decay, power=config.lookahead_power)
+  from jcv.train.config import lookahead_options
+  ahead = lookahead_options(config)
+  if ahead["every"]:
+    tx = lookahead(tx, sync_every=ahead["every"], total_steps=total_steps, decay=ahead["decay"],
+                   power=ahead["power"])
   return tx, schedule
 
 

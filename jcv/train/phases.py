@@ -25,11 +25,10 @@ __all__ = ["run", "cut_stage"]
 
 def cut_stage(config: Config, model) -> int:
   """Where a phase's frozen bottom ends: the stage count for ``trainable="head"``, count - N
-  for ``trainable=N``, 0 (nothing frozen) for ``"all"``."""
+  for ``trainable=N``, 0 (nothing frozen) for ``"all"`` and ``"backbone"``."""
   if config.trainable == "all":
     return 0
-  count = len(model.stage_names())
-  return count if config.trainable == "head" else count - int(config.trainable)
+  return len(model.stage_names()) - build.trainable_stages(config, model)
 
 
 def _feature_inputs(config: Config, model, variables, cut, base, *, train_src, eval_src, workdir):
@@ -78,10 +77,12 @@ def run(config: Config, workdir, *, model, variables, train_src, eval_src, class
     raise ValueError(f"feature_cache: unknown option(s) {sorted(unknown)}; expected flip, crop_views, "
                      "stage, directory")
   if base and options.get("stage") is not None:  # cache lower than needed: shareable with other runs
-    if not 0 < options["stage"] <= base:
-      raise ValueError(f"feature_cache stage {options['stage']} must be in [1, {base}], the lowest "
-                       "frozen stage of the cached phases")
-    base = int(options["stage"])
+    stage = int(options["stage"])
+    stage += len(model.stage_names()) if stage < 0 else 0  # -N: below the top N stages
+    if not 0 < stage <= base:
+      raise ValueError(f"feature_cache stage {options['stage']} must be in [1, {base}] (or negative, from "
+                       "the top), at or below the lowest frozen stage of the cached phases")
+    base = stage
   remaining, records, summaries, offset = config.steps, [], [], (0, 0.0)
   for i, (phase, cut) in enumerate(zip(phases, cuts)):
     if cut:

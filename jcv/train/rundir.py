@@ -38,7 +38,7 @@ RUN_FILE = "run.json"
 STRUCTURAL = frozenset({
     "model", "model_options", "num_classes", "image_size", "dtype", "optimizer", "muon_fallback",
     "batch_size", "seed", "dataset", "train_split", "val_fraction", "crop", "freeze",
-    "lr_multipliers", "group_epochs", "lookahead_every", "source_options"})
+    "lr_multipliers", "group_epochs", "lookahead_every", "every", "source_options"})
 # Fields that only change how a run is watched or run, not what it computes: no warning.
 OPERATIONAL = frozenset({
     "progress", "plots", "num_workers", "compilation_cache", "max_steps_in_flight", "data_dir",

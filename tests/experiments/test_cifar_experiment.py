@@ -50,7 +50,7 @@ def test_presets_follow_airbench():
   decayed = jax.tree.leaves(optim.decay_mask(params))
   assert sum(decayed) == 8  # the 6 block convs, the head and the (frozen) whitening kernel
   # airbench94_muon: Muon takes the 6 block convs, the whitening bias stops after 3 epochs.
-  assert muon.optimizer == "muon" and muon.optimizer_options["normalize_weights"] and muon.lookahead_every == 0
+  assert muon.optimizer == "muon" and muon.optimizer_options["normalize_weights"] and muon.lookahead == {}
   assert gpu.init_from == {"whiten": {"num_images": 5000}}  # the first layer is a declared init step
   labels = optim.param_labels(params, freeze=muon.freeze, lr_multipliers=muon.lr_multipliers, muon=True)
   flat = {path: label for path, label in zip(jax.tree.leaves(optim.param_paths(params)), jax.tree.leaves(labels))}

@@ -230,8 +230,7 @@ def test_lookahead_matches_airbench_loop():
   loop: every k steps ema = d*ema + (1-d)*w, w = ema; at the last step w = ema (d = 1)."""
   lr, total, k, decay, power = 0.1, 10, 3, 0.7, 2.0
   cfg = Config(optimizer="sgd", learning_rate=lr, momentum=0.0, weight_decay=0.0, schedule="constant",
-               lookahead_every=k, lookahead_decay=decay, lookahead_power=power,
-               freeze=("BatchNorm_0/scale",))
+               lookahead={"every": k, "decay": decay, "power": power}, freeze=("BatchNorm_0/scale",))
   tx, _ = optim.make_optimizer(cfg, steps_per_epoch=total, total_steps=total)
   params = jax.tree.map(jnp.asarray, _params())
   state = tx.init(params)
@@ -255,6 +254,15 @@ def test_lookahead_matches_airbench_loop():
   for step in range(1, total + 1):
     plain = jax.tree.map(lambda w_, g_: w_ - lr * g_, plain, _grads(step))
   assert np.abs(params["Dense_0"]["kernel"] - plain["Dense_0"]["kernel"]).max() > 1e-3
+
+
+def test_lookahead_options_grouped_and_older_flat_names_read():
+  old = Config(lookahead_every=5, lookahead_power=2.0)  # a config.json from before the grouping
+  assert old.lookahead == {"every": 5, "power": 2.0} and old.lookahead_decay == 0.95 ** 5
+  assert Config.from_dict({"lookahead_every": 3}).lookahead == {"every": 3}
+  assert old.replace(lookahead_decay=0.5).lookahead == {"every": 5, "power": 2.0, "decay": 0.5}
+  with pytest.raises(ValueError, match="lookahead: unknown option"):
+    Config(lookahead={"evry": 5}).validate()
 
 
 def test_lookahead_rejects_bad_period_and_missing_params():

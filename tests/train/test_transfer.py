@@ -263,3 +263,17 @@ def test_cached_run_with_nan_weights_stops_on_the_loss(variables, tmp_path):
                        augment=(), progress=False, plots=False, compilation_cache=None)
   with pytest.raises(loop.NonFiniteLossError, match="at step 1"):
     fit(config, workdir=tmp_path, train_source=source, model=_model(), init_variables=nan)
+
+
+def test_trainable_backbone_is_every_stage_with_bn_in_inference_mode():
+  from jcv.train import build, phases
+  model = _model()
+  every = build.train_config(SGD.replace(trainable="backbone", backbone_lr_multiplier=0.1), model)
+  counted = build.train_config(SGD.replace(trainable=len(STAGES), backbone_lr_multiplier=0.1), model)
+  assert (every.freeze, every.lr_multipliers, every.model_options) == \
+      (counted.freeze, counted.lr_multipliers, counted.model_options)
+  assert every.freeze == () and every.model_options["frozen_bn_stages"] == len(STAGES)
+  assert phases.cut_stage(SGD.replace(trainable="backbone"), model) == 0
+  assert phases.cut_stage(SGD.replace(trainable=1), model) == len(STAGES) - 1
+  with pytest.raises(ValueError, match="trainable"):
+    SGD.replace(trainable="top").validate()
