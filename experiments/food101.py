@@ -37,20 +37,23 @@ from jcv.train import Config, build, cli, evaluation, fit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WEIGHTS = "mobilenet_v2_1.0_224_no_top"
+BACKBONES = {"mobilenet_v2": WEIGHTS, "efficientnet_lite2": None}  # backbone -> default weights (None: a file)
 AUGMENT = ("flip", ("color_jitter", {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02}))
 CPU = Config(
     dataset="food101", train_split="train[10%:]", eval_split="train[:10%]",
-    image_size=224, crop="random_resized", crop_scale=(0.25, 1.0), augment=AUGMENT,
-    eval_image_size=256, eval_crop_fraction=1.0, tta_flip=True,
-    model="mobilenet_v2", init_from={"pretrained": {"weights": WEIGHTS}}, mean="pretrained", std="pretrained",
-    trainable=19, backbone_lr_multiplier=0.1,  # every stage, BatchNorm in inference mode
-    optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, warmup_epochs=1.0, label_smoothing=0.1,
-    epochs=20, batch_size=32, progress=False,
+    image_size=176, crop="random_resized", crop_scale=(0.25, 1.0), augment=AUGMENT,
+    eval_image_size=208, eval_crop_fraction=1.0, tta_flip=True,
+    model="efficientnet_lite2", init_from={"pretrained": {"weights": None}}, mean="pretrained", std="pretrained",
+    trainable="backbone", backbone_lr_multiplier=0.3,  # every stage, BatchNorm in inference mode
+    optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, warmup_epochs=0.5, label_smoothing=0.1,
+    epochs=7, batch_size=32, progress=False,
 )
-GPU = CPU.replace(trainable=3, learning_rate=2e-4, backbone_lr_multiplier=0.3, dtype="bfloat16",
+# The cpu recipe at Lite2's own 260 px (evaluated at the same 1.17x, whole image) for 10 epochs of
+# the 101-class tfds food101 (68k training images per epoch): docs/transfer.md argues each choice.
+GPU = CPU.replace(image_size=260, eval_image_size=304, epochs=10, warmup_epochs=1.0, dtype="bfloat16",
                   batch_size=64, num_workers=8)  # batch: 64 per device (main scales it)
 CACHED = CPU.replace(
-    augment=(), eval_image_size=None, eval_crop_fraction=0.875, tta_flip=False, warmup_epochs=0.0,
+    image_size=224, augment=(), eval_image_size=None, eval_crop_fraction=0.875, tta_flip=False, warmup_epochs=0.0,
     feature_cache={"flip": True}, epochs=20,
     phases=({"epochs": 15, "trainable": "head", "learning_rate": 1e-3},
             {"epochs": 5, "trainable": 3, "learning_rate": 2e-4, "backbone_lr_multiplier": 0.3,
@@ -62,7 +65,11 @@ def make_config(args) -> Config:
   """The preset, on the data and weights given, with the shared flags and --set applied."""
   import jax
   preset = "cached" if args.mode == "cached" else args.preset or cli.backend_preset()
-  config = PRESETS[preset].replace(init_from={"pretrained": {"weights": args.weights}})
+  model = args.backbone or PRESETS[preset].model
+  weights = args.weights or BACKBONES[model]
+  if weights is None:
+    raise ValueError(f"{model} has no download name: pass --weights FILE (e.g. ../shared/weights/{model}.npz)")
+  config = PRESETS[preset].replace(model=model, init_from={"pretrained": {"weights": weights}})
   if args.data_dir and build.is_image_folder(args.data_dir):  # an image folder: val carved from train
     config = config.replace(dataset=args.data_dir, train_split="train", eval_split="val", val_fraction=0.1)
   if args.image_size:  # the evaluation size keeps its ratio to the training size
@@ -103,8 +110,10 @@ def main(argv=None):
                            helps={"preset": "recipe (below; default: gpu if JAX sees a GPU/TPU, else cpu)"})
   parser.add_argument("--mode", default="auto", choices=("auto", "fit", "cached"),
                       help="cached: the cached preset (frozen features, then fine-tuning); auto = fit")
-  parser.add_argument("--weights", default=WEIGHTS,
-                      help="ImageNet MobileNetV2: a local .npz/.h5 file or a jcv.weights download name")
+  parser.add_argument("--backbone", choices=sorted(BACKBONES),
+                      help="ImageNet backbone (default: the preset's); its preprocessing comes with it")
+  parser.add_argument("--weights", help="the backbone's ImageNet weights: a local .npz/.h5/.pth file or a "
+                      f"jcv.weights download name (default for mobilenet_v2: {BACKBONES['mobilenet_v2']})")
   parser.add_argument("--image-size", type=int, help="training size in pixels (evaluation size scales with it)")
   args = parser.parse_args(argv)
   cli.start(args, host_devices="cores")  # multi-host JAX if asked, CPU malloc tuning
@@ -114,9 +123,10 @@ def main(argv=None):
     parser.error(str(e))
   if args.print_config:
     return cli.print_config(config)
-  if pathlib.Path(args.weights).is_file():  # a damaged file fails now, in one line, not after the data
+  weights = config.init_from["pretrained"]["weights"]
+  if pathlib.Path(weights).is_file():  # a damaged file fails now, in one line, not after the data
     from jcv.weights.files import check_weight_file
-    check_weight_file(args.weights)
+    check_weight_file(weights)
   workdir = pathlib.Path(args.workdir)
   report(config, workdir, fit(config, workdir=workdir, restart=args.restart))
   return 0

@@ -66,8 +66,12 @@ def test_epochs_flag_scales_the_phases():
 
 def test_print_config_shows_what_a_command_runs(tmp_path):
   (cpu,) = _printed("food101", ["--weights", "w.npz"], tmp_path)
-  assert cpu["init_from"] == {"pretrained": {"weights": "w.npz"}} and cpu["mean"] == [0.5, 0.5, 0.5]
-  assert (cpu["trainable"], cpu["epochs"], cpu["learning_rate"], cpu["eval_image_size"]) == (19, 20, 1e-3, 256)
+  assert cpu["init_from"] == {"pretrained": {"weights": "w.npz"}} and cpu["model"] == "efficientnet_lite2"
+  assert (cpu["trainable"], cpu["image_size"], cpu["eval_image_size"]) == ("backbone", 160, 192)
+  (mnv2,) = _printed("food101", ["--backbone", "mobilenet_v2"], tmp_path)  # its download name by default
+  assert mnv2["init_from"] == {"pretrained": {"weights": "mobilenet_v2_1.0_224_no_top"}}
+  no_file = _run([SCRIPTS["food101"], "--print-config"], tmp_path, timeout=120)
+  assert no_file.returncode == 2 and "efficientnet_lite2 has no download name: pass --weights FILE" in no_file.stderr
   (cached,) = _printed("food101", ["--mode", "cached", "--epochs", "8", "--batch-size", "16"], tmp_path)
   assert [p["epochs"] for p in cached["phases"]] == [6, 2] and cached["batch_size"] == 16
   assert cached["feature_cache"] == {"flip": True} and cached["phases"][0]["trainable"] == "head"
@@ -93,7 +97,7 @@ def test_food101_smoke_run(shared_dir, tmp_path):
   data = _tiny_folder(shared_dir / "data" / "food101_mini", tmp_path / "food",
                       ("pizza", "ramen", "sushi"), {"train": 8, "test": 4})
   workdir = tmp_path / "run"
-  proc = _run([SCRIPTS["food101"], "--data-dir", data, "--workdir", workdir,
+  proc = _run([SCRIPTS["food101"], "--data-dir", data, "--workdir", workdir, "--backbone", "mobilenet_v2",
                "--weights", shared_dir / "weights" / "mobilenet_v2_1.0_224_backbone.npz",
                "--steps", "2", "--batch-size", "8", "--image-size", "48", "--set", "plots=False",
                "--set", "label_smoothing=0.2"], tmp_path)
@@ -102,11 +106,11 @@ def test_food101_smoke_run(shared_dir, tmp_path):
   assert results["n"] == 12 and 0 <= results["top1"] <= 1 and set(results["per_class_top1"]) == {"pizza", "ramen", "sushi"}
   config = results["config"]
   assert (config["steps"], config["batch_size"], config["image_size"], config["label_smoothing"]) == (2, 8, 48, 0.2)
-  assert config["epochs"] == 20 and config["trainable"] == 19  # the cpu recipe: 20 epochs, every stage
+  assert config["trainable"] == "backbone" and config["model"] == "mobilenet_v2"  # the cpu recipe, every stage
   assert tuple(config["crop_scale"]) == (0.25, 1.0) and config["tta_flip"]
   assert config["init_from"]["pretrained"]["weights"].endswith("mobilenet_v2_1.0_224_backbone.npz")
-  # evaluated on the whole image at 256/224 of the training size
-  assert (config["eval_image_size"], config["eval_crop_fraction"]) == (round(48 * 256 / 224), 1.0)
+  # evaluated on the whole image at 192/160 of the training size
+  assert (config["eval_image_size"], config["eval_crop_fraction"]) == (round(48 * 192 / 160), 1.0)
   for name in ("confusion.png", "predictions.png", "config.json", "class_names.json"):
     assert (workdir / name).is_file(), name
 
