@@ -13,7 +13,7 @@ from typing import Any
 
 from jcv.train.fieldtypes import check_field_value
 
-__all__ = ["Config"]
+__all__ = ["Config", "LOOKAHEAD", "lookahead_options"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,19 +67,19 @@ def test_epochs_flag_scales_the_phases():
 def test_print_config_shows_what_a_command_runs(tmp_path):
   (cpu,) = _printed("food101", ["--weights", "w.npz"], tmp_path)
   assert cpu["init_from"] == {"pretrained": {"weights": "w.npz"}} and cpu["model"] == "efficientnet_lite2"
-  assert (cpu["trainable"], cpu["image_size"], cpu["eval_image_size"]) == ("backbone", 160, 192)
+  assert (cpu["trainable"], cpu["image_size"], cpu["eval_image_size"]) == ("backbone", 176, 208)
   (mnv2,) = _printed("food101", ["--backbone", "mobilenet_v2"], tmp_path)  # its download name by default
   assert mnv2["init_from"] == {"pretrained": {"weights": "mobilenet_v2_1.0_224_no_top"}}
   no_file = _run([SCRIPTS["food101"], "--print-config"], tmp_path, timeout=120)
   assert no_file.returncode == 2 and "efficientnet_lite2 has no download name: pass --weights FILE" in no_file.stderr
-  (cached,) = _printed("food101", ["--mode", "cached", "--epochs", "8", "--batch-size", "16"], tmp_path)
+  (cached,) = _printed("food101", ["--mode", "cached", "--weights", "w.npz", "--epochs", "8", "--batch-size", "16"], tmp_path)
   assert [p["epochs"] for p in cached["phases"]] == [6, 2] and cached["batch_size"] == 16
   assert cached["feature_cache"] == {"flip": True} and cached["phases"][0]["trainable"] == "head"
   ft, scratch = _printed("cats_vs_dogs", ["--variant", "finetune", "--epochs", "12"], tmp_path) + \
       _printed("cats_vs_dogs", ["--variant", "scratch", "--steps", "3", "--set", "label_smoothing=0.1"], tmp_path)
   assert [p["epochs"] for p in ft["phases"]] == [10, 2] and ft["val_fraction"] == 0.1
   assert (scratch["model"], scratch["epochs"], scratch["steps"], scratch["label_smoothing"]) == ("mobilenet_v2", 2, 3, 0.1)
-  bad = _run([SCRIPTS["food101"], "--set", "learning_rat=1", "--print-config"], tmp_path, timeout=120)
+  bad = _run([SCRIPTS["food101"], "--weights", "w.npz", "--set", "learning_rat=1", "--print-config"], tmp_path, timeout=120)
   assert bad.returncode == 2 and "unknown config field" in bad.stderr
 
 
@@ -109,8 +109,8 @@ def test_food101_smoke_run(shared_dir, tmp_path):
   assert config["trainable"] == "backbone" and config["model"] == "mobilenet_v2"  # the cpu recipe, every stage
   assert tuple(config["crop_scale"]) == (0.25, 1.0) and config["tta_flip"]
   assert config["init_from"]["pretrained"]["weights"].endswith("mobilenet_v2_1.0_224_backbone.npz")
-  # evaluated on the whole image at 192/160 of the training size
-  assert (config["eval_image_size"], config["eval_crop_fraction"]) == (round(48 * 192 / 160), 1.0)
+  # evaluated on the whole image at 208/176 of the training size
+  assert (config["eval_image_size"], config["eval_crop_fraction"]) == (round(48 * 208 / 176), 1.0)
   for name in ("confusion.png", "predictions.png", "config.json", "class_names.json"):
     assert (workdir / name).is_file(), name
 
