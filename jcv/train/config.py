@@ -305,7 +305,7 @@ def _from_legacy(config: "Config", changes: dict) -> dict:
   legacy = {k: changes.pop(k) for k in list(changes) if k in _LEGACY_NAMES}
   ahead = {new: legacy.pop(old) for old, new in _LEGACY_LOOKAHEAD.items() if old in legacy}
   if ahead:
-    changes["lookahead"] = {**changes.get("lookahead", getattr(config, "lookahead", {})), **ahead}
+    changes["lookahead"] = {**changes.get("lookahead", config.lookahead), **ahead}
   if not legacy:
     return changes
   from jcv.train.optim import OPTIMIZERS, SCHEDULES
