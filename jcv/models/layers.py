@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jcv.models import conv_ops
+from jcv.models.batchnorm import BatchNorm, activation_name
 from jcv.models.conv_ops import conv2d
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 Dtype = Any
+_FUSED_ACTS = (nn.relu, nn.relu6, jax.nn.relu, jax.nn.relu6)  # ConvBNAct runs these inside BatchNorm
 
 
 def variance_scaling(scale: float, mode: str, distribution: str) -> Callable:
@@ -139,12 +141,16 @@ class ConvBNAct(nn.Module):
              feature_group_count=groups,
              use_bias=not self.use_bn if self.use_bias is None else self.use_bias, dtype=self.dtype,
              kernel_init=self.kernel_init, lowering=self.lowering, name="conv")(x)
+    act = self.act
     if self.use_bn:
-      x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_epsilon, dtype=self.dtype, use_scale=self.bn_use_scale,
-                       scale_init=self.bn_scale_init, name="bn")(x)
-    if self.act is not None:
-      x = self.act(x)
+      fused = act if any(act is f for f in _FUSED_ACTS) else None  # BN + ReLU/ReLU6 in one pass
+      x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                    epsilon=self.bn_epsilon, dtype=self.dtype, use_scale=self.bn_use_scale,
+                    scale_init=self.bn_scale_init, act=activation_name(fused), lowering=self.lowering,
+                    name="bn")(x)
+      act = None if fused is not None else act
+    if act is not None:
+      x = act(x)
     return x
 
 

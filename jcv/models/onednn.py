@@ -1,9 +1,10 @@
 """oneDNN convolutions on the CPU through XLA's FFI: build, load and call ``onednn_conv.cc``.
 
-The C++ file is compiled on first use with the system's ``g++`` against jaxlib's FFI headers
+The library also holds ``native_bn.cc``, the BatchNorm passes of :mod:`jcv.models.batchnorm`.
+The C++ files are compiled on first use with the system's ``g++`` against jaxlib's FFI headers
 (``jax.ffi.include_dir()``) and oneDNN 3.2 (the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp``
 wheels, which jcv depends on for Linux x86-64). The shared library is cached under
-``$JCV_CACHE_DIR`` (default ``~/.cache/jcv``)``/native``, keyed by a hash of the source, the
+``$JCV_CACHE_DIR`` (default ``~/.cache/jcv``)``/native``, keyed by a hash of the sources, the
 flags, the jaxlib version and the oneDNN library, and built under a file lock so concurrent
 processes do not race. No network is used. When anything is missing (another OS or CPU, no
 compiler, no oneDNN), :func:`available` is False, jcv warns once in one line and uses XLA's
@@ -34,8 +35,10 @@ __all__ = ["available", "conv_backward_data", "conv_backward_weights", "conv_for
            "default_threads", "library_path", "match_vma", "set_threads", "status", "unavailable_reason",
            "warn_unavailable"]
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = (os.path.join(_HERE, "onednn_conv.cc"), os.path.join(_HERE, "native_bn.cc"))
 _TARGETS = ("jcv_onednn_conv_fwd", "jcv_onednn_conv_bwd_data", "jcv_onednn_conv_bwd_weights")
+BN_TARGETS = ("jcv_bn_stats", "jcv_bn_bwd_stats")
 _FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fvisibility=hidden", "-w"]
 _state: dict = {"lib": None, "reason": None, "warned": False, "path": None}
 
@@ -73,10 +76,12 @@ def _build(lib: str, inc: str) -> str:
   compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
   if not compiler:
     raise RuntimeError("no C++ compiler (g++) on PATH")
-  with open(_SOURCE, "rb") as f:
-    source = f.read()
+  sources = []
+  for name in _SOURCES:
+    with open(name, "rb") as f:
+      sources.append(f.read())
   key = hashlib.sha256(b"\0".join([
-      source, " ".join(_FLAGS).encode(), jaxlib.__version__.encode(), lib.encode(),
+      *sources, " ".join(_FLAGS).encode(), jaxlib.__version__.encode(), lib.encode(),
       str(os.path.getsize(lib)).encode(), compiler.encode(), sysconfig.get_platform().encode(),
   ])).hexdigest()[:16]
   out_dir = _cache_dir()
@@ -91,13 +96,13 @@ def _build(lib: str, inc: str) -> str:
       return path
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
-    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{inc}", _SOURCE, lib,
+    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{inc}", *_SOURCES, lib,
            f"-Wl,-rpath,{os.path.dirname(lib)}", "-o", tmp]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
       os.unlink(tmp)
       last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-      raise RuntimeError(f"compiling {os.path.basename(_SOURCE)} failed: {last[:200]}")
+      raise RuntimeError(f"compiling {', '.join(map(os.path.basename, _SOURCES))} failed: {last[:200]}")
     os.replace(tmp, path)
   return path
 
@@ -113,9 +118,10 @@ def _load():
     lib, inc = _find_onednn()
     path = _build(lib, inc)
     handle = ctypes.CDLL(path)
-    for name in _TARGETS:
+    for name in _TARGETS + BN_TARGETS:
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, name)), platform="cpu")
     handle.jcv_onednn_set_threads.argtypes = [ctypes.c_int]
+    handle.jcv_native_bn_set_threads.argtypes = [ctypes.c_int]
     _state.update(lib=handle, path=path)
     set_threads(int(os.environ.get("JCV_ONEDNN_THREADS") or default_threads()))
   except Exception as e:  # any failure: XLA's convolutions instead
@@ -169,13 +175,14 @@ def default_threads() -> int:
 
 
 def set_threads(threads: int) -> None:
-  """OpenMP threads per oneDNN call (0: OpenMP's default, all cores or ``$OMP_NUM_THREADS``).
+  """OpenMP threads per oneDNN / BatchNorm call (0: OpenMP's default, all cores or ``$OMP_NUM_THREADS``).
 
   Applies to primitives created afterwards (they are cached per thread count).
   """
   lib = _load()
   if lib is not None:
     lib.jcv_onednn_set_threads(int(threads))
+    lib.jcv_native_bn_set_threads(int(threads))
     _state["threads"] = int(threads)
 
 

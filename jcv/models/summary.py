@@ -105,7 +105,8 @@ def layer_table(model_or_name, *, input_size: int | None = None, batch_size: int
   def interceptor(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     module = context.module
-    if context.method_name == "__call__" and isinstance(module, _LEAVES):
+    if (context.method_name == "__call__" and isinstance(module, _LEAVES)
+        and not (calls and calls[-1]["path"] == tuple(module.scope.path))):  # jcv's BatchNorm calls nn.BatchNorm's
       x = args[0]
       calls.append(dict(path=tuple(module.scope.path), module=module.clone(parent=None),
                         in_shape=tuple(x.shape), in_dtype=x.dtype, output=tuple(out.shape)))
