@@ -19,9 +19,9 @@ computes ``lax.conv_general_dilated`` exactly, through one of these lowerings:
   - everything else stays with XLA.
 * ``"onednn"``: oneDNN's convolutions (forward, input and kernel gradient) through XLA's FFI
   (:mod:`jcv.models.onednn`, multi-threaded, AVX-512/AMX), keeping the "cpu" rewrites only
-  where they measured faster per layer (``benchmarks/layers.py``): 1x1 convolutions (matmul
-  gradients), tiny-kernel first layers (kh*kw*cin <= 16) and outputs of at most 2x2 pixels
-  (im2col), and XLA's conv for first layers (cin <= 4) on inputs of at most 64x64 pixels.
+  where they measured faster (``benchmarks/layers.py``): tiny-kernel first layers
+  (kh*kw*cin <= 16) and outputs of at most 2x2 pixels (im2col), and XLA's conv for first
+  layers (cin <= 4) on inputs of at most 64x64 pixels.
   Falls back to "cpu" with a one-line warning when the native library cannot be built.
 * ``"auto"``: "onednn" on a CPU backend when it is available (else "cpu"); "xla" elsewhere.
 
@@ -186,8 +186,6 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding="SAME",
   if name == "onednn":
     if _use_onednn(x, kernel, strides, pads, dilation, groups):
       x, kernel = onednn.match_vma(x, kernel)
-      if groups == 1 and kh == kw == 1:
-        return _onednn_1x1(x, kernel, strides, pads)
       return _onednn_conv(x, kernel, strides, pads, dilation, groups)
     if groups == 1 and cin <= 4 and kh * kw * cin > 16 and x.shape[1] * x.shape[2] <= 64 * 64:
       return _xla_conv(x, kernel, strides, pads, groups, dilation)
@@ -214,17 +212,18 @@ def _use_onednn(x, kernel, strides, pads, dilation, groups) -> bool:
 
   Measured with ``benchmarks/layers.py --batch 32`` (forward + backward, 2-core EPYC, see
   docs/benchmarks.md): oneDNN wins on depthwise (1.6-8.7x), 224 px stems (1.7-2.3x) and
-  general 3x3 convolutions down to 4x4 maps (1.1-2.0x); the rewrites win on 1x1 convolutions
-  (oneDNN's forward is kept, the matmul's gradients are as fast or faster), the 2x2 whitening
-  layer (5x) and outputs of at most 2x2 pixels (1.7x); XLA's own conv wins on a stem at
-  32x32 (2-3x, up to 64x64 pixels here).
+  general 3x3 convolutions down to 4x4 maps (1.1-2.0x), and its 1x1 forward beats the matmul
+  (1.3-1.4x); the rewrites win on the 2x2 whitening layer (5x) and outputs of at most 2x2
+  pixels (1.7x); XLA's own conv wins on a stem at 32x32 (2-3x, up to 64x64 pixels here). 1x1
+  gradients per layer were as fast as the matmul's, but whole MobileNetV2 training steps
+  (160 px, one device, with jcv's native BatchNorm) ran 12-15 % faster with oneDNN's.
   """
   if x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
     return False
   if any(lo < 0 or hi < 0 for lo, hi in pads):
     return False
   kh, kw, kin, _ = kernel.shape
-  if groups > 1 or kh == kw == 1:  # 1x1: oneDNN forward, matmul gradients (_onednn_1x1)
+  if groups > 1 or kh == kw == 1:  # 1x1: forward and gradients (whole MobileNetV2 steps, below)
     return True
   if kh * kw * kin <= 16:
     return False
@@ -261,25 +260,6 @@ def _onednn_conv_bwd(strides, pads, dilation, groups, residuals, g):
 
 
 _onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _onednn_1x1(x, kernel, strides, pads):
-  """1x1 convolution: oneDNN's forward (1.3-1.4x the matmul's), the matmul's gradients."""
-  return _onednn_conv(x, kernel, strides, pads, (1, 1), 1)
-
-
-def _onednn_1x1_fwd(x, kernel, strides, pads):
-  return _onednn_1x1(x, kernel, strides, pads), (x, kernel)
-
-
-def _onednn_1x1_bwd(strides, pads, residuals, g):
-  x, kernel = residuals
-  _, vjp = jax.vjp(lambda a, b: _conv_1x1(a, b, strides, pads), x, kernel)
-  return vjp(g.astype(x.dtype))
-
-
-_onednn_1x1.defvjp(_onednn_1x1_fwd, _onednn_1x1_bwd)
 
 
 # --- XLA's convolution --------------------------------------------------------------------
