@@ -1,6 +1,6 @@
 """oneDNN convolutions on the CPU through XLA's FFI: build, load and call ``onednn_conv.cc``.
 
-The library also holds ``native_bn.cc``, the BatchNorm passes of :mod:`jcv.models.batchnorm`.
+The library also holds ``native_bn.cc``, the BatchNorm reductions of :mod:`jcv.models.batchnorm`.
 The C++ files are compiled on first use with the system's ``g++`` against jaxlib's FFI headers
 (``jax.ffi.include_dir()``) and oneDNN 3.2 (the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp``
 wheels, which jcv depends on for Linux x86-64). The shared library is cached under
