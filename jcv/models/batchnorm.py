@@ -105,19 +105,13 @@ def _native(kind: int, act, ndim: int):
   def plain(*args):
     x = args[n_act - 1]
     out = jax.ShapeDtypeStruct((2, x.shape[-1]), _F32)
-    y = jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args, **attrs)
-    axes = frozenset().union(*map(onednn._vma, args)) - onednn._vma(y)  # inside shard_map
-    return jax.lax.pcast(y, tuple(sorted(axes)), to="varying") if axes else y
-
-  def batch_axis(shapes):
-    spec = getattr(shapes[0].sharding, "spec", None)
-    return spec[0] if spec is not None and len(spec) else None
+    return onednn.varying_like(jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args, **attrs), *args)
 
   def infer(mesh, arg_shapes, result_shape):
     return NamedSharding(mesh, P())  # the sums are replicated
 
   def partition(mesh, arg_shapes, result_shape):
-    axis = batch_axis(arg_shapes)
+    axis = onednn._batch_axis(arg_shapes[0].sharding)
     args = tuple(NamedSharding(mesh, P(axis) if i < n_act else P()) for i in range(len(arg_shapes)))
 
     def lower(*xs):

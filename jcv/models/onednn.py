@@ -33,7 +33,7 @@ import numpy as np
 
 __all__ = ["available", "conv_backward_data", "conv_backward_weights", "conv_forward",
            "default_threads", "library_path", "match_vma", "set_threads", "status", "unavailable_reason",
-           "warn_unavailable"]
+           "varying_like", "warn_unavailable"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = (os.path.join(_HERE, "onednn_conv.cc"), os.path.join(_HERE, "native_bn.cc"))
@@ -217,9 +217,13 @@ def _ffi(kind, cfg, a, b):
   lead = () if kind == 2 else a.shape[:1]
   out = jax.ffi.ffi_call(_TARGETS[kind], jax.ShapeDtypeStruct(lead + out_tail, a.dtype),
                          vmap_method="expand_dims")(a, b, **_attrs(strides, pads, dilation, groups))
-  # Inside shard_map the result varies over the manual axes its operands vary over (ffi_call
-  # drops that type), which custom_vjp checks against the primal's inputs.
-  axes = (_vma(a) | _vma(b)) - _vma(out)
+  return varying_like(out, a, b)
+
+
+def varying_like(out, *operands):
+  """``out`` typed to vary over the shard_map axes its operands vary over (ffi_call drops that
+  type, which custom_vjp checks against the primal's inputs); a no-op outside shard_map."""
+  axes = frozenset().union(*map(_vma, operands)) - _vma(out)
   return jax.lax.pcast(out, tuple(sorted(axes)), to="varying") if axes else out
 
 

@@ -109,13 +109,28 @@ def _stage_options(config: Config) -> dict:
   return {k: v for k, v in config.model_options.items() if k in ("frozen_stages", "frozen_bn_stages")}
 
 
+def _compiled_steps(config, tconfig, state, mesh, *, train_ld, eval_ld, input_shape, num_classes,
+                    augment_fn, schedule, features):
+  """The train and eval steps, compiled ahead of time, so that no process enters the first
+  collective while another is still compiling (CPU gloo connections time out after ~30 s)."""
+  train_fn = parallel.compile_train_step(
+      build.train_fn(tconfig, num_classes=num_classes, augment_fn=augment_fn,
+                     schedule=schedule, features=features), mesh, mode=config.parallel)
+  eval_fn = parallel.compile_eval_step(build.eval_fn(config, features=features), mesh, mode=config.parallel)
+  dtype = train_ld.features.dtype if features else np.uint8
+  train_fn = train_fn.lower(state, parallel.batch_spec(mesh, config.batch_size, tuple(input_shape),
+                                                       dtype=dtype)).compile()
+  if eval_ld is not None:
+    eval_shape = tuple(input_shape) if features else (eval_view(config)["image_size"],) * 2 + (3,)
+    eval_fn = eval_fn.lower(state, parallel.batch_spec(mesh, eval_ld.batch_size * jax.process_count(),
+                                                       eval_shape, mask=True, dtype=dtype)).compile()
+  return train_fn, eval_fn
+
+
 def train(config: Config, workdir, *, model, train_ld, eval_ld, input_shape, variables=None,
           augment_fn=None, class_names=(), eval_src=None, resume: bool = True,
           features: bool = False):
   """The training loop of one run folder -> (results, final state).
-
-  (Longer than most functions here: it is the one place where state, checkpointer, compiled
-  steps and loop meet; the loop body is ``_Run.loop``.)
 
   ``train_ld``/``eval_ld``: loaders (jcv.data.pipeline, or jcv.train.features.FeatureLoader
   with ``features=True``: inputs are cached features, not images); ``input_shape``: one
@@ -125,7 +140,7 @@ def train(config: Config, workdir, *, model, train_ld, eval_ld, input_shape, var
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   started = time.time()
-  is_main, pcount = jax.process_index() == 0, jax.process_count()
+  is_main = jax.process_index() == 0
   mesh = parallel.make_mesh()
   tconfig = build.train_config(config, model)  # `trainable` -> freeze, lr groups, frozen stages
   if not features and config.trainable != "all":
@@ -153,19 +168,9 @@ def train(config: Config, workdir, *, model, train_ld, eval_ld, input_shape, var
     log_lib.write_json(workdir / "config.json", config.to_dict())
     log_lib.write_json(workdir / "class_names.json", list(class_names))
   logger = log_lib.MetricLogger(workdir, enabled=is_main)
-  train_fn = parallel.compile_train_step(
-      build.train_fn(tconfig, num_classes=num_classes, augment_fn=augment_fn,
-                     schedule=schedule, features=features), mesh, mode=config.parallel)
-  eval_fn = parallel.compile_eval_step(build.eval_fn(config, features=features), mesh, mode=config.parallel)
-  # Compile ahead of time, so that no process enters the first collective while another
-  # is still compiling (CPU gloo connections time out after ~30 s).
-  dtype = train_ld.features.dtype if features else np.uint8
-  train_fn = train_fn.lower(state, parallel.batch_spec(mesh, config.batch_size, tuple(input_shape),
-                                                       dtype=dtype)).compile()
-  if eval_ld is not None:
-    eval_shape = tuple(input_shape) if features else (eval_view(config)["image_size"],) * 2 + (3,)
-    eval_fn = eval_fn.lower(state, parallel.batch_spec(mesh, eval_ld.batch_size * pcount, eval_shape,
-                                                       mask=True, dtype=dtype)).compile()
+  train_fn, eval_fn = _compiled_steps(config, tconfig, state, mesh, train_ld=train_ld, eval_ld=eval_ld,
+                                      input_shape=input_shape, num_classes=num_classes,
+                                      augment_fn=augment_fn, schedule=schedule, features=features)
   run = _Run(config, state, checkpointer, iterator, logger, train_fn, eval_fn, eval_ld, mesh,
              steps_per_epoch, total_steps, start_step, is_main)
   try:
