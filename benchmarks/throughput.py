@@ -19,9 +19,15 @@ For each model (any name ``jcv.models.create`` knows), image size, batch size an
 * ``keras`` (``--compare keras``): ``keras.applications`` models where one exists (backend from
   ``$KERAS_BACKEND``, default "jax"), ``train_on_batch`` / ``predict_on_batch``,
 
-interleaved round by round in the same process so machine drift hits all of them alike. The
-median of the timed iterations is reported, with ratios jcv / peer. An out-of-memory error
-retries at half the batch and says so; a missing peer is reported, not fatal.
+interleaved round by round so machine drift hits all of them alike. The median of the timed
+iterations is reported, with ratios jcv / peer. An out-of-memory error retries at half the
+batch and says so; a missing peer is reported, not fatal.
+
+By default every framework runs in this one process. ``--isolate`` gives each framework its own
+worker process (the rounds stay interleaved, each worker times itself, wall and CPU): jcv then
+runs on ``--host-devices`` XLA devices without the peers sharing its process, i.e. as
+``jcv.train`` runs it, while PyTorch keeps its own thread pool to itself (in one process,
+several XLA devices made PyTorch's step 3-5x slower in CPU time on a 2-core machine).
 
 Outputs ``<out>.json``, ``<out>.csv``, ``<out>.md`` and ``<out>.png`` (bar chart), with the
 machine description. Example (this repository's CPU goal)::
@@ -34,7 +40,9 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import json
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -43,7 +51,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import interleaved_times, machine_info, median, write_csv, write_json  # noqa: E402
+from benchmarks.common import (Timing, interleaved_times, machine_info, median, write_csv,  # noqa: E402
+                               write_json)
 
 __all__ = ["DEFAULT_MODELS", "PEAK_TFLOPS", "main", "peak_tflops"]
 
@@ -100,7 +109,7 @@ def _jcv_runner(name, size, batch, dtype, lowering, data, devices=1, parallel_mo
   card = jcv.models.get_card(name)
   num_classes = card.default_num_classes
   model_dtype = jnp.bfloat16 if dtype == "bfloat16" else None
-  facts = {}
+  facts = {"xla_devices": devices}
   with conv_ops.lowering(lowering):
     model = jcv.models.create(name, num_classes=num_classes, dtype=model_dtype)
     state = create_train_state(jax.random.key(0), model, optax.sgd(0.01, momentum=0.9),
@@ -276,6 +285,82 @@ def _keras_runner(name, size, batch, dtype, data):
   return {"train": train, "infer": inference}, facts
 
 
+# --- one process per framework (--isolate) ------------------------------------------------------
+
+_TAG = "@@throughput "  # marks the worker's protocol lines on its stdout
+
+
+class _Worker:
+  """One framework built for one config in its own process (``--worker``), timed on request."""
+
+  def __init__(self, framework, name, size, batch, dtype, args):
+    jax_devices = str(args.host_devices) if framework in ("jcv", "jcv_cpu") else "1"
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework,
+           "--models", f"{name}:{size}", "--batch-sizes", str(batch), "--dtypes", dtype,
+           "--lowering", args.lowering, "--parallel", args.parallel, "--host-devices", jax_devices]
+    cmd += ["--no-tune-malloc"] if args.no_tune_malloc else []
+    self.framework = framework
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 bufsize=1)
+    msg = self._read()
+    if "error" in msg:
+      self.close()
+      raise RuntimeError(msg["error"])
+    self.facts = msg["facts"]
+
+  def _read(self):
+    for line in self.proc.stdout:
+      if line.startswith(_TAG):
+        return json.loads(line[len(_TAG):])
+      print(f"    [{self.framework}] {line.rstrip()}", flush=True)
+    raise RuntimeError(f"the {self.framework} worker exited with code {self.proc.wait()}")
+
+  def runner(self, mode):
+    def run():
+      self.proc.stdin.write(mode + "\n")
+      self.proc.stdin.flush()
+      msg = self._read()
+      return Timing(msg["wall_s"], msg["cpu_s"])
+    return run
+
+  def close(self):
+    if self.proc.poll() is None:
+      self.proc.stdin.close()
+      try:
+        self.proc.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+
+
+def _spawn(framework, name, size, batch, dtype, data, args):
+  """``_build`` in a worker process: the same (runners, facts), the runners remote."""
+  worker = _Worker(framework, name, size, batch, dtype, args)
+  args.workers.append(worker)
+  return {m: worker.runner(m) for m in ("train", "infer")}, worker.facts
+
+
+def _serve(args):
+  """``--worker FRAMEWORK``: builds it for the one config given, then answers each mode read
+  from stdin with one timed iteration (its wall and CPU seconds), until stdin closes."""
+  import jax
+  import jcv.models
+  args.jcv_devices = len(jax.devices()) if jax.default_backend() == "cpu" else 1
+  name, _, size = args.models.partition(":")
+  batch = int(args.batch_sizes)
+  data = _make_data(batch, int(size), jcv.models.get_card(name).default_num_classes)
+  try:
+    runners, facts = _build(args.worker, name, int(size), batch, args.dtypes, data, args)
+  except Exception as err:
+    print(_TAG + json.dumps({"error": f"{type(err).__name__}: {err}"}), flush=True)
+    return
+  print(_TAG + json.dumps({"facts": facts}), flush=True)
+  for line in sys.stdin:
+    cpu, start = time.process_time(), time.perf_counter()
+    runners[line.strip()]()
+    print(_TAG + json.dumps({"wall_s": time.perf_counter() - start,
+                             "cpu_s": time.process_time() - cpu}), flush=True)
+
+
 # --- driver -----------------------------------------------------------------------------------
 
 def _make_data(batch, size, num_classes, seed=0):
@@ -310,14 +395,15 @@ def _run_config(name, size, batch, dtype, frameworks, args, log):
   import jcv.models
   num_classes = jcv.models.get_card(name).default_num_classes
   notes = []
+  build = _spawn if args.isolate else _build
   while True:
     data = _make_data(batch, size, num_classes)
     runners, facts, skipped = {}, {}, {}
     try:
       for fw in frameworks:
-        log(f"  building {fw} ...")
+        log(f"  building {fw}{' in its own process' if args.isolate else ''} ...")
         try:
-          runners[fw], facts[fw] = _build(fw, name, size, batch, dtype, data, args)
+          runners[fw], facts[fw] = build(fw, name, size, batch, dtype, data, args)
         except Exception as err:  # a missing or failing peer is reported, not fatal
           if _is_oom(err):
             raise
@@ -346,8 +432,9 @@ def _run_config(name, size, batch, dtype, frameworks, args, log):
             peak = peak_tflops(args.device_kind, dtype) if fw in ("jcv", "flax_xla") else None
             if peak:
               row["mfu"] = row["achieved_tflops"] / peak
-          if fw in ("jcv", "flax_xla"):
+          if fw in ("jcv", "jcv_cpu", "flax_xla"):
             row["xla_temp_mb"] = facts[fw].get(f"{mode}_xla_temp_mb")
+            row["xla_devices"] = facts[fw].get("xla_devices")
           for k in ("torch_params", "keras_params", "keras_backend"):
             if k in facts[fw]:
               row[k] = facts[fw][k]
@@ -363,7 +450,7 @@ def _run_config(name, size, batch, dtype, frameworks, args, log):
                              + (f" (jcv x{r['jcv_ratio']:.2f}, cpu x{r['jcv_cpu_ratio']:.2f})"
                                 if r['framework'] != 'jcv' else "")
                              for r in rows if r["mode"] == mode))
-      peak = _device_peak_mb()
+      peak = None if args.isolate else _device_peak_mb()
       for r in rows:
         if peak is not None and r["framework"] in ("jcv", "flax_xla"):
           r["device_peak_mb"] = peak
@@ -377,6 +464,10 @@ def _run_config(name, size, batch, dtype, frameworks, args, log):
         gc.collect()
         continue
       raise
+    finally:
+      for worker in args.workers:
+        worker.close()
+      args.workers.clear()
 
 
 def _markdown(rows, info):
@@ -384,7 +475,9 @@ def _markdown(rows, info):
            f"jax {info['jax']}, torch {info.get('torch')}, load {info['load_avg_1_5_15']} -> "
            f"{info.get('load_avg_after')} (1/5/15 min), {info['time_utc']}.", "",
            "jcv ratio = jcv img/s / framework img/s (wall clock, interleaved); cpu ratio = the "
-           "same from process CPU time per step (steadier when other jobs share the cores).", "",
+           "same from process CPU time per step (steadier when other jobs share the cores). "
+           + ("Each framework ran in its own process; " if info.get("isolated") else "")
+           + "(N dev) = XLA CPU devices of jcv's data-parallel step.", "",
            "| model | px | batch | dtype | mode | framework | img/s | ms/step | CPU ms/step | "
            "jcv ratio | cpu ratio | GFLOP/img | TFLOP/s | MFU | compile s |",
            "|" + " --- |" * 15]
@@ -393,7 +486,8 @@ def _markdown(rows, info):
       v = r.get(key)
       return format(v, fmt) if isinstance(v, (int, float)) else ""
     lines.append(f"| {r['model']} | {r['image_size']} | {r['batch']} | {r['dtype']} | {r['mode']} | "
-                 f"{r['framework']} | {f('img_per_s', '.1f')} | {f('ms_per_step', '.1f')} | "
+                 f"{r['framework']}{f' ({n} dev)' if (n := r.get('xla_devices')) else ''} | "
+                 f"{f('img_per_s', '.1f')} | {f('ms_per_step', '.1f')} | "
                  f"{f('cpu_ms_per_step', '.0f')} | {f('jcv_ratio', '.2f')} | {f('jcv_cpu_ratio', '.2f')} | "
                  f"{f('gflop_per_img', '.2f')} | "
                  f"{f('achieved_tflops', '.3f')} | {f('mfu', '.1%')} | {f('compile_s', '.1f')} |")
@@ -470,11 +564,19 @@ def main(argv=None):
                       "single device). The stock-Flax baseline always runs on one device.")
   p.add_argument("--parallel", default="jit", choices=("jit", "pmap"),
                  help="jcv.train.parallel mode for the multi-device jcv step")
+  p.add_argument("--isolate", action="store_true",
+                 help="run each framework in its own worker process (rounds still interleaved): "
+                      "jcv on --host-devices devices, the peers with the process to themselves")
+  p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one framework, for --isolate
   args = p.parse_args(argv)
-  _setup_host_devices(args)
-  if not args.no_tune_malloc:
+  args.workers = []
+  if not args.isolate:
+    _setup_host_devices(args)
+  if not (args.no_tune_malloc or args.isolate):
     import jcv.perf
     args.tune_malloc = jcv.perf.tune_malloc()
+  if args.worker:
+    return _serve(args)
   args.modes = [m for m in args.modes.split(",") if m]
   for m in args.modes:
     if m not in ("train", "infer"):
@@ -486,6 +588,7 @@ def main(argv=None):
   args.device_kind = jax.devices()[0].device_kind
   args.jcv_devices = len(jax.devices()) if jax.default_backend() == "cpu" else 1
   info["jcv_devices"] = args.jcv_devices
+  info["isolated"] = args.isolate
   from jcv.models import conv_ops, onednn
   info["jcv_lowering"] = conv_ops.resolve(args.lowering)
   info["onednn"] = onednn.status()
@@ -526,7 +629,10 @@ def main(argv=None):
       traceback.print_exc()
     gc.collect()
   info["load_avg_after"] = list(os.getloadavg())
-  write_json(args.out + ".json", {"machine": info, "args": {k: v for k, v in vars(args).items()},
+  if args.isolate:  # the parent only orchestrates: report the workers' device count
+    info["jcv_devices"] = next((r["xla_devices"] for r in rows if r["framework"] == "jcv"), None)
+  write_json(args.out + ".json", {"machine": info, "args": {k: v for k, v in vars(args).items()
+                                                            if k != "workers"},
                                   "rows": rows, "problems": problems})
   write_csv(args.out + ".csv", rows)
   md = _markdown(rows, info)

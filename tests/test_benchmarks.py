@@ -30,6 +30,32 @@ def test_throughput_script_writes_every_output_and_uses_host_devices(tmp_path):
     assert out.with_suffix(suffix).stat().st_size > 0
 
 
+def test_throughput_isolate_runs_each_framework_in_its_own_process(tmp_path):
+  """--isolate: jcv on 2 XLA devices in a worker, a failing peer reported, no worker left behind."""
+  out = tmp_path / "iso"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", KERAS_BACKEND="no_such_backend")
+  cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--models", "cifar_cnn:32",
+         "--batch-sizes", "4", "--rounds", "2", "--iters", "1", "--warmup", "0", "--budget", "5",
+         "--host-devices", "2", "--compare", "jcv_cpu,keras", "--isolate", "--out", str(out)]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  stdout, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "jcv in its own process" in stdout
+  report = json.loads(out.with_suffix(".json").read_text())
+  assert report["machine"]["isolated"] and report["machine"]["jcv_devices"] == 2
+  rows = {(r["framework"], r["mode"]): r for r in report["rows"]}
+  assert set(rows) == {(fw, m) for fw in ("jcv", "jcv_cpu") for m in ("train", "infer")}
+  for r in rows.values():  # timed by the workers themselves: CPU time is theirs, not the parent's
+    assert r["xla_devices"] == 2 and r["img_per_s"] > 0 and r["cpu_ms_per_step"] > 1
+  assert any("keras" in k for k in report["problems"])
+  assert "jcv (2 dev)" in out.with_suffix(".md").read_text()
+  workers = subprocess.run(["pgrep", "-f", "benchmarks/throughput.py --worker"],
+                           capture_output=True, text=True).stdout.split()
+  assert not workers  # each worker exits when its config is done
+
+
 def test_optimizers_benchmark_times_both_presets(tmp_path):
   out = tmp_path / "opt"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
