@@ -56,7 +56,7 @@ def step_runner(step, state, batch, mesh, steps: int) -> Callable[[], None]:
 def interleaved_times(fns: dict[str, Callable[[], object]], *, rounds: int = 5,
                       iters_per_round: int = 2, warmup: int = 2,
                       budget_s: float | None = None,
-                      cpu_times: dict | None = None) -> dict[str, list[float]]:
+                      cpu_times: dict | None = None, settle_s: float = 0.0) -> dict[str, list[float]]:
   """Times each callable in interleaved rounds; returns per-iteration wall seconds per name.
 
   Each callable is warmed up ``warmup`` times first. With ``budget_s``, stops after the first
@@ -65,6 +65,8 @@ def interleaved_times(fns: dict[str, Callable[[], object]], *, rounds: int = 5,
   threads) per name: on a machine shared with other jobs that is the steadier measure of the
   work done, while wall time also counts waiting for a core. A callable that returns a
   :class:`Timing` reports its own wall and CPU seconds instead (a worker process's).
+  ``settle_s``: seconds of sleep before each callable's round, so that the threads of the one
+  timed before (OpenMP and XLA pools spin a while after their work ends) are idle again.
   """
   for fn in fns.values():
     for _ in range(warmup):
@@ -75,6 +77,7 @@ def interleaved_times(fns: dict[str, Callable[[], object]], *, rounds: int = 5,
   start = time.perf_counter()
   for r in range(rounds):
     for name, fn in fns.items():
+      time.sleep(settle_s)
       for _ in range(iters_per_round):
         cpu, start_one = time.process_time(), time.perf_counter()
         out = fn()

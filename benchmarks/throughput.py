@@ -417,7 +417,8 @@ def _run_config(name, size, batch, dtype, frameworks, args, log):
         log(f"  timing {mode}: {', '.join(fns)} interleaved ...")
         cpu = {}
         times = interleaved_times(fns, rounds=args.rounds, iters_per_round=args.iters,
-                                  warmup=args.warmup, budget_s=args.budget, cpu_times=cpu)
+                                  warmup=args.warmup, budget_s=args.budget, cpu_times=cpu,
+                                  settle_s=args.settle)
         for fw, ts in times.items():
           sec = median(ts)
           row = {"model": name, "image_size": size, "batch": batch, "dtype": dtype, "mode": mode,
@@ -567,9 +568,14 @@ def main(argv=None):
   p.add_argument("--isolate", action="store_true",
                  help="run each framework in its own worker process (rounds still interleaved): "
                       "jcv on --host-devices devices, the peers with the process to themselves")
+  p.add_argument("--settle", type=float, default=None,
+                 help="seconds of idle before each framework's round, so the previous one's "
+                      "spinning threads have stopped (default: 1 with --isolate, else 0)")
   p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one framework, for --isolate
   args = p.parse_args(argv)
   args.workers = []
+  if args.settle is None:
+    args.settle = 1.0 if args.isolate else 0.0
   if not args.isolate:
     _setup_host_devices(args)
   if not (args.no_tune_malloc or args.isolate):

@@ -10,9 +10,11 @@ a jitted function:
 * **page faults.** XLA:CPU allocates its temporary arena (hundreds of MB for a CNN training
   step) at every execution; glibc serves large blocks with fresh ``mmap`` pages that the
   kernel must fault in and zero each time. ``tune_malloc`` keeps freed memory in the heap
-  (``mallopt``: one arena, no mmap for large blocks, no trimming), which removed about half
-  of the minor faults of a MobileNetV2 step here. Memory is then not returned to the OS
-  until the process exits, which suits a training process.
+  (``mallopt``: one arena, no mmap for large blocks, no trimming at any size). A
+  MobileNetV2 training step at 160 px and batch 128 frees ~3.5 GB at its end: with a 2 GB
+  trim threshold glibc gave it back and the next step faulted in 865k pages again (1.3-1.9 s
+  of system time per step); without trimming it runs in 1.34 s instead of 2.2 s. Memory is
+  then not returned to the OS until the process exits, which suits a training process.
 * **compile time.** ``enable_compilation_cache`` turns on JAX's persistent cache.
 
 Call :func:`setup_cpu` at the very start of a program, before anything initialises a JAX
@@ -59,7 +61,8 @@ def tune_malloc() -> bool:
   except (OSError, AttributeError):
     return False
   ok = True
-  for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1),
+  # M_TRIM_THRESHOLD -1 is SIZE_MAX in glibc (never trim); INT_MAX still trims frees above 2 GB.
+  for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1),
                        (_M_TOP_PAD, 64 << 20)):
     ok &= mallopt(param, value) == 1
   return bool(ok)
