@@ -23,11 +23,11 @@ interleaved round by round so machine drift hits all of them alike. The median o
 iterations is reported, with ratios jcv / peer. An out-of-memory error retries at half the
 batch and says so; a missing peer is reported, not fatal.
 
-By default every framework runs in this one process. ``--isolate`` gives each framework its own
-worker process (the rounds stay interleaved, each worker times itself, wall and CPU): jcv then
-runs on ``--host-devices`` XLA devices without the peers sharing its process, i.e. as
-``jcv.train`` runs it, while PyTorch keeps its own thread pool to itself (in one process,
-several XLA devices made PyTorch's step 3-5x slower in CPU time on a 2-core machine).
+Each framework runs in its own worker process (the rounds stay interleaved; each worker times
+itself, wall and CPU), so jcv runs on ``--host-devices`` XLA devices as ``jcv.train`` runs it
+and PyTorch has its process to itself: sharing one process with jax slowed PyTorch's training
+step by up to 1.4x on a 2-core machine (resnet18 at 32 px, batch 32: 354 img/s in one process,
+486-494 in its own), which would flatter jcv. ``--no-isolate`` runs everything in this process.
 
 Outputs ``<out>.json``, ``<out>.csv``, ``<out>.md`` and ``<out>.png`` (bar chart), with the
 machine description. Example (this repository's CPU goal)::
@@ -298,7 +298,7 @@ class _Worker:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework,
            "--models", f"{name}:{size}", "--batch-sizes", str(batch), "--dtypes", dtype,
            "--lowering", args.lowering, "--parallel", args.parallel, "--host-devices", jax_devices]
-    cmd += ["--no-tune-malloc"] if args.no_tune_malloc else []
+    cmd += ["--no-isolate"] + (["--no-tune-malloc"] if args.no_tune_malloc else [])
     self.framework = framework
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                  bufsize=1)
@@ -565,12 +565,13 @@ def main(argv=None):
                       "single device). The stock-Flax baseline always runs on one device.")
   p.add_argument("--parallel", default="jit", choices=("jit", "pmap"),
                  help="jcv.train.parallel mode for the multi-device jcv step")
-  p.add_argument("--isolate", action="store_true",
+  p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                  help="run each framework in its own worker process (rounds still interleaved): "
-                      "jcv on --host-devices devices, the peers with the process to themselves")
+                      "jcv on --host-devices devices, the peers with the process to themselves; "
+                      "--no-isolate: all in this process")
   p.add_argument("--settle", type=float, default=None,
                  help="seconds of idle before each framework's round, so the previous one's "
-                      "spinning threads have stopped (default: 1 with --isolate, else 0)")
+                      "spinning threads have stopped (default: 1 when isolated, else 0)")
   p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one framework, for --isolate
   args = p.parse_args(argv)
   args.workers = []

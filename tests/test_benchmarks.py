@@ -14,7 +14,8 @@ def test_throughput_script_writes_every_output_and_uses_host_devices(tmp_path):
   env.update(JAX_PLATFORMS="cpu")
   cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--models", "cifar_cnn:32",
          "--batch-sizes", "4", "--rounds", "1", "--iters", "1", "--warmup", "0", "--budget", "5",
-         "--host-devices", "2", "--baseline", "--compare", "no_such_peer", "--out", str(out)]
+         "--host-devices", "2", "--baseline", "--no-isolate", "--compare", "no_such_peer",
+         "--out", str(out)]
   bad = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "--compare" in bad.stderr  # an unknown peer is a usage error
   cmd = cmd[:-4] + ["--out", str(out)]
@@ -30,14 +31,14 @@ def test_throughput_script_writes_every_output_and_uses_host_devices(tmp_path):
     assert out.with_suffix(suffix).stat().st_size > 0
 
 
-def test_throughput_isolate_runs_each_framework_in_its_own_process(tmp_path):
-  """--isolate: jcv on 2 XLA devices in a worker, a failing peer reported, no worker left behind."""
+def test_throughput_runs_each_framework_in_its_own_process(tmp_path):
+  """The default: jcv on 2 XLA devices in a worker, a failing peer reported, no worker left."""
   out = tmp_path / "iso"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(JAX_PLATFORMS="cpu", KERAS_BACKEND="no_such_backend")
   cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--models", "cifar_cnn:32",
          "--batch-sizes", "4", "--rounds", "2", "--iters", "1", "--warmup", "0", "--budget", "5",
-         "--host-devices", "2", "--compare", "jcv_cpu,keras", "--isolate", "--out", str(out)]
+         "--host-devices", "2", "--compare", "jcv_cpu,keras", "--out", str(out)]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
   stdout, stderr = proc.communicate(timeout=600)
