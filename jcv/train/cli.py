@@ -169,16 +169,18 @@ def start(args: argparse.Namespace, *, host_devices: int | str | None = None, de
   runs each convolution on one core); an accelerator run ignores the extra CPU devices.
   ``devices_per_core`` multiplies that count (see :func:`jcv.perf.setup_cpu`).
   """
+  from jcv import perf
   if host_devices is not None:
-    from jcv import perf
     perf.setup_cpu(host_devices=host_devices, malloc=False, devices_per_core=devices_per_core)
+  # Reuse XLA's per-step buffers instead of faulting in fresh pages; before the backend starts
+  # its threads (see perf.tune_malloc).
+  tuned = perf.cpu_only() and perf.tune_malloc()
   from jcv.train import parallel
   parallel.initialize_distributed(coordinator_address=args.coordinator_address,
                                   num_processes=args.num_processes, process_id=args.process_id)
   import jax
-  if jax.default_backend() == "cpu":
-    from jcv import perf
-    perf.tune_malloc()  # reuse XLA's per-step buffers instead of faulting in fresh pages
+  if not tuned and jax.default_backend() == "cpu":
+    perf.tune_malloc()  # an accelerator plugin found no device: late, but still worth it
 
 
 def backend_preset() -> str:
