@@ -539,8 +539,7 @@ def _setup_host_devices(args):
     jcv.perf.setup_cpu(host_devices="cores" if value == "cores" else int(value), malloc=False)
 
 
-def main(argv=None):
-  """Command-line entry point; returns the list of result rows."""
+def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--models", default=DEFAULT_MODELS,
                  help="comma-separated name[:image_size] (default size: the model card's)")
@@ -573,6 +572,12 @@ def main(argv=None):
                  help="seconds of idle before each framework's round, so the previous one's "
                       "spinning threads have stopped (default: 1 when isolated, else 0)")
   p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one framework, for --isolate
+  return p
+
+
+def main(argv=None):
+  """Command-line entry point; returns the list of result rows."""
+  p = _parser()
   args = p.parse_args(argv)
   args.workers = []
   if args.settle is None:
@@ -638,6 +643,12 @@ def main(argv=None):
   info["load_avg_after"] = list(os.getloadavg())
   if args.isolate:  # the parent only orchestrates: report the workers' device count
     info["jcv_devices"] = next((r["xla_devices"] for r in rows if r["framework"] == "jcv"), None)
+  _write_outputs(args, info, rows, problems, log)
+  return rows
+
+
+def _write_outputs(args, info, rows, problems, log):
+  """<out>.json (machine, arguments, rows, problems), .csv, .md and the .png chart."""
   write_json(args.out + ".json", {"machine": info, "args": {k: v for k, v in vars(args).items()
                                                             if k != "workers"},
                                   "rows": rows, "problems": problems})
@@ -650,7 +661,6 @@ def main(argv=None):
   charted = _chart(rows, args.out + ".png") if rows else False
   log(md)
   log(f"wrote {args.out}.json/.csv/.md" + ("/.png" if charted else ""))
-  return rows
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ e.g. ../shared/weights/efficientnet_lite2.npz) or ``mobilenet_v2``; each brings 
 - ``cpu``: every stage of the backbone (0.3x the head's rate, BatchNorm in inference mode),
   176 px, 7 epochs, random-resized crops (area 0.25-1), flip and colour jitter, AdamW 1e-3,
   label smoothing 0.1; evaluated on the whole image at 208 px with flip TTA.
-  food101_10: test top-1 93.5 % (val 90.7 %) in 37.3 min on a quiet 2-core AMD EPYC (2026-11-30).
+  food101_10: test top-1 93.5 % (val 90.7 %) in 25.6 min on a quiet 2-core AMD EPYC (2026-11-30).
 - ``gpu`` (unmeasured): the cpu recipe at 260 px (evaluated at 304), 10 epochs, bfloat16,
   batch 64 per device.
 - ``cached``: the frozen bottom runs once over every image and its mirror image at 224 px; the

@@ -76,7 +76,8 @@ def tune_malloc() -> bool:
   initialises a backend: the one-arena limit only binds threads that have not allocated yet,
   and XLA's threads started earlier keep arenas of their own, whose blocks above 64 MB glibc
   maps and unmaps at every use (a program with a 512 MB temporary: 147k page faults per call
-  when tuned after `jax.devices()`, 1 when tuned before).
+  when tuned after `jax.devices()`, 1 when tuned before). glibc fixes its arena limit when a
+  second thread first allocates, so only ``MALLOC_ARENA_MAX=1`` in the environment is certain.
   """
   if platform.system() != "Linux":
     return False
