@@ -16,21 +16,13 @@ import sys
 import time
 from typing import Callable, NamedTuple
 
-__all__ = ["Timing", "interleaved_times", "machine_info", "median", "time_once", "write_csv",
-           "write_json"]
+__all__ = ["Timing", "interleaved_times", "machine_info", "median", "write_csv", "write_json"]
 
 
 class Timing(NamedTuple):
   """Returned by a callable that times itself (one running in a worker process)."""
   wall_s: float
   cpu_s: float
-
-
-def time_once(fn: Callable[[], object]) -> float:
-  """Seconds for one call of ``fn`` (which must block until its result is ready)."""
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
 
 
 def median(values) -> float:
