@@ -10,8 +10,12 @@ computes ``lax.conv_general_dilated`` exactly, through one of these lowerings:
   - 1x1 convolutions (any stride) are a strided slice and a matrix multiply;
   - depthwise convolutions (``groups == in_channels``, any channel multiplier) are
     ``kh * kw`` shifted multiply-adds that XLA fuses into one loop, forward and backward;
-  - ungrouped convolutions with tiny outputs (at most 2x2 pixels, 4x4 with 256+ or 7x7 with
-    512+ input channels) are im2col + one matrix multiply, forward and backward;
+  - ungrouped convolutions on maps with fewer pixels than kernel taps (a 3x3 kernel on a 2x2
+    or 1x1 map, as in ResNets on 32 px images) are one matrix multiply with the kernel
+    unrolled over the whole map, skipping the taps that only see padding (9x fewer FLOPs than
+    im2col on a 1x1 map, 2.25x on a 2x2 one);
+  - other ungrouped convolutions with tiny outputs (at most 2x2 pixels, 4x4 with 256+ or 7x7
+    with 512+ input channels) are im2col + one matrix multiply, forward and backward;
   - first layers with tiny kernels (``kh * kw * cin <= 16``, e.g. a 2x2 kernel on RGB) are
     im2col + one matrix multiply, forward and backward;
   - other first layers (at most 4 input channels) keep XLA's forward convolution but compute
@@ -19,9 +23,10 @@ computes ``lax.conv_general_dilated`` exactly, through one of these lowerings:
   - everything else stays with XLA.
 * ``"onednn"``: oneDNN's convolutions (forward, input and kernel gradient) through XLA's FFI
   (:mod:`jcv.models.onednn`, multi-threaded, AVX-512/AMX), keeping the "cpu" rewrites only
-  where they measured faster (``benchmarks/layers.py``): tiny-kernel first layers
-  (kh*kw*cin <= 16) and outputs of at most 2x2 pixels (im2col), and XLA's conv for first
-  layers (cin <= 4) on inputs of at most 64x64 pixels.
+  where they measured faster (``benchmarks/layers.py``): maps with fewer pixels than kernel
+  taps (unrolled kernel), tiny-kernel first layers (kh*kw*cin <= 16) and outputs of at most
+  2x2 pixels (im2col), and XLA's conv for first layers (cin <= 4) on inputs of at most
+  64x64 pixels.
   Falls back to "cpu" with a one-line warning when the native library cannot be built.
 * ``"auto"``: "onednn" on a CPU backend when it is available (else "cpu"); "xla" elsewhere.
 
@@ -183,6 +188,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding="SAME",
   if name == "xla":
     return _xla_conv(x, kernel, strides, padding, groups, dilation)
   pads = _explicit_pads(x.shape[1:3], (kh, kw), strides, dilation, padding)
+  if groups == 1 and x.shape[1] * x.shape[2] < kh * kw:
+    return _conv_small_map(x, kernel, strides, pads, dilation)
   if name == "onednn":
     if _use_onednn(x, kernel, strides, pads, dilation, groups):
       x, kernel = onednn.match_vma(x, kernel)
@@ -319,6 +326,95 @@ def _conv_1x1(x, kernel, strides, pads):
   y = lax.dot_general(xp.reshape(n * ho * wo, cin), kernel.reshape(cin, -1),
                       (((1,), (0,)), ((), ())), preferred_element_type=_acc_dtype(out_dtype))
   return y.astype(out_dtype).reshape(n, ho, wo, -1)
+
+
+# --- maps smaller than the kernel: one matmul with the kernel unrolled over the map --------
+
+def _small_map_links(in_hw, k_hw, strides, pads, dilation):
+  """``links[(a, b)][(u, v)]``: the kernel tap (i, j) linking input pixel (a, b) to output
+  pixel (u, v), or None; and the output size."""
+  out_hw = tuple(_out_size(in_hw[d], k_hw[d], strides[d], dilation[d], pads[d]) for d in (0, 1))
+
+  def tap(pixel, out, d):
+    i, rem = divmod(pixel + pads[d][0] - out * strides[d], dilation[d])
+    return i if rem == 0 and 0 <= i < k_hw[d] else None
+
+  links = {}
+  for a in range(in_hw[0]):
+    for b in range(in_hw[1]):
+      for u in range(out_hw[0]):
+        for v in range(out_hw[1]):
+          i, j = tap(a, u, 0), tap(b, v, 1)
+          links[a, b, u, v] = None if i is None or j is None else (i, j)
+  return links, out_hw
+
+
+def _unrolled_kernel(kernel, in_hw, strides, pads, dilation):
+  """The conv as a (h*w*cin, ho*wo*cout) matrix: block ((a, b), (u, v)) is the tap linking
+  input pixel (a, b) to output pixel (u, v), or zeros. Built row by row (no transposes)."""
+  kh, kw, cin, cout = kernel.shape
+  links, (ho, wo) = _small_map_links(in_hw, (kh, kw), strides, pads, dilation)
+  zero = jnp.zeros((cin, cout), kernel.dtype)
+  rows = []
+  for a in range(in_hw[0]):
+    for b in range(in_hw[1]):
+      blocks = [zero if links[a, b, u, v] is None else kernel[links[a, b, u, v]]
+                for u in range(ho) for v in range(wo)]
+      rows.append(jnp.concatenate(blocks, axis=1))
+  return jnp.concatenate(rows, axis=0)
+
+
+def _small_map_out_hw(x, kernel, strides, pads, dilation):
+  return tuple(_out_size(x.shape[1 + d], kernel.shape[d], strides[d], dilation[d], pads[d]) for d in (0, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_small_map(x, kernel, strides, pads, dilation):
+  """One matmul with the kernel unrolled over the whole map (:func:`_unrolled_kernel`).
+
+  On a map with fewer pixels than kernel taps this multiplies fewer zeros than im2col (whose
+  patches hold the padding) and copies no patches; taps that only see padding drop out (a
+  3x3 SAME conv on a 1x1 map is its centre tap). Input gradient: the transposed matmul.
+  Kernel gradient: im2col + one matmul over the taps that meet the map, written in HWIO order
+  (autodiff through the unrolled kernel would sum its blocks back with slow strided pads).
+  """
+  n, h, w, _ = x.shape
+  ho, wo = _small_map_out_hw(x, kernel, strides, pads, dilation)
+  unrolled = _unrolled_kernel(kernel, (h, w), strides, pads, dilation)
+  out_dtype = jnp.result_type(x.dtype, kernel.dtype)
+  y = lax.dot_general(x.reshape(n, -1), unrolled, (((1,), (0,)), ((), ())),
+                      preferred_element_type=_acc_dtype(out_dtype))
+  return y.astype(out_dtype).reshape(n, ho, wo, kernel.shape[-1])
+
+
+def _conv_small_map_fwd(x, kernel, strides, pads, dilation):
+  return _conv_small_map(x, kernel, strides, pads, dilation), (x, kernel)
+
+
+def _conv_small_map_bwd(strides, pads, dilation, residuals, g):
+  x, kernel = residuals
+  n, h, w, cin = x.shape
+  kh, kw, _, cout = kernel.shape
+  acc = _acc_dtype(jnp.result_type(x.dtype, g.dtype))
+  unrolled = _unrolled_kernel(kernel, (h, w), strides, pads, dilation)
+  dx = lax.dot_general(g.reshape(n, -1), unrolled, (((1,), (1,)), ((), ())),
+                       preferred_element_type=acc).astype(x.dtype).reshape(x.shape)
+  links, out_hw = _small_map_links((h, w), (kh, kw), strides, pads, dilation)
+  live = sorted({t for t in links.values() if t is not None})
+  windows = dict(zip([(i, j) for i in range(kh) for j in range(kw)],
+                     _taps(_pad_hw(x, pads), (kh, kw), out_hw, strides, dilation)))
+  patches = jnp.concatenate([windows[t] for t in live], axis=-1)
+  dk_live = lax.dot_general(patches.reshape(-1, len(live) * cin), g.reshape(-1, cout),
+                            (((0,), (0,)), ((), ())), preferred_element_type=acc)
+  dk_live = dk_live.astype(kernel.dtype).reshape(len(live), cin, cout)
+  if len(live) == kh * kw:
+    return dx, dk_live.reshape(kernel.shape)
+  zero = jnp.zeros((cin, cout), kernel.dtype)
+  taps = [dk_live[live.index((i, j))] if (i, j) in live else zero for i in range(kh) for j in range(kw)]
+  return dx, jnp.stack(taps).reshape(kernel.shape)
+
+
+_conv_small_map.defvjp(_conv_small_map_fwd, _conv_small_map_bwd)
 
 
 # --- depthwise: shifted multiply-adds -----------------------------------------------------

@@ -40,9 +40,16 @@ CASES = [
     (2, 8, 8, 3, 6, 2, 2, 2, "VALID", 1, 1),
     (2, 9, 8, 3, 24, 2, 2, 1, "VALID", 1, 1),
     (2, 7, 7, 4, 5, 2, 2, 1, "SAME", 1, 1),
-    # tiny outputs (im2col + matmul path), incl. a 3x3 SAME conv on a 1x1 map
+    # maps with fewer pixels than kernel taps (unrolled-kernel matmul path): a 3x3 SAME conv on
+    # 2x2 and 1x1 maps, stride 2, a 5x5 kernel, dilation, pads that leave outputs all padding
     (2, 2, 2, 8, 6, 3, 3, 1, "SAME", 1, 1),
     (2, 1, 1, 8, 6, 3, 3, 1, "SAME", 1, 1),
+    (2, 2, 2, 8, 6, 3, 3, 2, "SAME", 1, 1),
+    (1, 3, 2, 5, 7, 3, 3, 1, [(0, 0), (1, 1)], 1, 1),
+    (2, 4, 4, 3, 4, 5, 5, (2, 1), "SAME", 1, 1),
+    (2, 2, 3, 4, 6, 3, 3, 1, "SAME", 1, (2, 1)),
+    (1, 2, 2, 4, 6, 3, 3, 1, [(4, 0), (1, 3)], 1, 1),
+    # tiny outputs (im2col + matmul path)
     (2, 3, 4, 8, 6, 3, 3, 2, [(1, 0), (2, 1)], 1, (1, 2)),
     (1, 4, 4, 256, 8, 3, 3, 1, "SAME", 1, 1),
     (1, 7, 7, 512, 4, 3, 3, 1, "SAME", 1, 1),
@@ -73,8 +80,9 @@ def test_cpu_lowering_matches_lax_forward_and_gradients(case):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[10], CASES[13], CASES[17], CASES[19]],
-                         ids=["1x1", "depthwise", "depthwise-mult", "first-layer", "whitening", "tiny-map"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[10], CASES[13], CASES[17], CASES[19], CASES[26]],
+                         ids=["1x1", "depthwise", "depthwise-mult", "first-layer", "whitening", "small-map",
+                              "tiny-map"])
 def test_bfloat16_matches_float32_reference(case):
   *_, strides, padding, groups, dilation = case
   x, k = _inputs(case, jnp.bfloat16)
@@ -102,8 +110,8 @@ def test_cpu_lowering_avoids_xla_conv_for_1x1_depthwise_and_tiny_maps():
     one = _primitives(lambda a, b: conv_ops.conv2d(a, b, strides=2), x, jnp.zeros((1, 1, 4, 8)))
     dw = jax.make_jaxpr(jax.grad(lambda a, b: conv_ops.conv2d(a, b, groups=4).sum(), (0, 1)))(
         x, jnp.zeros((3, 3, 1, 4)))
-    tiny = _primitives(lambda a, b: conv_ops.conv2d(a, b), jnp.zeros((1, 2, 2, 8)),
-                       jnp.zeros((3, 3, 8, 8)))
+    tiny = str(jax.make_jaxpr(jax.grad(lambda a, b: conv_ops.conv2d(a, b).sum(), (0, 1)))(
+        jnp.zeros((1, 2, 2, 8)), jnp.zeros((3, 3, 8, 8))))
     whiten = _primitives(lambda a, b: conv_ops.conv2d(a, b, padding="VALID"),
                          jnp.zeros((1, 8, 8, 3)), jnp.zeros((2, 2, 3, 24)))
   assert "conv_general_dilated" not in whiten and "dot_general" in whiten
