@@ -45,8 +45,10 @@ LAYERS = {
     "cifar_3x3_64_128_32": (32, 64, 128, 3, 1, 1),
     "cifar_3x3_3_64_32": (32, 3, 64, 3, 1, 1),
     "cifar_whiten_2x2_3_24_32": (32, 3, 24, 2, 1, 1),  # airbench's whitening layer (SAME here)
-    "resnet18_3x3_256_4": (4, 256, 256, 3, 1, 1),  # resnet18 at 32 px, last stages
+    "resnet18_3x3_256_4": (4, 256, 256, 3, 1, 1),  # resnet18 at 64 px, last stages
     "resnet18_3x3_512_2": (2, 512, 512, 3, 1, 1),
+    "resnet18_3x3_256_2": (2, 256, 256, 3, 1, 1),  # resnet18 at 32 px, last stages
+    "resnet18_3x3_512_1": (1, 512, 512, 3, 1, 1),
     "mbv2_project_1x1_5": (5, 960, 320, 1, 1, 1),  # mobilenet_v2 at 160 px, last block
     "mbv2_dw3x3_s1_5": (5, 960, 960, 3, 1, 960),
 }
