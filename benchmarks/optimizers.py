@@ -2,8 +2,9 @@
 
 Times ``experiments/cifar10.py``'s presets (``cpu_sgd``: airbench94's Nesterov SGD + lookahead;
 ``cpu``: airbench94_muon's Muon on the conv kernels) as ``jcv.train.fit`` runs them: the
-data-parallel jitted step over ``--devices-per-core`` XLA CPU devices per core (default 1;
-``experiments/cifar10.py`` trains with 2), random uint8 batches fed from host
+data-parallel jitted step over ``--devices-per-core`` XLA CPU devices per core (default 1, as
+``experiments/cifar10.py`` trains), both on the ``cpu`` preset's net (width 0.75), so only the
+optimizer differs; random uint8 batches fed from host
 numpy every step, in interleaved rounds of ``--steps-per-call`` steps ending with a block. Also
 times Muon's Newton-Schulz iterations alone for the preset's kernel shapes.
 
@@ -48,7 +49,7 @@ def main(argv=None):
            "label": rng.integers(0, 10, args.batch_size).astype(np.int32)}
 
   def runner(config):
-    config = config.replace(batch_size=args.batch_size)
+    config = config.replace(batch_size=args.batch_size, model_options=cifar10.CPU.model_options)
     model = loop.build_model(config, 10)
     tx, schedule = optim.make_optimizer(config, steps_per_epoch=390, total_steps=390 * config.epochs)
     state = parallel.replicate(create_train_state(jax.random.key(0), model, tx, (1, 32, 32, 3)), mesh)
@@ -78,7 +79,7 @@ def main(argv=None):
                                iters_per_round=5, warmup=2)["ns"]
 
   base = rows[0]["img_per_s"]
-  print(f"cifar_cnn width 0.5, batch {args.batch_size}, {jax.device_count()} XLA CPU device(s)")
+  print(f"cifar_cnn {cifar10.CPU.model_options}, batch {args.batch_size}, {jax.device_count()} XLA CPU device(s)")
   for r in rows:
     r["vs_sgd"] = r["img_per_s"] / base
     print(f"  {r['optimizer']:>24s}: {r['ms_per_step']:7.1f} ms/step  {r['img_per_s']:6.0f} img/s  "
