@@ -331,8 +331,8 @@ def _conv_1x1(x, kernel, strides, pads):
 # --- maps smaller than the kernel: one matmul with the kernel unrolled over the map --------
 
 def _small_map_links(in_hw, k_hw, strides, pads, dilation):
-  """``links[(a, b)][(u, v)]``: the kernel tap (i, j) linking input pixel (a, b) to output
-  pixel (u, v), or None; and the output size."""
+  """``links[a, b, u, v]``: the kernel tap (i, j) linking input pixel (a, b) to output pixel
+  (u, v), or None; and the output size."""
   out_hw = tuple(_out_size(in_hw[d], k_hw[d], strides[d], dilation[d], pads[d]) for d in (0, 1))
 
   def tap(pixel, out, d):
@@ -401,6 +401,8 @@ def _conv_small_map_bwd(strides, pads, dilation, residuals, g):
                        preferred_element_type=acc).astype(x.dtype).reshape(x.shape)
   links, out_hw = _small_map_links((h, w), (kh, kw), strides, pads, dilation)
   live = sorted({t for t in links.values() if t is not None})
+  if not live:  # every output sees only padding
+    return dx, jnp.zeros_like(kernel)
   windows = dict(zip([(i, j) for i in range(kh) for j in range(kw)],
                      _taps(_pad_hw(x, pads), (kh, kw), out_hw, strides, dilation)))
   patches = jnp.concatenate([windows[t] for t in live], axis=-1)
