@@ -10,7 +10,7 @@ airbench94's Nesterov SGD + lookahead (``gpu``, ``cpu_sgd``) or airbench94_muon'
 (``cpu``, with precise BN over 10k images). ``cpu`` is sized for about 20 min on a 2-core CPU.
 
 Measured on ../shared/data/cifar10 (test split, TTA; the commands above; docs/cifar10.md):
-``cpu`` 90.22 % top-1 in 18.1 min (89.59 % with ``--seed 1``) and ``cpu_sgd`` 88.94 % in 13.0 min (on 4 XLA
+``cpu`` 90.22 % top-1 in 18.1 min (seeds 1, 2: 89.59, 90.31 %) and ``cpu_sgd`` 88.94 % in 13.0 min (on 4 XLA
 devices) on a 2-core AMD EPYC VM (2026-11-30); ``gpu`` 90.64 % in 32.7 s of fit on one H200 (2026-11-28).
 """
 from __future__ import annotations
