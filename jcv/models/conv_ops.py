@@ -351,7 +351,8 @@ def _small_map_links(in_hw, k_hw, strides, pads, dilation):
 
 def _unrolled_kernel(kernel, in_hw, strides, pads, dilation):
   """The conv as a (h*w*cin, ho*wo*cout) matrix: block ((a, b), (u, v)) is the tap linking
-  input pixel (a, b) to output pixel (u, v), or zeros. Built row by row (no transposes)."""
+  input pixel (a, b) to output pixel (u, v), or zeros. Built row by row (no transposes).
+  Returns the matrix and (ho, wo)."""
   kh, kw, cin, cout = kernel.shape
   links, (ho, wo) = _small_map_links(in_hw, (kh, kw), strides, pads, dilation)
   zero = jnp.zeros((cin, cout), kernel.dtype)
@@ -361,11 +362,7 @@ def _unrolled_kernel(kernel, in_hw, strides, pads, dilation):
       blocks = [zero if links[a, b, u, v] is None else kernel[links[a, b, u, v]]
                 for u in range(ho) for v in range(wo)]
       rows.append(jnp.concatenate(blocks, axis=1))
-  return jnp.concatenate(rows, axis=0)
-
-
-def _small_map_out_hw(x, kernel, strides, pads, dilation):
-  return tuple(_out_size(x.shape[1 + d], kernel.shape[d], strides[d], dilation[d], pads[d]) for d in (0, 1))
+  return jnp.concatenate(rows, axis=0), (ho, wo)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -379,8 +376,7 @@ def _conv_small_map(x, kernel, strides, pads, dilation):
   (autodiff through the unrolled kernel would sum its blocks back with slow strided pads).
   """
   n, h, w, _ = x.shape
-  ho, wo = _small_map_out_hw(x, kernel, strides, pads, dilation)
-  unrolled = _unrolled_kernel(kernel, (h, w), strides, pads, dilation)
+  unrolled, (ho, wo) = _unrolled_kernel(kernel, (h, w), strides, pads, dilation)
   out_dtype = jnp.result_type(x.dtype, kernel.dtype)
   y = lax.dot_general(x.reshape(n, -1), unrolled, (((1,), (0,)), ((), ())),
                       preferred_element_type=_acc_dtype(out_dtype))
@@ -396,10 +392,10 @@ def _conv_small_map_bwd(strides, pads, dilation, residuals, g):
   n, h, w, cin = x.shape
   kh, kw, _, cout = kernel.shape
   acc = _acc_dtype(jnp.result_type(x.dtype, g.dtype))
-  unrolled = _unrolled_kernel(kernel, (h, w), strides, pads, dilation)
+  unrolled, out_hw = _unrolled_kernel(kernel, (h, w), strides, pads, dilation)
   dx = lax.dot_general(g.reshape(n, -1), unrolled, (((1,), (1,)), ((), ())),
                        preferred_element_type=acc).astype(x.dtype).reshape(x.shape)
-  links, out_hw = _small_map_links((h, w), (kh, kw), strides, pads, dilation)
+  links, _ = _small_map_links((h, w), (kh, kw), strides, pads, dilation)
   live = sorted({t for t in links.values() if t is not None})
   if not live:  # every output sees only padding
     return dx, jnp.zeros_like(kernel)
@@ -411,8 +407,9 @@ def _conv_small_map_bwd(strides, pads, dilation, residuals, g):
   dk_live = dk_live.astype(kernel.dtype).reshape(len(live), cin, cout)
   if len(live) == kh * kw:
     return dx, dk_live.reshape(kernel.shape)
+  position = {t: k for k, t in enumerate(live)}
   zero = jnp.zeros((cin, cout), kernel.dtype)
-  taps = [dk_live[live.index((i, j))] if (i, j) in live else zero for i in range(kh) for j in range(kw)]
+  taps = [dk_live[position[i, j]] if (i, j) in position else zero for i in range(kh) for j in range(kw)]
   return dx, jnp.stack(taps).reshape(kernel.shape)
 
 
