@@ -349,12 +349,11 @@ def _small_map_links(in_hw, k_hw, strides, pads, dilation):
   return links, out_hw
 
 
-def _unrolled_kernel(kernel, in_hw, strides, pads, dilation):
-  """The conv as a (h*w*cin, ho*wo*cout) matrix: block ((a, b), (u, v)) is the tap linking
-  input pixel (a, b) to output pixel (u, v), or zeros. Built row by row (no transposes).
-  Returns the matrix and (ho, wo)."""
-  kh, kw, cin, cout = kernel.shape
-  links, (ho, wo) = _small_map_links(in_hw, (kh, kw), strides, pads, dilation)
+def _unrolled_kernel(kernel, links, in_hw, out_hw):
+  """The conv as a (h*w*cin, ho*wo*cout) matrix: block ((a, b), (u, v)) is the tap
+  ``links[a, b, u, v]`` (:func:`_small_map_links`), or zeros. Built row by row (no transposes)."""
+  _, _, cin, cout = kernel.shape
+  ho, wo = out_hw
   zero = jnp.zeros((cin, cout), kernel.dtype)
   rows = []
   for a in range(in_hw[0]):
@@ -362,7 +361,7 @@ def _unrolled_kernel(kernel, in_hw, strides, pads, dilation):
       blocks = [zero if links[a, b, u, v] is None else kernel[links[a, b, u, v]]
                 for u in range(ho) for v in range(wo)]
       rows.append(jnp.concatenate(blocks, axis=1))
-  return jnp.concatenate(rows, axis=0), (ho, wo)
+  return jnp.concatenate(rows, axis=0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -376,7 +375,8 @@ def _conv_small_map(x, kernel, strides, pads, dilation):
   (autodiff through the unrolled kernel would sum its blocks back with slow strided pads).
   """
   n, h, w, _ = x.shape
-  unrolled, (ho, wo) = _unrolled_kernel(kernel, (h, w), strides, pads, dilation)
+  links, (ho, wo) = _small_map_links((h, w), kernel.shape[:2], strides, pads, dilation)
+  unrolled = _unrolled_kernel(kernel, links, (h, w), (ho, wo))
   out_dtype = jnp.result_type(x.dtype, kernel.dtype)
   y = lax.dot_general(x.reshape(n, -1), unrolled, (((1,), (0,)), ((), ())),
                       preferred_element_type=_acc_dtype(out_dtype))
@@ -392,10 +392,10 @@ def _conv_small_map_bwd(strides, pads, dilation, residuals, g):
   n, h, w, cin = x.shape
   kh, kw, _, cout = kernel.shape
   acc = _acc_dtype(jnp.result_type(x.dtype, g.dtype))
-  unrolled, out_hw = _unrolled_kernel(kernel, (h, w), strides, pads, dilation)
+  links, out_hw = _small_map_links((h, w), (kh, kw), strides, pads, dilation)
+  unrolled = _unrolled_kernel(kernel, links, (h, w), out_hw)
   dx = lax.dot_general(g.reshape(n, -1), unrolled, (((1,), (1,)), ((), ())),
                        preferred_element_type=acc).astype(x.dtype).reshape(x.shape)
-  links, _ = _small_map_links((h, w), (kh, kw), strides, pads, dilation)
   live = sorted({t for t in links.values() if t is not None})
   if not live:  # every output sees only padding
     return dx, jnp.zeros_like(kernel)
