@@ -34,43 +34,47 @@ import platform
 import sys
 
 from jcv import plots
-from jcv.train import Config, build, cli, evaluation, fit, log
+from jcv.train import (Augment, Config, Data, FeatureCache, Init, Model, Optim, Phase, Pretrained, Run, build, cli,
+                       evaluation, fit, log)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("JCV_SHARED", REPO.parent / "shared"))
 WEIGHTS = str(SHARED / "weights" / "mobilenet_v2_1.0_224_backbone.npz")
-BASE = Config(dataset="cats_vs_dogs", train_split="train[:70%]", eval_split="train[70%:80%]", image_size=160,
-              crop="random_resized", augment=("flip",), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), num_classes=2,
-              model="mobilenet_v2", optimizer="adamw", learning_rate=1e-3, weight_decay=0.0, batch_size=32,
-              progress=False)
-FROZEN = BASE.replace(init_from={"pretrained": {"weights": WEIGHTS}}, mean="pretrained", std="pretrained",
-                      trainable="head", feature_cache={"flip": True, "stage": -3}, epochs=20)
-FINETUNE = FROZEN.replace(epochs=24, phases=(
-    {"epochs": 20, "trainable": "head"},
-    {"epochs": 4, "trainable": 3, "learning_rate": 1e-4, "backbone_lr_multiplier": 0.3, "warmup_epochs": 0.5}))
+BASE = Config(
+    data=Data(dataset="cats_vs_dogs", train_split="train[:70%]", eval_split="train[70%:80%]", image_size=160,
+              crop="random_resized", batch_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    augment=Augment(ops=("flip",)), model=Model(name="mobilenet_v2", num_classes=2),
+    optim=Optim(name="adamw", learning_rate=1e-3, weight_decay=0.0), run=Run(progress=False))
+FROZEN = BASE.replace(data={"mean": "pretrained", "std": "pretrained"}, run={"length": "20 epochs"},
+                      init=Init(pretrained=Pretrained(WEIGHTS), trainable="head",
+                                feature_cache=FeatureCache(flip=True, stage=-3)))
+FINETUNE = FROZEN.replace(run={"length": "24 epochs"}, phases=(
+    Phase(length="20 epochs", trainable="head"),
+    Phase(length="4 epochs", trainable=3, learning_rate=1e-4, backbone_lr_multiplier=0.3, warmup="0.5 epochs")))
 # BN momentum 0.9, not Keras' 0.999: a short run from scratch must move the running statistics.
-SCRATCH = BASE.replace(image_size=96, epochs=2, model_options={"bn_momentum": 0.9}, learning_rate=2e-3,
-                       weight_decay=1e-4)
-ADVANCED_CNN = BASE.replace(image_size=96, epochs=2, model="advanced_cnn", weight_decay=1e-4,
-                            weight_decay_mode="l2")
+SCRATCH = BASE.replace(data={"image_size": 96}, run={"length": "2 epochs"}, model={"options": {"bn_momentum": 0.9}},
+                       optim={"learning_rate": 2e-3, "weight_decay": 1e-4})
+ADVANCED_CNN = BASE.replace(data={"image_size": 96}, run={"length": "2 epochs"}, model={"name": "advanced_cnn"},
+                            optim={"weight_decay": 1e-4, "weight_decay_mode": "l2"})
 PRESETS = {"frozen": FROZEN, "finetune": FINETUNE, "scratch": SCRATCH, "advanced_cnn": ADVANCED_CNN}
 
 
 def make_config(args, variant: str) -> Config:
   """The variant's preset on the data, weights and sizes given, then the shared flags and --set."""
   config = PRESETS[variant]
-  if config.init_from:
+  if config.init.pretrained is not None:
     if args.backbone != "mobilenet_v2" and args.weights == WEIGHTS:
       raise ValueError(f"--backbone {args.backbone} needs its --weights FILE")
-    config = config.replace(model=args.backbone, init_from={"pretrained": {"weights": args.weights}},
-                            image_size=args.image_size)
+    config = config.replace(model={"name": args.backbone}, init={"pretrained": Pretrained(args.weights)},
+                            data={"image_size": args.image_size})
   elif args.scratch_image_size:
-    config = config.replace(image_size=args.scratch_image_size)
+    config = config.replace(data={"image_size": args.scratch_image_size})
   if build.is_image_folder(args.data_dir):
-    config = config.replace(dataset=args.data_dir, train_split="train", eval_split="val", val_fraction=0.1)
-  if config.feature_cache is not None:  # frozen and finetune share the features below the top 3 stages
+    config = config.replace(data={"dataset": args.data_dir, "train_split": "train", "eval_split": "val",
+                                  "val_fraction": 0.1})
+  if config.init.feature_cache is not None:  # frozen and finetune share the features below the top 3 stages
     directory = str(pathlib.Path(args.workdir).absolute() / "features")
-    config = config.replace(feature_cache={**config.feature_cache, "directory": directory})
+    config = config.replace(init={"feature_cache": FeatureCache(flip=True, stage=-3, directory=directory)})
   return cli.apply_args(config, args)
 
 
@@ -87,17 +91,17 @@ def _limited(source, limit, seed):
 
 def run(config: Config, folder: pathlib.Path, limit: int | None, *, restart: bool = False) -> dict:
   """Trains one variant in ``folder`` and tests it -> its result.json."""
-  test_split = "test" if build.is_image_folder(config.dataset, "test") else "train[80%:]"
+  test_split = "test" if build.is_image_folder(config.data.dataset, "test") else "train[80%:]"
   sources = {"train": None, "eval": None, "test": None}
   if limit:
-    splits = {"train": config.train_split, "eval": config.eval_split, "test": test_split}
-    sources = {k: _limited(build.build_source(config, s), limit, config.seed) for k, s in splits.items()}
+    splits = {"train": config.data.train_split, "eval": config.data.eval_split, "test": test_split}
+    sources = {k: _limited(build.build_source(config, s), limit, config.run.seed) for k, s in splits.items()}
   results = fit(config, workdir=folder, train_source=sources["train"], eval_source=sources["eval"],
                 restart=restart)
   test = evaluation.evaluate(folder, split=test_split, which="latest", source=sources["test"])
   result = {"variant": folder.name, "val_top1": (results["final"]["eval"] or {}).get("top1"),
             "test_top1": test["top1"], "test_loss": test["loss"], "epochs": results["epochs"],
-            "wall_time_s": results["wall_time_s"], "image_size": config.image_size, "config": config.to_dict()}
+            "wall_time_s": results["wall_time_s"], "image_size": config.data.image_size, "config": config.to_dict()}
   (folder / "result.json").write_text(json.dumps(result, indent=1, default=float))
   print(f"{result['variant']}: val top-1 {result['val_top1']:.4f}, test top-1 {result['test_top1']:.4f}, "
         f"{result['wall_time_s']:.0f}s")

@@ -37,31 +37,35 @@ import sys
 import numpy as np
 
 from jcv import plots
-from jcv.train import Config, build, cli, evaluation, fit
+from jcv.train import (Augment, Config, Data, Evaluation, FeatureCache, Init, Model, Optim, Phase, Pretrained, Run,
+                       Schedule, build, cli, evaluation, fit)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WEIGHTS = "mobilenet_v2_1.0_224_no_top"
 BACKBONES = {"mobilenet_v2": WEIGHTS, "efficientnet_lite2": None}  # backbone -> default weights (None: a file)
-AUGMENT = ("flip", ("color_jitter", {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02}))
 CPU = Config(
-    dataset="food101", train_split="train[10%:]", eval_split="train[:10%]",
-    image_size=176, crop="random_resized", crop_scale=(0.25, 1.0), augment=AUGMENT,
-    eval_image_size=208, eval_crop_fraction=1.0, tta_flip=True,
-    model="efficientnet_lite2", init_from={"pretrained": {"weights": None}}, mean="pretrained", std="pretrained",
-    trainable="backbone", backbone_lr_multiplier=0.3,  # every stage, BatchNorm in inference mode
-    optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, warmup_epochs=0.5, label_smoothing=0.1,
-    epochs=7, batch_size=32, progress=False,
+    data=Data(dataset="food101", train_split="train[10%:]", eval_split="train[:10%]", image_size=176,
+              crop="random_resized", crop_scale=(0.25, 1.0), batch_size=32, mean="pretrained", std="pretrained"),
+    augment=Augment(ops=("flip", ("color_jitter", {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2,
+                                                   "hue": 0.02})), label_smoothing=0.1),
+    model=Model(name="efficientnet_lite2"),
+    init=Init(pretrained=Pretrained(), trainable="backbone",  # every stage, BatchNorm in inference mode
+              backbone_lr_multiplier=0.3),
+    optim=Optim(name="adamw", learning_rate=1e-3, weight_decay=1e-4),
+    schedule=Schedule(warmup="0.5 epochs"),
+    evaluation=Evaluation(image_size=208, crop_fraction=1.0, tta_flip=True),
+    run=Run(length="7 epochs", progress=False),
 )
 # The cpu recipe at Lite2's own 260 px (evaluated at the same 1.17x, whole image) for 10 epochs of
 # the 101-class tfds food101 (68k training images per epoch): docs/transfer.md argues each choice.
-GPU = CPU.replace(image_size=260, eval_image_size=304, epochs=10, warmup_epochs=1.0, dtype="bfloat16",
-                  batch_size=64, num_workers=8)  # batch: 64 per device (main scales it)
+GPU = CPU.replace(data={"image_size": 260, "batch_size": 64, "num_workers": 8},  # batch: 64 per device (main scales it)
+                  evaluation={"image_size": 304}, run={"length": "10 epochs"}, schedule={"warmup": "1 epochs"},
+                  model={"dtype": "bfloat16"})
 CACHED = CPU.replace(
-    image_size=224, augment=(), eval_image_size=None, eval_crop_fraction=0.875, tta_flip=False, warmup_epochs=0.0,
-    feature_cache={"flip": True}, epochs=20,
-    phases=({"epochs": 15, "trainable": "head", "learning_rate": 1e-3},
-            {"epochs": 5, "trainable": 3, "learning_rate": 2e-4, "backbone_lr_multiplier": 0.3,
-             "warmup_epochs": 0.5}))
+    data={"image_size": 224}, augment={"ops": ()}, evaluation=Evaluation(), schedule=Schedule(),
+    init={"feature_cache": FeatureCache(flip=True)}, run={"length": "20 epochs"},
+    phases=(Phase(length="15 epochs", trainable="head", learning_rate=1e-3),
+            Phase(length="5 epochs", trainable=3, learning_rate=2e-4, backbone_lr_multiplier=0.3, warmup="0.5 epochs")))
 PRESETS = {"cpu": CPU, "gpu": GPU, "cached": CACHED}
 
 
@@ -69,19 +73,20 @@ def make_config(args) -> Config:
   """The preset, on the data and weights given, with the shared flags and --set applied."""
   import jax
   preset = "cached" if args.mode == "cached" else args.preset or cli.backend_preset()
-  model = args.backbone or PRESETS[preset].model
+  model = args.backbone or PRESETS[preset].model.name
   weights = args.weights or BACKBONES[model]
   if weights is None:
     raise ValueError(f"{model} has no download name: pass --weights FILE (e.g. ../shared/weights/{model}.npz)")
-  config = PRESETS[preset].replace(model=model, init_from={"pretrained": {"weights": weights}})
+  config = PRESETS[preset].replace(model={"name": model}, init={"pretrained": Pretrained(weights=weights)})
   if args.data_dir and build.is_image_folder(args.data_dir):  # an image folder: val carved from train
-    config = config.replace(dataset=args.data_dir, train_split="train", eval_split="val", val_fraction=0.1)
+    config = config.replace(data={"dataset": args.data_dir, "train_split": "train", "eval_split": "val",
+                                  "val_fraction": 0.1})
   if args.image_size:  # the evaluation size keeps its ratio to the training size
-    ratio = (config.eval_image_size or config.image_size) / config.image_size
-    config = config.replace(image_size=args.image_size,
-                            eval_image_size=round(args.image_size * ratio) if config.eval_image_size else None)
+    size, eval_size = config.data.image_size, config.evaluation.image_size
+    config = config.replace(data={"image_size": args.image_size},
+                            evaluation={"image_size": round(args.image_size * eval_size / size) if eval_size else None})
   if preset == "gpu" and args.batch_size is None:
-    config = config.replace(batch_size=64 * jax.device_count())
+    config = config.replace(data={"batch_size": 64 * jax.device_count()})
   return cli.apply_args(config, args)
 
 
@@ -89,8 +94,8 @@ def report(config: Config, workdir: pathlib.Path, fit_results: dict) -> dict:
   """Test-split metrics, confusion matrix and a grid of predictions -> WORKDIR/results.json."""
   from jcv.data import pipeline, transforms
   run_config, class_names, state, mesh = evaluation.load_run(workdir, which="latest")
-  test = build.build_source(run_config, "test" if build.is_image_folder(config.dataset, "test") else "validation")
-  loader = pipeline.eval_loader(test, batch_size=config.batch_size, **build.eval_view(run_config))
+  test = build.build_source(run_config, "test" if build.is_image_folder(config.data.dataset, "test") else "validation")
+  loader = pipeline.eval_loader(test, batch_size=config.data.batch_size, **build.eval_view(run_config))
   logits, labels, _ = evaluation.collect_logits(state, loader, run_config, mesh)
   results = {**evaluation.test_metrics(logits, labels, class_names), "val": fit_results["final"]["eval"],
              "wall_time_s": fit_results["wall_time_s"], "phases": fit_results.get("phases"),
@@ -98,7 +103,7 @@ def report(config: Config, workdir: pathlib.Path, fit_results: dict) -> dict:
   (workdir / "results.json").write_text(json.dumps(results, indent=1, default=float))
   predictions = logits.argmax(-1)
   plots.confusion_matrix(labels, predictions, class_names, workdir / "confusion.png")
-  pick = np.random.default_rng(config.seed).permutation(len(labels))[:16]
+  pick = np.random.default_rng(config.run.seed).permutation(len(labels))[:16]
   view = build.eval_view(run_config)
   images = [transforms.eval_resize_crop(test[int(i)]["image"], view["image_size"], crop_fraction=view["crop_fraction"])
             for i in pick]
@@ -127,7 +132,7 @@ def main(argv=None):
     parser.error(str(e))
   if args.print_config:
     return cli.print_config(config)
-  weights = config.init_from["pretrained"]["weights"]
+  weights = config.init.pretrained.weights
   if pathlib.Path(weights).is_file():  # a damaged file fails now, in one line, not after the data
     from jcv.weights.files import check_weight_file
     check_weight_file(weights)

@@ -1,29 +1,34 @@
-"""jcv.train: pure train/eval steps, Optax setup, data parallelism, Orbax checkpoints, the loop.
+"""jcv.train: one trainer, ``fit``, over typed Config sections.
 
 Quick use::
 
-  from jcv.train import Config, fit
-  results = fit(Config(model="resnet20", dataset="../shared/data/cifar10", epochs=1), workdir="runs/x")
+  from jcv.train import Config, Data, Model, Run, fit
+  results = fit(Config(data=Data(dataset="../shared/data/cifar10"), model=Model(name="resnet20"),
+                       run=Run(length="1 epochs")), workdir="runs/x")
+
+Layers, each importing only those below it: ``durations``, ``sections``, ``config`` and the
+tables (``optim``); the building blocks (``state``, ``step``, ``parallel``, ``checkpoint``,
+``log``, ``rundir``, ``build``, ``features``, ``evaluation``, ``init_from``); ``loop`` (one run
+folder); ``trainer`` (``fit``: every regime, phases); ``cli`` on top.
 """
 import importlib
 
 from jcv.train.config import Config
-from jcv.train.optim import make_optimizer, make_schedule
-from jcv.train.state import TrainState, create_train_state
-from jcv.train.step import eval_step, predict_logits, train_step
+from jcv.train.sections import (Augment, Data, Evaluation, FeatureCache, Init, Lookahead, Model, Muon, Optim, Phase,
+                                Pretrained, Run, Schedule, Whiten)
 
 __all__ = [
-    "Config", "TrainState", "create_train_state", "train_step", "eval_step", "predict_logits",
-    "make_optimizer", "make_schedule", "fit", "evaluate",
-    "build", "checkpoint", "cli", "config", "evaluation", "features", "init_from", "log", "loop", "losses",
-    "optim", "parallel", "phases", "precise_bn", "state", "step", "transfer",
+    "Config", "Data", "Augment", "Model", "Init", "Pretrained", "Whiten", "FeatureCache", "Optim", "Muon",
+    "Lookahead", "Schedule", "Evaluation", "Run", "Phase", "fit", "evaluate",
+    "build", "checkpoint", "cli", "config", "durations", "evaluation", "features", "init_from", "log", "loop",
+    "losses", "optim", "optax_extras", "parallel", "precise_bn", "sections", "state", "step", "trainer",
 ]
 
 
 def fit(config, *, workdir, **kwargs):
-  """Trains per ``config`` in ``workdir`` (resuming if it holds a checkpoint); see jcv.train.loop.fit."""
-  from jcv.train import loop
-  return loop.fit(config, workdir=workdir, **kwargs)
+  """Trains per ``config`` in ``workdir`` (resuming if it holds a checkpoint); see jcv.train.trainer.fit."""
+  from jcv.train import trainer
+  return trainer.fit(config, workdir=workdir, **kwargs)
 
 
 def evaluate(*args, **kwargs):
@@ -33,7 +38,7 @@ def evaluate(*args, **kwargs):
 
 
 def __getattr__(name):
-  if name in ("build", "checkpoint", "cli", "evaluation", "features", "init_from", "log", "loop", "parallel",
-              "phases", "precise_bn", "transfer"):
+  if name in ("build", "checkpoint", "cli", "durations", "evaluation", "features", "init_from", "log", "loop",
+              "losses", "optim", "optax_extras", "parallel", "precise_bn", "sections", "state", "step", "trainer"):
     return importlib.import_module(f"jcv.train.{name}")
   raise AttributeError(f"module 'jcv.train' has no attribute {name!r}")

@@ -12,21 +12,22 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from jcv.train import step as step_lib
+from jcv.train import durations, step as step_lib
 from jcv.train.config import Config
-from jcv.train.optim import muon_mask
+from jcv.train.optim import make_optimizer, muon_mask
 
 __all__ = [
     "enable_compilation_cache", "is_image_folder", "source_spec", "build_source", "build_sources",
     "build_model", "build_augment", "eval_view", "train_config", "train_fn", "eval_fn", "last_phase",
-    "checkpoint_optimizer", "trainable_stages",
+    "checkpoint_optimizer", "trainable_stages", "image_loaders", "regime_options", "REGIMES", "stage_options", "example_shape",
+    "total_steps",
 ]
 
 
 def enable_compilation_cache(config: Config, workdir) -> str | None:
   """Turns on JAX's persistent compilation cache ("auto": the user's cache directory,
   :func:`jcv.perf.compilation_cache_dir`, never next to the workdir)."""
-  where = config.compilation_cache
+  where = config.run.compilation_cache
   if not where:
     return None
   if jax.config.jax_compilation_cache_dir:  # already chosen by the user or an earlier run
@@ -42,36 +43,53 @@ def is_image_folder(path, split: str = "train") -> bool:
 
 def source_spec(config: Config, split: str):
   """What to hand ``jcv.data.sources.resolve``: ``data_dir`` itself when it is an image
-  folder holding ``split`` (``--data-dir ../shared/data/cifar10``), else ``config.dataset``."""
-  if config.data_dir:
-    if is_image_folder(config.data_dir, split) or (config.val_fraction and is_image_folder(config.data_dir)):
-      return config.data_dir
-  return config.dataset
+  folder holding ``split`` (``--data-dir ../shared/data/cifar10``), else ``config.data.dataset``."""
+  if config.data.data_dir:
+    if is_image_folder(config.data.data_dir, split) or (config.data.val_fraction and is_image_folder(config.data.data_dir)):
+      return config.data.data_dir
+  return config.data.dataset
 
 
 def build_source(config: Config, split: str):
   """The jcv.data source of ``split`` (``val`` is carved from train by ``val_fraction``)."""
   from jcv.data import sources
-  return sources.resolve(source_spec(config, split), split=split, data_dir=config.data_dir,
-                         val_fraction=config.val_fraction, seed=config.seed, **config.source_options)
+  return sources.resolve(source_spec(config, split), split=split, data_dir=config.data.data_dir,
+                         val_fraction=config.data.val_fraction, seed=config.run.seed, cache=config.data.cache,
+                         strict=config.data.strict, max_pixels=config.data.max_pixels)
 
 
 def build_sources(config: Config, train_source=None, eval_source=None):
   """(train, eval) sources: the given ones, else built from the config (eval: None when
   ``eval_split`` is empty)."""
-  train = train_source if train_source is not None else build_source(config, config.train_split)
-  if eval_source is None and config.eval_split:
-    eval_source = build_source(config, config.eval_split)
+  train = train_source if train_source is not None else build_source(config, config.data.train_split)
+  if eval_source is None and config.data.eval_split:
+    eval_source = build_source(config, config.data.eval_split)
   return train, eval_source
 
 
+def image_loaders(config: Config, train_src, eval_src) -> dict:
+  """{"train_ld", "eval_ld", "input_shape"}: the image pipelines of a run (per-process batches)."""
+  from jcv.data import pipeline
+  pcount, d = jax.process_count(), config.data
+  if d.batch_size % jax.device_count():
+    raise ValueError(f"data.batch_size {d.batch_size} must be divisible by the {jax.device_count()} devices")
+  train_ld = pipeline.train_loader(train_src, batch_size=d.batch_size // pcount, image_size=d.image_size,
+                                   seed=config.run.seed, crop=d.crop, scale=tuple(d.crop_scale),
+                                   flip={"none": False, "random": True}.get(d.host_flip, d.host_flip),
+                                   num_workers=d.num_workers)
+  eval_bs = (config.evaluation.batch_size or d.batch_size) // pcount
+  eval_ld = (pipeline.eval_loader(eval_src, batch_size=eval_bs, num_workers=d.num_workers, **eval_view(config))
+             if eval_src is not None else None)
+  return {"train_ld": train_ld, "eval_ld": eval_ld, "input_shape": example_shape(config)}
+
+
 def build_model(config: Config, num_classes: int):
-  """``jcv.models.create(config.model, ...)`` with the config's dtype and model options."""
+  """``jcv.models.create(config.model.name, ...)`` with the config's dtype and model options."""
   import jcv.models
-  options = dict(config.model_options)
-  if config.dtype != "float32":
-    options["dtype"] = jnp.dtype(config.dtype)
-  return jcv.models.create(config.model, num_classes=num_classes, **options)
+  options = dict(config.model.options)
+  if config.model.dtype != "float32":
+    options["dtype"] = jnp.dtype(config.model.dtype)
+  return jcv.models.create(config.model.name, num_classes=num_classes, **options)
 
 
 def build_augment(config: Config, num_classes: int):
@@ -79,60 +97,97 @@ def build_augment(config: Config, num_classes: int):
   try:
     from jcv.data.augment import make_augment
   except ImportError:
-    if config.augment:
+    if config.augment.ops:
       warnings.warn("jcv.data.augment is not available; training without on-device augmentation")
     return None
-  return make_augment(list(config.augment), num_classes=num_classes)
+  return make_augment(list(config.augment.ops), num_classes=num_classes)
 
 
 def eval_view(config: Config) -> dict:
   """The evaluation view of a run: ``{"image_size", "crop_fraction"}`` for eval loaders."""
-  return {"image_size": config.eval_image_size or config.image_size,
-          "crop_fraction": config.eval_crop_fraction}
+  return {"image_size": config.evaluation.image_size or config.data.image_size,
+          "crop_fraction": config.evaluation.crop_fraction}
+
+
+REGIMES = ("scratch", "frozen", "finetune")
+NOT_HEAD = "^(?!head/)"  # every parameter path outside the classifier head
+
+
+def regime_options(regime: str, *, stage_names: list[str], trainable_stages: int | None = None,
+                   backbone_lr_multiplier: float = 0.1, train_bn: bool = False) -> dict:
+  """What trains a regime of a staged model: ``{"freeze", "lr_multipliers", "model_options"}``.
+
+  ``scratch``: everything; ``frozen``: the head alone (the backbone's BatchNorm in inference
+  mode, no backward pass through it); ``finetune``: the top ``trainable_stages`` (None: all)
+  at ``backbone_lr_multiplier`` times the rate, BatchNorm in inference mode unless ``train_bn``.
+  """
+  count = len(stage_names)
+  if regime == "scratch":
+    return {"freeze": (), "lr_multipliers": {}, "model_options": {}}
+  if regime == "frozen":
+    return {"freeze": (NOT_HEAD,), "lr_multipliers": {}, "model_options": {"frozen_stages": count}}
+  if regime != "finetune":
+    raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
+  trainable = count if trainable_stages is None else int(trainable_stages)
+  if not 0 <= trainable <= count:
+    raise ValueError(f"trainable_stages must be in [0, {count}], got {trainable_stages}")
+  frozen = count - trainable
+  freeze = ("^(" + "|".join(stage_names[:frozen]) + ")/",) if frozen else ()
+  options = {"frozen_stages": frozen, "frozen_bn_stages": 0 if train_bn else count}
+  return {"freeze": freeze, "lr_multipliers": {NOT_HEAD: backbone_lr_multiplier}, "model_options": options}
 
 
 def train_config(config: Config, model) -> Config:
-  """``config`` with ``trainable`` turned into what trains it: ``freeze`` patterns,
-  ``lr_multipliers`` groups and the model's ``frozen_stages`` options (see
-  :func:`jcv.train.transfer.regime_options`); what the config sets itself wins (e.g.
-  ``model_options={"frozen_bn_stages": 0}``: BatchNorm in train mode). ``trainable="all"``
-  changes nothing."""
-  if config.trainable == "all":
+  """``config`` with ``init.trainable`` turned into what trains it: ``optim.freeze`` patterns,
+  ``optim.lr_multipliers`` groups and the model's ``frozen_stages`` options (:func:`regime_options`);
+  what the config sets itself wins (e.g. ``model.options={"frozen_bn_stages": 0}``: BatchNorm in
+  train mode). ``trainable="all"`` changes nothing."""
+  if config.init.trainable == "all":
     return config
-  from jcv.train import transfer
-  if config.trainable == "head":
-    fields = transfer.regime_options("frozen", stage_names=model.stage_names())
+  if config.init.trainable == "head":
+    fields = regime_options("frozen", stage_names=model.stage_names())
   else:
-    fields = transfer.regime_options("finetune", stage_names=model.stage_names(),
-                                     trainable_stages=trainable_stages(config, model),
-                                     backbone_lr_multiplier=config.backbone_lr_multiplier)
-  return config.replace(freeze=tuple(config.freeze) + tuple(fields["freeze"]),
-                        lr_multipliers={**fields["lr_multipliers"], **config.lr_multipliers},
-                        model_options={**fields["model_options"], **config.model_options})
+    fields = regime_options("finetune", stage_names=model.stage_names(),
+                           trainable_stages=trainable_stages(config, model),
+                           backbone_lr_multiplier=config.init.backbone_lr_multiplier)
+  return config.replace(
+      optim={"freeze": tuple(config.optim.freeze) + tuple(fields["freeze"]),
+             "lr_multipliers": {**fields["lr_multipliers"], **config.optim.lr_multipliers}},
+      model={"options": {**fields["model_options"], **config.model.options}})
+
+
+def stage_options(config: Config) -> dict:
+  """The model options of ``config`` that freeze stages (``frozen_stages``, ``frozen_bn_stages``)."""
+  return {k: v for k, v in config.model.options.items() if k in ("frozen_stages", "frozen_bn_stages")}
+
+
+def example_shape(config: Config) -> tuple[int, int, int]:
+  """One training image's shape, NHWC without the batch: ``(size, size, 3)``."""
+  return (config.data.image_size, config.data.image_size, 3)
 
 
 def trainable_stages(config: Config, model) -> int | None:
-  """How many top stages ``config.trainable`` trains: N, the stage count for "backbone", None
+  """How many top stages ``config.init.trainable`` trains: N, the stage count for "backbone", None
   for "all" and 0 for "head"."""
-  if config.trainable == "all":
+  if config.init.trainable == "all":
     return None
-  if config.trainable == "head":
+  if config.init.trainable == "head":
     return 0
   count = len(model.stage_names())
-  return count if config.trainable == "backbone" else int(config.trainable)
+  return count if config.init.trainable == "backbone" else int(config.init.trainable)
 
 
 def train_fn(config: Config, *, num_classes, augment_fn, schedule, features: bool = False):
   """``train_step`` with the config's options bound (``features=True``: the inputs are cached
   features, not images: no normalisation)."""
-  l2 = config.weight_decay if config.weight_decay_mode == "l2" else 0.0
+  l2 = config.optim.weight_decay if config.optim.weight_decay_mode == "l2" else 0.0
   return functools.partial(
       step_lib.train_step, augment_fn=augment_fn, num_classes=num_classes,
-      mean=None if features else config.mean, std=None if features else config.std,
-      label_smoothing=config.label_smoothing, l2_weight=l2,
-      decay_bn_and_bias=config.decay_bn_and_bias, freeze=tuple(config.freeze), schedule=schedule,
-      sync_batch_stats=config.sync_batch_stats,
-      l2_exclude=(lambda p: muon_mask(p, config)) if config.optimizer == "muon" else None)
+      mean=None if features else config.data.mean, std=None if features else config.data.std,
+      label_smoothing=config.augment.label_smoothing, l2_weight=l2,
+      decay_bn_and_bias=config.optim.decay_bn_and_bias, freeze=tuple(config.optim.freeze), schedule=schedule,
+      sync_batch_stats=config.run.sync_batch_stats,
+      l2_exclude=(lambda p: muon_mask(p, config.optim)) if config.optim.muon is not None else None)
 
 
 def eval_fn(config: Config, *, features: bool = False):
@@ -140,8 +195,8 @@ def eval_fn(config: Config, *, features: bool = False):
   (``features=True``: cached features, used as they are)."""
   if features:
     return step_lib.eval_step
-  return functools.partial(step_lib.eval_step, mean=config.mean, std=config.std,
-                           tta_flip=config.tta_flip, tta_translate=config.tta_translate)
+  return functools.partial(step_lib.eval_step, mean=config.data.mean, std=config.data.std,
+                           tta_flip=config.evaluation.tta_flip, tta_translate=config.evaluation.tta_translate)
 
 
 def last_phase(config: Config) -> Config:
@@ -149,8 +204,12 @@ def last_phase(config: Config) -> Config:
   return config.phase_configs()[-1]
 
 
+def total_steps(config: Config, steps_per_epoch: int) -> int:
+  """How many optimizer steps ``config.run.length`` lasts with ``steps_per_epoch``."""
+  return durations.steps(config.run.length, steps_per_epoch=steps_per_epoch, batch_size=config.data.batch_size)
+
+
 def checkpoint_optimizer(config: Config, model):
   """The optimizer whose state a run's final checkpoint holds (its last phase's), for restoring."""
-  from jcv.train.optim import make_optimizer
   tx, _ = make_optimizer(train_config(last_phase(config), model), steps_per_epoch=1, total_steps=1)
   return tx

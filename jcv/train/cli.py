@@ -30,8 +30,9 @@ __all__ = ["HelpFormatter", "make_parser", "apply_args", "config_from_args", "st
            "backend_preset", "fit_only_flags", "describe_presets", "user_errors", "guarded_main", "USAGE_ERRORS",
            "print_config"]
 
-# Flags that become the Config field of the same name (--epochs: Config.with_epochs).
-CONFIG_FLAGS = ("data_dir", "steps", "batch_size", "seed", "parallel", "checkpoint_every")
+# Flags -> the Config field they set (--epochs: Config.with_length, --steps: a length in steps).
+CONFIG_FLAGS = {"data_dir": "data.data_dir", "batch_size": "data.batch_size", "seed": "run.seed",
+                "parallel": "run.parallel", "checkpoint_every": "run.checkpoint_every"}
 # Flags only a jcv.train.fit run uses (not the cached-feature transfer runs).
 FIT_ONLY = ("parallel", "checkpoint_every", "set")
 
@@ -39,13 +40,14 @@ HELP = {
     "workdir": "checkpoints, logs, figures and results.json go here; re-running resumes",
     "data_dir": "an image folder (root/<split>/<class>/<file>) or a tfds data_dir",
     "preset": "named preset",
-    "epochs": "total epochs of the run",
-    "steps": "stop after N optimizer steps in total (smoke tests)",
+    "epochs": "total epochs of the run (run.length; phases keep their shares)",
+    "steps": "train N optimizer steps in total (run.length in steps; smoke tests)",
     "batch_size": "global batch size (all devices and processes)",
     "seed": "random seed",
     "parallel": "data parallelism of jcv.train.fit: jit (GSPMD) or pmap (shard_map)",
     "checkpoint_every": "also checkpoint every N steps",
-    "set": "any other Config field, e.g. --set learning_rate=0.05 (repeatable; Python literals)",
+    "set": "any other Config field as section.field=value, e.g. --set optim.learning_rate=0.05 "
+           "(repeatable; Python literals; --print-config lists them)",
     "no_progress": "no tqdm progress bar (progress lines are still printed when not on a terminal)",
     "restart": "move an existing run in --workdir aside (to WORKDIR.old-<time>) and start afresh",
     "debug": "show the full traceback of an error",
@@ -112,30 +114,41 @@ def make_parser(description: str | None = None, *, presets=None, default_preset:
 
 
 def describe_presets(presets, *, title: str = "presets:",
-                     fields=("model", "image_size", "epochs", "batch_size", "optimizer", "learning_rate",
-                             "trainable", "dtype")) -> str:
-  """A help epilog: one wrapped line per preset with its main Config ``fields`` (or, for a
-  dict recipe, every item)."""
+                     fields=("model.name", "data.image_size", "run.length", "data.batch_size", "optim.name",
+                             "optim.learning_rate", "init.trainable", "model.dtype")) -> str:
+  """A help epilog: one wrapped line per preset with its main Config ``fields`` (dotted paths;
+  for a dict recipe, every item)."""
   lines = [title]
   for name, preset in presets.items():
-    items = preset.items() if isinstance(preset, dict) else ((f, getattr(preset, f)) for f in fields)
+    items = preset.items() if isinstance(preset, dict) else ((f, _get(preset, f)) for f in fields)
     text = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
     if getattr(preset, "phases", ()):
       text += ", phases: " + " then ".join(
-          f"{c.epochs} epochs trainable={c.trainable} lr={c.learning_rate:g}" for c in preset.phase_configs())
+          f"{c.run.length} trainable={c.init.trainable} lr={c.optim.learning_rate:g}" for c in preset.phase_configs())
     lines.append(textwrap.fill(f"{name}: {text}", width=100, initial_indent="  ", subsequent_indent="      "))
   return "\n".join(lines)
+
+
+def _get(config, path: str):
+  for name in path.split("."):
+    config = getattr(config, name)
+  return config
 
 
 def apply_args(config: Config, args: argparse.Namespace) -> Config:
   """``config`` with the shared flags that were given (--data-dir --epochs --steps --batch-size
   --seed --parallel --checkpoint-every --no-progress), then the --set items, validated."""
-  changes = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name, None) is not None}
+  for flag, path in CONFIG_FLAGS.items():
+    value = getattr(args, flag, None)
+    if value is not None:
+      config = config.set_path(path, f"{value} steps" if flag == "checkpoint_every" else value)
   if getattr(args, "no_progress", False):
-    changes["progress"] = False
+    config = config.replace(run={"progress": False})
   if getattr(args, "epochs", None) is not None:
-    config = config.with_epochs(args.epochs)
-  return config.replace(**changes).set(getattr(args, "set", None) or []).validate()
+    config = config.with_length(f"{args.epochs} epochs")
+  if getattr(args, "steps", None) is not None:
+    config = config.replace(run={"length": f"{args.steps} steps"})
+  return config.set(getattr(args, "set", None) or []).validate()
 
 
 def print_config(config: Config) -> None:
@@ -211,11 +224,11 @@ def run(argv=None, *, presets=None, default_preset: str | None = None, base: Con
     print_config(config)
     return {"config": config}
   import jax
-  from jcv.train import loop
+  from jcv.train.trainer import fit
   with user_errors(debug=args.debug):
     if callable(fit_kwargs):
       fit_kwargs = fit_kwargs(config)
-    results = loop.fit(config, workdir=args.workdir, restart=args.restart, **(fit_kwargs or {}))
+    results = fit(config, workdir=args.workdir, restart=args.restart, **(fit_kwargs or {}))
   if jax.process_index() == 0:
     summary = {"final_eval": results["final"]["eval"], "best": results["best"],
                "steps": results["steps"], "wall_time_s": round(results["wall_time_s"], 1),

@@ -44,8 +44,8 @@ def run_eval(state, loader, eval_fn, mesh, *, max_in_flight: int = 16) -> dict:
 def collect_logits(state, loader, config: Config, mesh):
   """(logits [N, C], labels [N], dataset indices [N]) over one pass of an eval loader (one process)."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  fn = jax.jit(functools.partial(step_lib.predict_logits, mean=config.mean, std=config.std,
-                                 tta_flip=config.tta_flip, tta_translate=config.tta_translate),
+  fn = jax.jit(functools.partial(step_lib.predict_logits, mean=config.data.mean, std=config.data.std,
+                                 tta_flip=config.evaluation.tta_flip, tta_translate=config.evaluation.tta_translate),
                out_shardings=replicated)
   logits, labels, index = [], [], []
   for b, batch in enumerate(loader):
@@ -80,10 +80,10 @@ def load_run(workdir, *, which: str = "best"):
   config = Config.from_dict(checkpointer.restore_config(step=step))
   names_file = workdir / "class_names.json"
   class_names = json.loads(names_file.read_text()) if names_file.exists() else []
-  num_classes = config.num_classes or len(class_names)
+  num_classes = config.model.num_classes or len(class_names)
   model = build.build_model(config, num_classes)
   tx = build.checkpoint_optimizer(config, model)
-  state = create_train_state(jax.random.key(0), model, tx, (1, config.image_size, config.image_size, 3))
+  state = create_train_state(jax.random.key(0), model, tx, (1,) + build.example_shape(config))
   mesh = parallel.make_mesh()
   state = parallel.replicate(state, mesh)
   state = checkpointer.restore(state, step=step)[0]
@@ -101,10 +101,10 @@ def evaluate(workdir, *, data_dir=None, split: str = "test", which: str = "best"
   from jcv.train.classmap import align_classes
   config, class_names, state, mesh = load_run(workdir, which=which)
   if data_dir is not None:
-    config = config.replace(data_dir=str(data_dir))
+    config = config.replace(data={"data_dir": str(data_dir)})
   src = source if source is not None else build.build_source(config, split)
   src = align_classes(src, class_names, what=f"split {split!r}")  # by name; refuses unknown classes
-  bs = batch_size or config.eval_batch_size or config.batch_size
+  bs = batch_size or config.evaluation.batch_size or config.data.batch_size
   bs = max(jax.device_count(), bs - bs % jax.device_count()) // jax.process_count()
   loader = pipeline.eval_loader(src, batch_size=bs, **build.eval_view(config))
   fn = parallel.compile_eval_step(build.eval_fn(config), mesh, mode="jit")
@@ -123,9 +123,9 @@ def predict(workdir, files, *, top_k: int = 5, which: str = "best") -> list[dict
   view = build.eval_view(config)
   images = np.stack([transforms.eval_resize_crop(decode.decode_image(f), view["image_size"],
                                                  crop_fraction=view["crop_fraction"]) for f in files])
-  logits = jax.jit(lambda s, x: step_lib.predict_logits(s, x, mean=config.mean, std=config.std,
-                                                        tta_flip=config.tta_flip,
-                                                        tta_translate=config.tta_translate))(state, images)
+  logits = jax.jit(lambda s, x: step_lib.predict_logits(s, x, mean=config.data.mean, std=config.data.std,
+                                                        tta_flip=config.evaluation.tta_flip,
+                                                        tta_translate=config.evaluation.tta_translate))(state, images)
   probs = np.asarray(jax.nn.softmax(logits, axis=-1))
   out = []
   for f, p in zip(files, probs):
@@ -137,8 +137,8 @@ def predict(workdir, files, *, top_k: int = 5, which: str = "best") -> list[dict
 def save_run(workdir, config: Config, model, variables: dict, *, class_names, metrics=None,
              step: int = 1) -> None:
   """Saves whole-model ``variables`` as a run folder (Orbax checkpoint, config, class names)
-  that :func:`load_run`, ``evaluate`` and ``predict`` accept. ``config.model`` and
-  ``config.model_options`` must rebuild ``model``."""
+  that :func:`load_run`, ``evaluate`` and ``predict`` accept. ``config.model.name`` and
+  ``config.model.options`` must rebuild ``model``."""
   import jax.numpy as jnp
   from jcv.train.state import TrainState, raw_key
   workdir = pathlib.Path(workdir)
@@ -147,9 +147,9 @@ def save_run(workdir, config: Config, model, variables: dict, *, class_names, me
   params = jax.tree.map(jnp.asarray, variables["params"])
   state = TrainState(step=jnp.asarray(step, jnp.int32), params=params,
                      batch_stats=jax.tree.map(jnp.asarray, variables.get("batch_stats", {})),
-                     opt_state=tx.init(params), key=raw_key(jax.random.key(config.seed)),
+                     opt_state=tx.init(params), key=raw_key(jax.random.key(config.run.seed)),
                      apply_fn=model.apply, tx=tx)
-  saver = ckpt_lib.RunCheckpointer(workdir / "checkpoints", best_metric=config.best_metric)
+  saver = ckpt_lib.RunCheckpointer(workdir / "checkpoints", best_metric=config.evaluation.best_metric)
   saver.save(state, config=config.to_dict(),
              metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()
                                                    if k in ("loss", "top1", "top5")})

@@ -29,7 +29,8 @@ from jcv.train import step as step_lib
 
 __all__ = [
     "CACHE_FORMAT", "FeatureLoader", "cache_features", "cache_key", "compute_features", "merge_variables",
-    "pool_cached", "source_fingerprint", "split_model", "top_variables", "tree_digest",
+    "pool_cached", "source_fingerprint", "split_model", "top_variables", "tree_digest", "cut_stage", "cache_stage",
+    "feature_data",
 ]
 
 CACHE_FORMAT = 2  # bump when the content of a cache file changes for the same key
@@ -297,3 +298,52 @@ class _FeatureIterator:
 
   def set_state(self, state: dict) -> None:
     self.step = int(state["step"])
+
+
+def cut_stage(config, model) -> int:
+  """Where a phase's frozen bottom ends: the stage count for ``trainable="head"``, count - N
+  for ``trainable=N``, 0 (nothing frozen) for ``"all"`` and ``"backbone"``."""
+  from jcv.train import build
+  if config.init.trainable == "all":
+    return 0
+  return len(model.stage_names()) - build.trainable_stages(config, model)
+
+
+def cache_stage(config, model, cuts: list[int]) -> int:
+  """The stage whose features a run caches: the lowest cut of its cached phases, or lower
+  (``init.feature_cache.stage``, negative from the top) so other runs can share them."""
+  base = min([c for c in cuts if c] or [0])
+  stage = config.init.feature_cache.stage
+  if not base or stage is None:
+    return base
+  stage += len(model.stage_names()) if stage < 0 else 0
+  if not 0 < stage <= base:
+    raise ValueError(f"init.feature_cache.stage {config.init.feature_cache.stage} must be in [1, {base}] (or "
+                     "negative, from the top), at or below the lowest frozen stage of the cached phases")
+  return stage
+
+
+def feature_data(config, model, variables, cut: int, base: int, *, train_src, eval_src, workdir):
+  """A cached-feature data source for a phase training the stages from ``cut`` up on features
+  cached at stage ``base``: (phase config, top model, top variables, loaders)."""
+  from jcv.train import build
+  options, count = config.init.feature_cache, len(model.stage_names())
+  if cut not in (base, count):
+    raise ValueError(f"a phase training from stage {cut} cannot use features cached at stage {base}: "
+                     "the cached phases of a run train the same top stages, or the head alone")
+  sources = {"train": train_src, **({"eval": eval_src} if eval_src is not None else {})}
+  cached = cache_features(model, variables, sources, stage=base, image_size=config.data.image_size,
+                          crop_fraction=config.evaluation.crop_fraction, mean=config.data.mean, std=config.data.std,
+                          flip=options.flip, crop_views=options.crop_views, seed=config.run.seed,
+                          directory=options.directory or pathlib.Path(workdir) / "features")
+  if cut == count and base < count:  # the head alone: run the frozen top stages once more
+    cached = pool_cached(model, variables, cached, stage=base)
+  phase_model = model.clone(**build.stage_options(build.train_config(config, model)))
+  _, top = split_model(phase_model, cut)
+  x, y = cached["train"]
+  batch = min(config.data.batch_size, len(y))
+  data = {"train_ld": FeatureLoader(x, y, batch_size=batch, seed=config.run.seed),
+          "eval_ld": FeatureLoader(*cached["eval"], batch_size=batch, train=False) if "eval" in cached else None,
+          "input_shape": x.shape[1:]}
+  phase = config.replace(data={"batch_size": batch}, evaluation={"batch_size": batch})
+  return phase, top, top_variables(variables, model, cut), data

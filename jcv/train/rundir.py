@@ -33,16 +33,15 @@ __all__ = ["RunDirError", "WorkdirLockedError", "ResumeError", "WorkdirLock", "o
 LOCK_NAME = ".lock"
 RUN_FILE = "run.json"
 
-# Config fields (matched by their last name, so regrouped configs keep working) whose change
-# makes a checkpoint another run's: refused on resume.
+# Config fields (dotted paths) whose change makes a checkpoint another run's: refused on resume.
 STRUCTURAL = frozenset({
-    "model", "model_options", "num_classes", "image_size", "dtype", "optimizer", "muon_fallback",
-    "batch_size", "seed", "dataset", "train_split", "val_fraction", "crop", "freeze",
-    "lr_multipliers", "group_epochs", "lookahead_every", "every", "source_options"})
+    "model.name", "model.options", "model.num_classes", "model.dtype", "data.image_size", "data.batch_size",
+    "data.dataset", "data.train_split", "data.val_fraction", "data.crop", "run.seed", "optim.name",
+    "optim.freeze", "optim.lr_multipliers", "optim.group_lengths", "optim.lookahead.every"})
 # Fields that only change how a run is watched or run, not what it computes: no warning.
 OPERATIONAL = frozenset({
-    "progress", "plots", "num_workers", "compilation_cache", "max_steps_in_flight", "data_dir",
-    "epochs", "steps"})  # epochs/steps: compared as the schedule length (total steps) instead
+    "run.progress", "run.plots", "data.num_workers", "run.compilation_cache", "run.max_steps_in_flight",
+    "data.data_dir", "run.length", "format"})  # run.length: compared as the schedule length (total steps)
 
 WAYS_OUT = ("use another --workdir, or pass --restart (fit(..., restart=True)) to move the old "
             "run aside to {aside} and start afresh (nothing is deleted)")
@@ -202,7 +201,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   out = {}
   for k, v in d.items():
     if isinstance(v, dict) and v and all(isinstance(x, str) for x in v) and k not in (
-        "model_options", "source_options", "lr_multipliers", "group_epochs"):
+        "options", "lr_multipliers", "group_lengths"):
       out.update(_flatten(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
@@ -246,11 +245,10 @@ def structural_differences(saved: dict, current: dict) -> tuple[list[str], list[
   for key in sorted(set(a) | set(b)):
     if a.get(key) == b.get(key) or key not in a or key not in b:
       continue
-    leaf = key.rsplit(".", 1)[-1]
-    if leaf in OPERATIONAL:
+    if key in OPERATIONAL:
       continue
     text = f"{key} {_short(a[key])} -> {_short(b[key])}"
-    (refuse if leaf in STRUCTURAL else warn).append(text)
+    (refuse if key in STRUCTURAL else warn).append(text)
   old_state, new_state = saved.get("state"), current["state"]
   if old_state:
     changed = [k for k in sorted(set(old_state) | set(new_state)) if old_state.get(k) != new_state.get(k)]
@@ -265,7 +263,7 @@ def structural_differences(saved: dict, current: dict) -> tuple[list[str], list[
 
 
 def _saved_record(workdir: pathlib.Path, checkpointer) -> dict:
-  """run.json, or for runs made before it existed: the checkpoint's config + class_names.json."""
+  """run.json, or when it is unreadable: the checkpoint's config + class_names.json."""
   run_file = workdir / RUN_FILE
   if run_file.exists():
     try:
@@ -298,9 +296,6 @@ def resume(checkpointer, state, *, workdir, current: dict, is_main: bool = True)
   ways = WAYS_OUT.format(aside=f"{workdir}.old-<time>")
   if (workdir / RUN_FILE).exists() or steps:
     saved = _saved_record(workdir, checkpointer)
-    if "total_steps" not in saved and saved.get("config"):  # a run from before run.json
-      old = saved["config"]
-      saved["total_steps"] = old.get("steps") or (old.get("epochs", 0) * current["steps_per_epoch"]) or None
     refuse, warn = structural_differences(saved, current)
     if refuse:
       held = f"checkpoints (steps {steps})" if steps else "the start of a run (no checkpoint yet)"
