@@ -48,9 +48,9 @@ BASE = Config(
 FROZEN = BASE.replace(data={"mean": "pretrained", "std": "pretrained"}, run={"length": "20 epochs"},
                       init=Init(pretrained=Pretrained(WEIGHTS), trainable="head",
                                 feature_cache=FeatureCache(flip=True, stage=-3)))
-FINETUNE = FROZEN.replace(run={"length": "24 epochs"}, phases=(
+FINETUNE = FROZEN.replace(run={"length": "24 epochs", "phases": (
     Phase(length="20 epochs", trainable="head"),
-    Phase(length="4 epochs", trainable=3, learning_rate=1e-4, backbone_lr_multiplier=0.3, warmup="0.5 epochs")))
+    Phase(length="4 epochs", trainable=3, learning_rate=1e-4, backbone_lr_multiplier=0.3, warmup="0.5 epochs"))})
 # BN momentum 0.9, not Keras' 0.999: a short run from scratch must move the running statistics.
 SCRATCH = BASE.replace(data={"image_size": 96}, run={"length": "2 epochs"}, model={"options": {"bn_momentum": 0.9}},
                        optim={"learning_rate": 2e-3, "weight_decay": 1e-4})

@@ -63,9 +63,10 @@ GPU = CPU.replace(data={"image_size": 260, "batch_size": 64, "num_workers": 8}, 
                   model={"dtype": "bfloat16"})
 CACHED = CPU.replace(
     data={"image_size": 224}, augment={"ops": ()}, evaluation=Evaluation(), schedule=Schedule(),
-    init={"feature_cache": FeatureCache(flip=True)}, run={"length": "20 epochs"},
-    phases=(Phase(length="15 epochs", trainable="head", learning_rate=1e-3),
-            Phase(length="5 epochs", trainable=3, learning_rate=2e-4, backbone_lr_multiplier=0.3, warmup="0.5 epochs")))
+    init={"feature_cache": FeatureCache(flip=True)},
+    run={"length": "20 epochs", "phases": (
+        Phase(length="15 epochs", trainable="head", learning_rate=1e-3),
+        Phase(length="5 epochs", trainable=3, learning_rate=2e-4, backbone_lr_multiplier=0.3, warmup="0.5 epochs"))})
 PRESETS = {"cpu": CPU, "gpu": GPU, "cached": CACHED}
 
 

@@ -122,7 +122,7 @@ def describe_presets(presets, *, title: str = "presets:",
   for name, preset in presets.items():
     items = preset.items() if isinstance(preset, dict) else ((f, _get(preset, f)) for f in fields)
     text = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
-    if getattr(preset, "phases", ()):
+    if preset.run.phases if not isinstance(preset, dict) else ():
       text += ", phases: " + " then ".join(
           f"{c.run.length} trainable={c.init.trainable} lr={c.optim.learning_rate:g}" for c in preset.phase_configs())
     lines.append(textwrap.fill(f"{name}: {text}", width=100, initial_indent="  ", subsequent_indent="      "))

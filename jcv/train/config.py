@@ -7,6 +7,7 @@
          run=Run(length="10 epochs"))
   config.replace(optim={"learning_rate": 0.05}, run={"length": "3 epochs"})  # a section's fields
   config.set(["optim.learning_rate=0.05", "data.image_size=64"])             # what --set passes
+  config.replace(run={"phases": (Phase(length="15 epochs", trainable="head"), Phase(length="5 epochs")))
 
 The sections and their fields are in jcv.train.sections; durations (``"8 epochs"``) in
 jcv.train.durations. ``config.json`` holds ``to_dict()`` with the jcv version that wrote it.
@@ -44,16 +45,12 @@ class Config:
   schedule: Schedule = Schedule()
   evaluation: Evaluation = Evaluation()
   run: Run = Run()
-  phases: tuple[Phase, ...] = ()      # trained in order, each from the previous one's weights
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
       value = getattr(self, f.name)
-      if f.name == "phases":
-        value = tuple(p if isinstance(p, Phase) else _build(Phase, p, "phases") for p in value)
-      elif isinstance(value, dict):
-        value = _build(type(getattr(Config, f.name)), value, f.name)
-      object.__setattr__(self, f.name, value)
+      if isinstance(value, dict):
+        object.__setattr__(self, f.name, _build(type(getattr(Config, f.name)), value, f.name))
 
   # ------------------------------------------------------------ deriving configs
 
@@ -83,8 +80,8 @@ class Config:
   def set_path(self, key: str, value) -> "Config":
     """A copy with the field at dotted path ``key`` set to ``value``, type-checked."""
     path = key.split(".")
-    if path[0] == "phases":
-      return self._set_phase(path, value, key)
+    if path[:2] == ["run", "phases"]:
+      return self._set_phase(path[1:], value, key)
     _check_path(path, key)
     value = check_field_value(Config, key, value)
     if dataclasses.is_dataclass(_annotation_at(path)) and isinstance(value, dict):
@@ -93,39 +90,39 @@ class Config:
 
   def _set_phase(self, path, value, key):
     if len(path) == 1:
-      return dataclasses.replace(self, phases=tuple(value))
-    if len(path) != 3 or not path[1].isdigit() or int(path[1]) >= len(self.phases):
-      raise ValueError(f"--set {key}: phases take phases.<index>.<field> with an index below {len(self.phases)}")
-    phases = list(self.phases)
+      return self.replace(run={"phases": tuple(value)})
+    if len(path) != 3 or not path[1].isdigit() or int(path[1]) >= len(self.run.phases):
+      raise ValueError(f"--set {key}: phases take run.phases.<index>.<field> with an index below {len(self.run.phases)}")
+    phases = list(self.run.phases)
     i = int(path[1])
-    phases[i] = _merged(phases[i], {path[2]: value}, f"phases.{i}")
-    return dataclasses.replace(self, phases=tuple(phases))
+    phases[i] = _merged(phases[i], {path[2]: value}, f"run.phases.{i}")
+    return self.replace(run={"phases": tuple(phases)})
 
   def with_length(self, length: str) -> "Config":
     """``run.length`` set; with phases given in epochs, each phase's share of the recipe's
     epochs scaled to ``length`` (rounded at the phase boundaries)."""
     total = durations.epochs_of(length)
-    epochs = [durations.epochs_of(p.length) for p in self.phases]
-    if not self.phases or total is None or None in epochs:
+    epochs = [durations.epochs_of(p.length) for p in self.run.phases]
+    if not self.run.phases or total is None or None in epochs:
       return self.replace(run={"length": length})
     whole, done, scaled = sum(epochs), 0.0, []
     for e in epochs:
       done += e
       scaled.append(round(total * done / whole) - sum(scaled))
-    phases = tuple(dataclasses.replace(p, length=durations.scaled(p.length, n)) for p, n in zip(self.phases, scaled)
+    phases = tuple(dataclasses.replace(p, length=durations.scaled(p.length, n)) for p, n in zip(self.run.phases, scaled)
                    if n > 0)
-    return dataclasses.replace(self, phases=phases).replace(run={"length": length})
+    return self.replace(run={"phases": phases, "length": length})
 
   def phase_configs(self) -> list["Config"]:
     """One Config per phase (``[self]`` without phases): the run's sections with the phase's
     changes; ``run.length`` is the phase's length."""
-    if not self.phases:
+    if not self.run.phases:
       return [self]
     out = []
-    for p in self.phases:
+    for p in self.run.phases:
       init = {k: getattr(p, k) for k in ("trainable", "backbone_lr_multiplier") if getattr(p, k) is not None}
       out.append(dataclasses.replace(
-          self, phases=(), run=dataclasses.replace(self.run, length=p.length),
+          self, run=dataclasses.replace(self.run, length=p.length, phases=()),
           init=dataclasses.replace(self.init, **init),
           optim=self.optim if p.learning_rate is None else dataclasses.replace(self.optim, learning_rate=p.learning_rate),
           schedule=self.schedule if p.warmup is None else dataclasses.replace(self.schedule, warmup=p.warmup)))
@@ -148,16 +145,15 @@ class Config:
     unknown = set(d) - set(_SECTIONS)
     if unknown:
       raise ValueError(f"unknown config section(s) {sorted(unknown)} in saved config")
-    return cls(**{k: (tuple(v) if k == "phases" else v) for k, v in _to_tuple(d).items()})
+    return cls(**_to_tuple(d))
 
   def validate(self) -> "Config":
     """Raises ValueError on inconsistent settings; returns self."""
     for name in _SECTIONS:
-      if name != "phases":
-        getattr(self, name).validate()
+      getattr(self, name).validate()
     if self.evaluation.image_size is None and self.data.image_size < 8:
       raise ValueError(f"data.image_size must be >= 8, got {self.data.image_size}")
-    for i, phase in enumerate(self.phases):
+    for i, phase in enumerate(self.run.phases):
       try:
         phase.validate()
         if phase.trainable is not None:
@@ -230,7 +226,7 @@ def _check_path(path, key):
 
 def _flat_hint(name) -> str:
   """' (did you mean 'optim.learning_rate'?)' for a field name given without its section."""
-  hits = [f"{s}.{name}" for s in _SECTIONS if s != "phases" and name in _field_names(type(getattr(Config, s)))]
+  hits = [f"{s}.{name}" for s in _SECTIONS if name in _field_names(type(getattr(Config, s)))]
   return f" (did you mean {hits[0]!r}?)" if hits else ""
 
 

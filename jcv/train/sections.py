@@ -244,9 +244,24 @@ class Evaluation:
 
 
 @dataclasses.dataclass(frozen=True)
+class Phase:
+  """One phase of a run (``Run.phases``): its length and what it changes (None: inherited)."""
+  length: str = "1 epochs"
+  trainable: Trainable | None = None
+  learning_rate: float | None = None
+  backbone_lr_multiplier: float | None = None
+  warmup: str | None = None
+
+  def validate(self):
+    durations.check("phase length", self.length)
+    durations.check("phase warmup", self.warmup, positive=False, allow_none=True)
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
-  """How long the run trains, and how it runs: seed, parallelism, checkpoints, logs."""
+  """How long the run trains (or its phases), and how it runs: seed, parallelism, checkpoints, logs."""
   length: str = "10 epochs"           # with phases: a budget the phases spend in order
+  phases: tuple[Phase, ...] = ()      # trained in order, each from the previous one's weights
   seed: int = 0
   parallel: str = "jit"               # jit (Mesh + NamedSharding) | pmap (shard_map, explicit pmean)
   sync_batch_stats: bool = True       # pmap: BatchNorm over the global batch (False: per device)
@@ -258,6 +273,14 @@ class Run:
   plots: bool = True
   progress: bool = True
 
+  def __post_init__(self):
+    names = [f.name for f in dataclasses.fields(Phase)]
+    for p in self.phases:
+      unknown = set(p) - set(names) if isinstance(p, dict) else ()
+      if unknown:
+        raise ValueError(f"run.phases: unknown field(s) {sorted(unknown)}; a phase sets {', '.join(names)}")
+    object.__setattr__(self, "phases", tuple(p if isinstance(p, Phase) else Phase(**p) for p in self.phases))
+
   def validate(self):
     durations.check("run.length", self.length)
     durations.check("run.checkpoint_every", self.checkpoint_every, allow_none=True)
@@ -268,15 +291,3 @@ class Run:
       raise ValueError(f"run.max_steps_in_flight must be in [1, 30], got {self.max_steps_in_flight}")
 
 
-@dataclasses.dataclass(frozen=True)
-class Phase:
-  """One phase of a run (``Config.phases``): its length and what it changes (None: inherited)."""
-  length: str = "1 epochs"
-  trainable: Trainable | None = None
-  learning_rate: float | None = None
-  backbone_lr_multiplier: float | None = None
-  warmup: str | None = None
-
-  def validate(self):
-    durations.check("phase length", self.length)
-    durations.check("phase warmup", self.warmup, positive=False, allow_none=True)

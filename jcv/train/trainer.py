@@ -54,7 +54,7 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
   # ---------------------------------------------------------------- the loop, or phases in turn
   parts = {"model": model, "class_names": class_names, "augment_fn": augment_fn, "eval_src": eval_src,
            "resume": resume}
-  if not config.phases and config.init.feature_cache is None:
+  if not config.run.phases and config.init.feature_cache is None:
     results, _ = loop.train(config, workdir, variables=init_variables, **parts,
                             **build.image_loaders(config, train_src, eval_src))
     return results
