@@ -27,15 +27,13 @@ WORKDIR/comparison.{md,json,png}.
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import platform
 import sys
 
-from jcv import plots
+from jcv.data.subsets import subset
 from jcv.train import (Augment, Config, Data, FeatureCache, Init, Model, Optim, Phase, Pretrained, Run, build, cli,
-                       evaluation, fit, log)
+                       report)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("JCV_SHARED", REPO.parent / "shared"))
@@ -78,51 +76,14 @@ def make_config(args, variant: str) -> Config:
   return cli.apply_args(config, args)
 
 
-def _limited(source, limit, seed):
-  """A seeded random subset of a source (both classes), as 96 px arrays, for quick runs."""
-  import numpy as np
-  from PIL import Image
-  from jcv.data.sources import ArraySource
-  idx = np.random.default_rng(seed).permutation(len(source))[:limit]
-  records = [source[int(i)] for i in idx]
-  images = np.stack([np.asarray(Image.fromarray(r["image"]).resize((96, 96), Image.BILINEAR)) for r in records])
-  return ArraySource(images, np.array([r["label"] for r in records]), class_names=source.class_names)
-
-
 def run(config: Config, folder: pathlib.Path, limit: int | None, *, restart: bool = False) -> dict:
-  """Trains one variant in ``folder`` and tests it -> its result.json."""
-  test_split = "test" if build.is_image_folder(config.data.dataset, "test") else "train[80%:]"
-  sources = {"train": None, "eval": None, "test": None}
+  """Trains one variant in ``folder`` and tests it -> its result.json (``limit``: a seeded
+  subset of each split, resized to 96 px)."""
+  sources = None
   if limit:
-    splits = {"train": config.data.train_split, "eval": config.data.eval_split, "test": test_split}
-    sources = {k: _limited(build.build_source(config, s), limit, config.run.seed) for k, s in splits.items()}
-  results = fit(config, workdir=folder, train_source=sources["train"], eval_source=sources["eval"],
-                restart=restart)
-  test = evaluation.evaluate(folder, split=test_split, which="latest", source=sources["test"])
-  result = {"variant": folder.name, "val_top1": (results["final"]["eval"] or {}).get("top1"),
-            "test_top1": test["top1"], "test_loss": test["loss"], "epochs": results["epochs"],
-            "wall_time_s": results["wall_time_s"], "image_size": config.data.image_size, "config": config.to_dict()}
-  (folder / "result.json").write_text(json.dumps(result, indent=1, default=float))
-  print(f"{result['variant']}: val top-1 {result['val_top1']:.4f}, test top-1 {result['test_top1']:.4f}, "
-        f"{result['wall_time_s']:.0f}s")
-  return result
-
-
-def compare(workdir: pathlib.Path):
-  """WORKDIR/comparison.{json,md,png} from every variant's result.json and metrics.jsonl."""
-  results = [json.loads((workdir / v / "result.json").read_text()) for v in PRESETS
-             if (workdir / v / "result.json").exists()]
-  lines = ["| variant | image size | epochs | val top-1 | test top-1 | wall time (s) |",
-           "| --- | ---: | ---: | ---: | ---: | ---: |"]
-  lines += [f"| {r['variant']} | {r['image_size']} | {r['epochs']:g} | {r['val_top1']:.4f} | "
-            f"{r['test_top1']:.4f} | {r['wall_time_s']:.0f} |" for r in results]
-  lines.append(f"\nMachine: {platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}.")
-  (workdir / "comparison.md").write_text("\n".join(lines) + "\n")
-  (workdir / "comparison.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "config"}
-                                                       for r in results], indent=1))
-  plots.curves_by_run({r["variant"]: log.read_jsonl(workdir / r["variant"] / "metrics.jsonl") for r in results},
-                      workdir / "comparison.png", title="cats vs dogs: validation accuracy")
-  print("\n".join(lines))
+    splits = {"train": config.data.train_split, "eval": config.data.eval_split, "test": report.test_split(config)}
+    sources = {k: subset(build.build_source(config, s), limit, seed=config.run.seed, size=96) for k, s in splits.items()}
+  return report.fit_and_test(config, folder, sources=sources, restart=restart)
 
 
 def main(argv=None):
@@ -155,7 +116,9 @@ def main(argv=None):
       continue
     run(config, workdir / variant, args.limit, restart=args.restart)
   if args.variant == "all":
-    compare(workdir)
+    report.compare_runs(workdir, report.read_rows(workdir, PRESETS), title="cats vs dogs: validation accuracy",
+                        columns={"run": "variant", "image_size": "image size", "epochs": "epochs",
+                                 "val_top1": "val top-1", "test_top1": "test top-1", "wall_time_s": "wall time (s)"})
   return 0
 
 

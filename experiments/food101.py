@@ -29,16 +29,11 @@ test split's top-1/top-5 and per-class accuracy, with confusion.png and predicti
 """
 from __future__ import annotations
 
-import json
-import os
 import pathlib
 import sys
 
-import numpy as np
-
-from jcv import plots
 from jcv.train import (Augment, Config, Data, Evaluation, FeatureCache, Init, Model, Optim, Phase, Pretrained, Run,
-                       Schedule, build, cli, evaluation, fit)
+                       Schedule, build, cli, fit, report)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WEIGHTS = "mobilenet_v2_1.0_224_no_top"
@@ -91,30 +86,6 @@ def make_config(args) -> Config:
   return cli.apply_args(config, args)
 
 
-def report(config: Config, workdir: pathlib.Path, fit_results: dict) -> dict:
-  """Test-split metrics, confusion matrix and a grid of predictions -> WORKDIR/results.json."""
-  from jcv.data import pipeline, transforms
-  run_config, class_names, state, mesh = evaluation.load_run(workdir, which="latest")
-  test = build.build_source(run_config, "test" if build.is_image_folder(config.data.dataset, "test") else "validation")
-  loader = pipeline.eval_loader(test, batch_size=config.data.batch_size, **build.eval_view(run_config))
-  logits, labels, _ = evaluation.collect_logits(state, loader, run_config, mesh)
-  results = {**evaluation.test_metrics(logits, labels, class_names), "val": fit_results["final"]["eval"],
-             "wall_time_s": fit_results["wall_time_s"], "phases": fit_results.get("phases"),
-             "config": run_config.to_dict(), "machine": f"{os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f}"}
-  (workdir / "results.json").write_text(json.dumps(results, indent=1, default=float))
-  predictions = logits.argmax(-1)
-  plots.confusion_matrix(labels, predictions, class_names, workdir / "confusion.png")
-  pick = np.random.default_rng(config.run.seed).permutation(len(labels))[:16]
-  view = build.eval_view(run_config)
-  images = [transforms.eval_resize_crop(test[int(i)]["image"], view["image_size"], crop_fraction=view["crop_fraction"])
-            for i in pick]
-  plots.prediction_grid(images, labels[pick], predictions[pick], class_names, workdir / "predictions.png")
-  print(f"test top-1 {results['top1']:.4f}, top-5 {results['top5']:.4f} on {results['n']} images")
-  for name, acc in results["per_class_top1"].items():
-    print(f"  {name:>16s}: {acc:.3f}")
-  return results
-
-
 def main(argv=None):
   parser = cli.make_parser(__doc__, presets=PRESETS, default_workdir=str(REPO / "runs" / "food101"),
                            helps={"preset": "recipe (below; default: gpu if JAX sees a GPU/TPU, else cpu)"})
@@ -138,7 +109,7 @@ def main(argv=None):
     from jcv.weights.files import check_weight_file
     check_weight_file(weights)
   workdir = pathlib.Path(args.workdir)
-  report(config, workdir, fit(config, workdir=workdir, restart=args.restart))
+  report.test_report(workdir, fit_results=fit(config, workdir=workdir, restart=args.restart))
   return 0
 
 

@@ -14,12 +14,12 @@ folder); ``trainer`` (``fit``: every regime, phases); ``cli`` on top.
 import importlib
 
 from jcv.train.config import Config
-from jcv.train.sections import (Augment, Data, Evaluation, FeatureCache, Init, Lookahead, Model, Muon, Optim, Phase,
-                                Pretrained, Run, Schedule, Whiten)
+from jcv.train.sections import (Augment, Data, EarlyStopping, Evaluation, FeatureCache, Init, Lookahead, Model, Muon,
+                                Optim, Phase, Plateau, Pretrained, Run, Schedule, Whiten)
 
 __all__ = [
     "Config", "Data", "Augment", "Model", "Init", "Pretrained", "Whiten", "FeatureCache", "Optim", "Muon",
-    "Lookahead", "Schedule", "Evaluation", "Run", "Phase", "fit", "evaluate",
+    "Lookahead", "Schedule", "Plateau", "Evaluation", "EarlyStopping", "Run", "Phase", "fit", "evaluate",
     "build", "checkpoint", "cli", "config", "durations", "evaluation", "features", "init_from", "log", "loop",
     "losses", "optim", "optax_extras", "parallel", "precise_bn", "sections", "state", "step", "trainer",
 ]

@@ -234,7 +234,7 @@ def run(argv=None, *, presets=None, default_preset: str | None = None, base: Con
                "steps": results["steps"], "wall_time_s": round(results["wall_time_s"], 1),
                "train_img_per_s": results["train_img_per_s"], "stopped_by": results["stopped_by"]}
     print(json.dumps(summary))
-  if results["stopped_by"]:
+  if str(results["stopped_by"]).startswith("SIG"):
     import signal
     sys.exit(128 + int(getattr(signal, results["stopped_by"])))
   return results

@@ -22,16 +22,17 @@ from typing import Any
 
 from jcv.train import durations
 from jcv.train.fieldtypes import check_field_value
-from jcv.train.sections import (Augment, Data, Evaluation, FeatureCache, Init, Lookahead, Model, Muon, Optim,
-                                Phase, Pretrained, Run, Schedule, Whiten)
+from jcv.train.sections import (Augment, Data, EarlyStopping, Evaluation, FeatureCache, Init, Lookahead, Model, Muon,
+                                Optim, Phase, Plateau, Pretrained, Run, Schedule, Whiten)
 
 __all__ = ["Config", "CONFIG_FORMAT", "Data", "Augment", "Model", "Init", "Pretrained", "Whiten", "FeatureCache",
-           "Optim", "Muon", "Lookahead", "Schedule", "Evaluation", "Run", "Phase"]
+           "Optim", "Muon", "Lookahead", "Schedule", "Plateau", "Evaluation", "EarlyStopping", "Run", "Phase"]
 
 CONFIG_FORMAT = 2  # the layout of config.json; a file without it was written by jcv <= 0.1.0
 # Section-valued fields that may be None, and the type a dict for them builds.
 _OPTIONAL = {("init", "pretrained"): Pretrained, ("init", "whiten"): Whiten,
-             ("init", "feature_cache"): FeatureCache, ("optim", "muon"): Muon, ("optim", "lookahead"): Lookahead}
+             ("init", "feature_cache"): FeatureCache, ("optim", "muon"): Muon, ("optim", "lookahead"): Lookahead,
+             ("schedule", "plateau"): Plateau, ("evaluation", "early_stopping"): EarlyStopping}
 
 
 @dataclasses.dataclass(frozen=True)

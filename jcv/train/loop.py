@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcv.train import build, checkpoint as ckpt_lib, durations, log as log_lib, parallel, rundir
+from jcv.train.watch import EvalWatch
 from jcv.train.config import Config
 from jcv.train.evaluation import collect_logits, run_eval
 from jcv.train.meters import RunningMeans, Throughput
@@ -80,7 +81,8 @@ def _setup(config, workdir, *, model, train_ld, input_shape, variables, class_na
 
 
 def train(config: Config, workdir, *, model, train_ld, eval_ld, input_shape, variables=None,
-          augment_fn=None, class_names=(), eval_src=None, resume: bool = True, features: bool = False):
+          augment_fn=None, class_names=(), eval_src=None, resume: bool = True, features: bool = False,
+          callbacks=()):
   """The training loop of one run folder -> (results, final state).
 
   ``train_ld``/``eval_ld``: loaders (jcv.data.pipeline, or jcv.train.features.FeatureLoader
@@ -103,10 +105,13 @@ def train(config: Config, workdir, *, model, train_ld, eval_ld, input_shape, var
       features=features)
   run = _Run(config, state, checkpointer, iterator, log_lib.MetricLogger(workdir, enabled=is_main),
              (train_fn, eval_fn), eval_ld, mesh, steps_per_epoch=train_ld.steps_per_epoch, total_steps=total)
+  run.watch = EvalWatch(config, workdir, run.start_step, callbacks)
   try:
     run.loop(augment_fn, train_ld)
     if run.finished_cleanly() and config.evaluation.bn_recompute and run.state.batch_stats:
       run.recompute_bn(train_ld, augment_fn, freeze=tconfig.optim.freeze, features=features)
+    if run.stopped_by == "early_stopping" and config.evaluation.early_stopping.restore_best:
+      run.restore_best()
   finally:
     run.close(iterator)
   if run.last_eval is None and eval_ld is not None and run.step >= total:  # re-run of a finished run
@@ -116,7 +121,7 @@ def train(config: Config, workdir, *, model, train_ld, eval_ld, input_shape, var
   if is_main:
     log_lib.write_json(workdir / "results.json", results)
     run.logger.hparams(config.to_dict(), {k: v for k, v in (run.last_eval or {}).items() if k != "n"})
-    if config.run.plots and run.stopped_by is None and not features:
+    if config.run.plots and not str(run.stopped_by).startswith("SIG") and not features:
       draw_figures(workdir, run.state, eval_ld, config, mesh, class_names, eval_src)
   run.logger.close()
   return results, run.state
@@ -155,11 +160,24 @@ class _Run:
       self.progress.eval(self.step, metrics)
       self.last_eval = metrics
       self.timer.restart()
+      self.state = self.watch.observe_plateau(self.state, metrics, self.mesh)  # saved with the state
     self.save({k: v for k, v in metrics.items() if k in ("loss", "top1", "top5")} if metrics else None)
+    return self.watch.after_eval(self.step, self.steps_per_epoch, metrics, self.state) if metrics else None
 
   def _bn_after(self) -> bool:
     """With BatchNorm re-estimation the last evaluation and checkpoint come after it."""
     return bool(self.config.evaluation.bn_recompute and self.state.batch_stats)
+
+  def restore_best(self):
+    """The best checkpoint's weights (by ``evaluation.best_metric``) become the run's final state."""
+    best = self.checkpointer.best_step()
+    if best is None or best == self.step:
+      self.last_eval = self.last_eval or self.watch.record_at(self.step)
+      return
+    self.checkpointer.wait()
+    self.state = self.checkpointer.restore(self.state, step=best)[0]
+    self.last_eval = self.watch.record_at(best)
+    print(f"early stopping at step {self.step}: restored the best checkpoint, step {best}")
 
   def finished_cleanly(self) -> bool:
     return self.step == self.total_steps and self.step > self.start_step and self.stopped_by is None
@@ -191,7 +209,8 @@ class _Run:
       if pcount > 1:
         import orbax.checkpoint as ocp
         ocp.multihost.sync_global_processes("jcv_fit_start", timeout=600)
-      while self.step < self.total_steps:
+      self.stopped_by = self.watch.stopped_before()
+      while self.step < self.total_steps and self.stopped_by is None:
         batch = next(self.iterator)
         batch = {"image": batch["image"], "label": batch["label"]}
         self.state, metrics = self.train_fn(self.state, parallel.shard_batch(batch, self.mesh))
@@ -212,12 +231,16 @@ class _Run:
           self.running.reset()
         if last and self._bn_after() and not stop:
           break
+        ended = None
         if self.eval_ld is not None and (step % every["eval"] == 0 or last):
-          self.evaluate_and_save()
+          ended = self.evaluate_and_save()
         elif epoch_end or ckpt_now or stop or last:
           self.save()
         if stop:
           self.stopped_by = signal.Signals(signals[0]).name if signals else "SIGTERM"
+          break
+        if ended and not last:
+          self.stopped_by = ended
           break
 
   def close(self, iterator):

@@ -1,4 +1,5 @@
-"""Optax transformations jcv adds: airbench's lookahead and Muon (orthogonalised momentum)."""
+"""Optax transformations jcv adds: airbench's lookahead, Muon (orthogonalised momentum), and the
+rate factor of a plateau schedule."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -7,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["lookahead", "LookaheadState", "muon", "MuonState", "newton_schulz"]
+__all__ = ["lookahead", "LookaheadState", "muon", "MuonState", "newton_schulz", "PlateauState", "plateau_scale",
+           "observe_plateau", "map_plateau", "plateau_factor"]
 
 
 class LookaheadState(NamedTuple):
@@ -122,3 +124,58 @@ def muon(learning_rate, *, momentum: float = 0.95, nesterov: bool = True, ns_ste
     return jax.tree.map(step, direction, params), MuonState(buf, state.count + 1)
 
   return optax.GradientTransformation(init, update)
+
+
+class PlateauState(NamedTuple):
+  """State of :func:`plateau_scale`: the rate factor and what decides its next cut."""
+  scale: jax.Array      # multiplies every update
+  best: jax.Array       # best metric seen
+  bad: jax.Array        # evaluations since the last improvement
+  cooldown: jax.Array   # evaluations left without a cut
+
+
+def plateau_scale(*, higher_is_better: bool) -> optax.GradientTransformation:
+  """Multiplies the updates by a factor that :func:`observe_plateau` lowers when the
+  evaluation metric stalls (Keras' ReduceLROnPlateau). The state lives in the optimizer
+  state, so it is checkpointed with it and a resumed run continues exactly."""
+  def init(params):
+    del params
+    worst = -jnp.inf if higher_is_better else jnp.inf
+    return PlateauState(jnp.ones([], jnp.float32), jnp.asarray(worst, jnp.float32), jnp.zeros([], jnp.int32),
+                        jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u: (u * state.scale).astype(u.dtype), updates), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def observe_plateau(state: PlateauState, metric: float, *, factor: float, patience: int, min_delta: float,
+                    cooldown: int, min_scale: float, higher_is_better: bool) -> PlateauState:
+  """The state after one evaluation with ``metric`` (host side, in numpy)."""
+  import numpy as np
+  scale, best, bad, wait = (np.asarray(x).item() for x in state)
+  gain = (metric - best) if higher_is_better else (best - metric)
+  if gain > min_delta:
+    best, bad = metric, 0
+  else:
+    bad += 1
+  if wait > 0:
+    wait, bad = wait - 1, 0
+  elif bad >= patience:
+    scale, bad, wait = max(scale * factor, min_scale), 0, cooldown
+  return PlateauState(np.float32(scale), np.float32(best), np.int32(bad), np.int32(wait))
+
+
+def map_plateau(opt_state, fn):
+  """``opt_state`` with ``fn(state)`` in place of every PlateauState in it."""
+  return jax.tree.map(lambda s: fn(s) if isinstance(s, PlateauState) else s, opt_state,
+                      is_leaf=lambda s: isinstance(s, PlateauState))
+
+
+def plateau_factor(opt_state):
+  """The plateau factor held in ``opt_state`` (1.0 without one)."""
+  found = [s.scale for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, PlateauState))
+           if isinstance(s, PlateauState)]
+  return found[0] if found else jnp.ones([], jnp.float32)

@@ -273,6 +273,8 @@ def make_optimizer(config, *, steps_per_epoch: int, total_steps: int
       frozen = lambda p: jax.tree.map(lambda l: l == FROZEN, param_labels(p, freeze=optim.freeze))
       prefix.append(optax.masked(optax.set_to_zero(), frozen))
     tx = optax.chain(*prefix, optax.clip_by_global_norm(optim.grad_clip_norm), tx)
+  if config.schedule.plateau is not None:
+    tx = optax.chain(tx, optax_extras.plateau_scale(higher_is_better=config.evaluation.best_metric != "loss"))
   if optim.lookahead is not None:
     ahead = optim.lookahead
     tx = optax_extras.lookahead(tx, sync_every=ahead.every, total_steps=total_steps, decay=ahead.decay,

@@ -11,7 +11,8 @@ from typing import Literal, Union
 from jcv.train import durations, optim
 
 __all__ = ["Mean", "Trainable", "Data", "Augment", "Model", "Pretrained", "Whiten", "FeatureCache", "Init",
-           "Muon", "Lookahead", "Optim", "Schedule", "Evaluation", "Run", "Phase", "choice"]
+           "Muon", "Lookahead", "Optim", "Plateau", "Schedule", "EarlyStopping", "Evaluation", "Run", "Phase",
+           "choice"]
 
 Mean = Union[tuple[float, ...], Literal["pretrained"], None]  # on [0, 1] images, per channel
 Trainable = Union[Literal["all", "head", "backbone"], int]    # int N: the top N stages + head
@@ -202,6 +203,23 @@ class Optim:
 
 
 @dataclasses.dataclass(frozen=True)
+class Plateau:
+  """The rate times ``factor`` when ``evaluation.best_metric`` has not improved (by more than
+  ``min_delta``) for ``patience`` evaluations; then ``cooldown`` evaluations without a cut."""
+  factor: float = 0.1
+  patience: int = 2
+  min_delta: float = 0.0
+  cooldown: int = 0
+  min_scale: float = 1e-3             # the rate never drops below this fraction of the schedule's
+
+  def validate(self):
+    if not 0 < self.factor < 1:
+      raise ValueError(f"schedule.plateau.factor must be in (0, 1), got {self.factor}")
+    _at_least(self, ("patience",), 1)
+    _at_least(self, ("cooldown", "min_delta", "min_scale"), 0)
+
+
+@dataclasses.dataclass(frozen=True)
 class Schedule:
   """The learning-rate schedule (optim.SCHEDULES) and its options."""
   name: str = "cosine"                # cosine | onecycle | triangle | linear | step | constant
@@ -212,12 +230,28 @@ class Schedule:
   final_div_factor: float = 1e4       # onecycle, triangle
   decay_at: tuple[str, ...] = ()      # step: durations at which the rate is multiplied by decay_factor
   decay_factor: float = 0.1           # step
+  plateau: Plateau | None = None      # also cut the rate when the validation metric stalls (Keras' ReduceLROnPlateau)
 
   def validate(self):
     optim.check_schedule(self)
+    if self.plateau is not None:
+      self.plateau.validate()
     durations.check("schedule.warmup", self.warmup, positive=False)
     for at in self.decay_at:
       durations.check("schedule.decay_at", at)
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStopping:
+  """Stop when ``evaluation.best_metric`` has not improved by more than ``min_delta`` for
+  ``patience`` evaluations; ``restore_best``: the run ends on its best checkpoint's weights."""
+  patience: int = 3
+  min_delta: float = 0.0
+  restore_best: bool = True
+
+  def validate(self):
+    _at_least(self, ("patience",), 1)
+    _at_least(self, ("min_delta",), 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,8 +265,11 @@ class Evaluation:
   tta_translate: int = 0              # > 0: also views shifted by this many pixels (airbench)
   best_metric: str = "top1"           # ranks checkpoints (higher is better; "loss": lower)
   bn_recompute: str | None = None     # e.g. "10000 examples": BN statistics re-averaged at the end
+  early_stopping: EarlyStopping | None = None
 
   def validate(self):
+    if self.early_stopping is not None:
+      self.early_stopping.validate()
     durations.check("evaluation.every", self.every)
     durations.check("evaluation.bn_recompute", self.bn_recompute, allow_none=True)
     choice("evaluation.best_metric", self.best_metric, ("top1", "top5", "loss"))

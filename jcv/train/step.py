@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jcv.data import augment as augment_lib
-from jcv.train import invariance, losses
+from jcv.train import invariance, losses, optax_extras
 from jcv.train.optim import decay_mask, param_paths
 
 __all__ = ["train_step", "eval_step", "predict_logits", "to_model_input", "bn_update"]
@@ -99,8 +99,8 @@ def train_step(state, batch, *, augment_fn: Callable | None = None, num_classes:
     metrics = jax.lax.pmean(metrics, axis_name)
   new_stats = _keep_frozen_stats(new_stats, state.batch_stats, freeze)
   metrics["grad_norm"] = optax.tree.norm(grads)
-  metrics["lr"] = (jnp.asarray(schedule(state.step), jnp.float32) if schedule is not None
-                   else jnp.zeros((), jnp.float32))
+  metrics["lr"] = (jnp.asarray(schedule(state.step), jnp.float32) * optax_extras.plateau_factor(state.opt_state)
+                   if schedule is not None else jnp.zeros((), jnp.float32))
   return state.apply_gradients(grads, batch_stats=new_stats), metrics
 
 

@@ -26,13 +26,15 @@ __all__ = ["fit"]
 
 @rundir.owns_workdir  # locks the workdir for the call; restart=True moves an old run aside
 def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=None,
-        augment_fn="auto", resume: bool = True, init_variables: dict | None = None) -> dict:
+        augment_fn="auto", resume: bool = True, init_variables: dict | None = None, callbacks=()) -> dict:
   """Trains per ``config`` in ``workdir`` and returns the results dict (also results.json).
 
   Every regime is a config: from scratch; from ``init.pretrained``/``init.whiten``;
   ``init.trainable`` parts; ``init.feature_cache``; ``phases``. Re-running with the same
   ``workdir`` resumes bitwise-identically. Sources, model, augmentation and initial variables
-  can be passed instead of being built from the config. Raises
+  can be passed instead of being built from the config. ``callbacks``: functions called after
+  each evaluation with ``{"step", "epoch", "metrics", "state", "workdir"}``; one returning True
+  stops the run (jcv.train.watch). Raises
   jcv.train.loop.NonFiniteLossError naming the step if the loss becomes NaN/inf;
   SIGINT/SIGTERM save a checkpoint and return early with ``results["stopped_by"]`` set.
   """
@@ -53,7 +55,7 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
     augment_fn = build.build_augment(config, num_classes)
   # ---------------------------------------------------------------- the loop, or phases in turn
   parts = {"model": model, "class_names": class_names, "augment_fn": augment_fn, "eval_src": eval_src,
-           "resume": resume}
+           "resume": resume, "callbacks": callbacks}
   if not config.run.phases and config.init.feature_cache is None:
     results, _ = loop.train(config, workdir, variables=init_variables, **parts,
                             **build.image_loaders(config, train_src, eval_src))
@@ -71,7 +73,8 @@ def _num_classes(config: Config, class_names: list) -> int:
   return num_classes
 
 
-def _fit_phases(config, workdir, *, model, variables, train_src, eval_src, class_names, augment_fn, resume):
+def _fit_phases(config, workdir, *, model, variables, train_src, eval_src, class_names, augment_fn, resume,
+                callbacks):
   """Each phase in turn, in ``WORKDIR/phases/<i>``; then the run folder's checkpoint and report."""
   started = time.time()
   if config.init.feature_cache is not None and jax.process_count() > 1:
@@ -96,7 +99,7 @@ def _fit_phases(config, workdir, *, model, variables, train_src, eval_src, class
     results, state = loop.train(
         phase.replace(run={"length": f"{length} steps", "plots": False}), folder, model=phase_model,
         variables=phase_vars, augment_fn=None if cut else augment_fn, class_names=class_names,
-        eval_src=None if cut else eval_src, resume=resume, features=bool(cut), **data)
+        eval_src=None if cut else eval_src, resume=resume, features=bool(cut), callbacks=callbacks, **data)
     trained = jax.device_get(state.variables)
     variables = feat.merge_variables(variables, trained) if cut else trained
     records += [{**r, "phase": i, "step": r["step"] + offset[0], **({"epoch": r["epoch"] + offset[1]} if "epoch" in r else {})}
@@ -104,7 +107,7 @@ def _fit_phases(config, workdir, *, model, variables, train_src, eval_src, class
     offset = (offset[0] + results["steps"], offset[1] + results["epochs"])
     summaries.append({"phase": i, "trainable": phase.init.trainable, "cached_features": bool(cut),
                       **{k: results[k] for k in ("final", "steps", "epochs", "wall_time_s", "stopped_by")}})
-    if results["stopped_by"]:
+    if results["stopped_by"] not in (None, "early_stopping"):  # early stopping ends its phase only
       break
   return _report_phases(config, workdir, model, variables, class_names, records, summaries, started,
                         eval_src=eval_src, train_src=train_src)
