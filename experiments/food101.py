@@ -32,25 +32,14 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from jcv.train import (Augment, Config, Data, Evaluation, FeatureCache, Init, Model, Optim, Phase, Pretrained, Run,
-                       Schedule, build, cli, fit, report)
+from jcv.train import Config, Evaluation, FeatureCache, Model, Phase, Pretrained, Schedule, build, cli, fit, recipes, report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WEIGHTS = "mobilenet_v2_1.0_224_no_top"
 BACKBONES = {"mobilenet_v2": WEIGHTS, "efficientnet_lite2": None}  # backbone -> default weights (None: a file)
-CPU = Config(
-    data=Data(dataset="food101", train_split="train[10%:]", eval_split="train[:10%]", image_size=176,
-              crop="random_resized", crop_scale=(0.25, 1.0), batch_size=32, mean="pretrained", std="pretrained"),
-    augment=Augment(ops=("flip", ("color_jitter", {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2,
-                                                   "hue": 0.02})), label_smoothing=0.1),
-    model=Model(name="efficientnet_lite2"),
-    init=Init(pretrained=Pretrained(), trainable="backbone",  # every stage, BatchNorm in inference mode
-              backbone_lr_multiplier=0.3),
-    optim=Optim(name="adamw", learning_rate=1e-3, weight_decay=1e-4),
-    schedule=Schedule(warmup="0.5 epochs"),
-    evaluation=Evaluation(image_size=208, crop_fraction=1.0, tta_flip=True),
-    run=Run(length="7 epochs", progress=False),
-)
+CPU = recipes.FINETUNE.replace(  # docs/transfer.md ("food101_10") gives the evidence for each choice
+    data={"dataset": "food101", "train_split": "train[10%:]", "eval_split": "train[:10%]"},
+    model=Model(name="efficientnet_lite2"), run={"progress": False})
 # The cpu recipe at Lite2's own 260 px (evaluated at the same 1.17x, whole image) for 10 epochs of
 # the 101-class tfds food101 (68k training images per epoch): docs/transfer.md argues each choice.
 GPU = CPU.replace(data={"image_size": 260, "batch_size": 64, "num_workers": 8},  # batch: 64 per device (main scales it)
