@@ -97,7 +97,7 @@ def _builder_class(name: str, version: str, splits: dict, class_names: list[str]
 
 
 def _registered_version(name: str, class_names: list[str], data_dir) -> str | None:
-  """The version of tfds' own dataset ``name`` (None if tfds has none); its labels must match."""
+  """The version of tfds' dataset ``name``, registered or in ``data_dir`` (None: neither); its labels must match."""
   import tensorflow_datasets as tfds
   try:
     builder = tfds.builder(name, data_dir=os.fspath(data_dir))  # code only: nothing is downloaded
@@ -106,8 +106,8 @@ def _registered_version(name: str, class_names: list[str], data_dir) -> str | No
   features = builder.info.features
   names = list(getattr(features["label"], "names", None) or []) if "label" in features else []
   if names != class_names:
-    raise ValueError(f"tfds' own {name!r} has the classes {names}, this folder {class_names}: "
-                     f"pass another name (--name), e.g. {name}_folder")
+    raise ValueError(f"the tfds dataset {name!r} (tfds' builder, or a copy in data_dir) has the classes "
+                     f"{names}, this folder {class_names}: pass another name (--name), e.g. {name}_folder")
   return str(builder.version)
 
 
