@@ -2,8 +2,9 @@
 
   python -m jcv evaluate --workdir RUN [--data-dir DIR] [--split test] [--checkpoint best|latest]
       prints one JSON line {"top1", "top5", "loss", "n"}
-  python -m jcv predict --workdir RUN IMAGE [IMAGE ...] [--top-k 5]
-      prints one JSON line per image: {"file", "top": [[class, probability], ...]}
+  python -m jcv predict --workdir RUN IMAGE [IMAGE ...] [--top-k 5] [--plot FILE.png]
+      prints one JSON line per image: {"file", "top": [[class, probability], ...]}; --plot also
+      draws each image with its top-k bars into FILE.png
   python -m jcv predict --pretrained MODEL --weights FILE [--head FILE] [--labels FILE] IMAGE ...
       the same with pretrained ImageNet weights (no run folder): the file's own classifier,
       the weights' preprocessing and image size (jcv.weights.pretrained_info)
@@ -16,7 +17,7 @@ import argparse
 import json
 import sys
 
-__all__ = ["main", "predict", "predict_pretrained"]
+__all__ = ["main", "plot_predictions", "predict", "predict_pretrained"]
 
 
 def predict(workdir, files, *, top_k: int = 5, which: str = "best") -> list[dict]:
@@ -62,6 +63,31 @@ def predict_pretrained(name: str, weights, files, *, head=None, labels=None,
   return out
 
 
+def plot_predictions(rows: list[dict], path) -> None:
+  """Draws ``predict``'s rows (each image with its top-k bars) into the PNG ``path``."""
+  import os
+
+  from jcv import plots
+  from jcv.data import decode
+  images = [decode.decode_image(r["file"]) for r in rows]
+  plots.prediction_bars(images, [r["top"] for r in rows], path, titles=[os.path.basename(r["file"]) for r in rows])
+
+
+def _predict_command(args) -> None:
+  if args.pretrained:
+    if not args.weights:
+      raise ValueError("--pretrained needs --weights FILE")
+    rows = predict_pretrained(args.pretrained, args.weights, args.images, head=args.head,
+                              labels=args.labels, top_k=args.top_k)
+  else:
+    rows = predict(args.workdir, args.images, top_k=args.top_k, which=args.checkpoint)
+  for row in rows:
+    print(json.dumps(row))
+  if args.plot:
+    plot_predictions(rows, args.plot)
+    print(f"wrote {args.plot}", file=sys.stderr)
+
+
 def main(argv=None):
   """Entry point of ``python -m jcv`` and the ``jcv`` console script."""
   p = argparse.ArgumentParser(prog="jcv", description=__doc__,
@@ -83,6 +109,7 @@ def main(argv=None):
   pr.add_argument("--labels", help="class names, one per line, for --pretrained")
   pr.add_argument("--checkpoint", choices=("best", "latest"), default="best")
   pr.add_argument("--top-k", type=int, default=5)
+  pr.add_argument("--plot", metavar="FILE.png", help="also draw each image with its top-k bars into FILE.png")
   pr.add_argument("images", nargs="+")
   sm = sub.add_parser("summary", help="model card and per-layer table of a registered model")
   sm.add_argument("model")
@@ -100,15 +127,8 @@ def main(argv=None):
       elif args.command == "summary":
         from jcv import models
         models.summary(args.model, input_size=args.input_size)
-      elif args.pretrained:
-        if not args.weights:
-          raise ValueError("--pretrained needs --weights FILE")
-        for row in predict_pretrained(args.pretrained, args.weights, args.images, head=args.head,
-                                      labels=args.labels, top_k=args.top_k):
-          print(json.dumps(row))
       else:
-        for row in predict(args.workdir, args.images, top_k=args.top_k, which=args.checkpoint):
-          print(json.dumps(row))
+        _predict_command(args)
   except SystemExit as e:
     return e.code
   return 0

@@ -1,4 +1,5 @@
-"""Figures of a training run: training curves, confusion matrix, worst mistakes (matplotlib, Agg)."""
+"""Figures of a training run and its predictions: training curves, confusion matrix, worst mistakes,
+top-k bars per image (matplotlib, Agg)."""
 from __future__ import annotations
 
 import pathlib
@@ -6,7 +7,10 @@ import pathlib
 import numpy as np
 
 __all__ = ["training_curves", "confusion_matrix", "confusion_counts", "worst_mistakes", "prediction_grid",
-           "curves_by_run"]
+           "prediction_bars", "curves_by_run"]
+
+# prediction_bars: inches per panel (image and bars side by side) at _save's 100 dpi.
+PANEL_SIZE = (6.0, 2.6)
 
 
 def _plt():
@@ -130,6 +134,43 @@ def prediction_grid(images, labels, predictions, class_names, path, *, count: in
     ax.set_title(f"{class_names[pred]}\n(true: {class_names[label]})", fontsize=9,
                  color="green" if pred == label else "red")
   fig.tight_layout()
+  return _save(fig, path)
+
+
+def prediction_bars(images, predictions, path, *, titles=(), columns: int = 2) -> pathlib.Path:
+  """One panel per image: the image and its top-k classes as horizontal probability bars.
+
+  ``predictions``: per image a list of ``(class name, probability)`` pairs, best first (the
+  ``"top"`` of ``jcv predict``). Panels fill ``columns`` per row; the PNG is exactly
+  ``PANEL_SIZE`` x 100 pixels per panel.
+  """
+  plt = _plt()
+  if len(images) != len(predictions) or not len(images):
+    raise ValueError(f"prediction_bars: need one prediction list per image; got {len(images)} images "
+                     f"and {len(predictions)} predictions")
+  cols = min(columns, len(images))
+  rows = -(-len(images) // cols)
+  slots = max(len(top) for top in predictions)
+  fig = plt.figure(figsize=(PANEL_SIZE[0] * cols, PANEL_SIZE[1] * rows))
+  grid = fig.add_gridspec(rows, 2 * cols, width_ratios=[1, 1.4] * cols, wspace=0.05, hspace=0.3,
+                          left=0.01, right=0.99, top=0.9, bottom=0.08)
+  for i, (image, top) in enumerate(zip(images, predictions)):
+    r, c = divmod(i, cols)
+    ax_im, ax_bar = fig.add_subplot(grid[r, 2 * c]), fig.add_subplot(grid[r, 2 * c + 1])
+    ax_im.imshow(image)
+    ax_im.axis("off")
+    ax_im.set_title(str(titles[i]) if i < len(titles) else "", fontsize=9)
+    y = slots - 1 - np.arange(len(top))  # best on top; always ``slots`` rows, so bars keep one height
+    probs = np.array([float(p) for _, p in top])
+    ax_bar.barh(y, probs, height=0.7, color=["#2a6"] + ["#9ab"] * (len(top) - 1))
+    for yy, (name, p) in zip(y, top):
+      ax_bar.text(float(p) + 0.03, yy, f"{float(p):.1%}  {name}", va="center", fontsize=8)
+    ax_bar.set_xlim(0, 2.0)  # bars up to 1, the labels after them
+    ax_bar.set_ylim(-0.6, slots - 0.4)
+    ax_bar.set_xticks([0, 0.5, 1.0], ["0", "50%", "100%"], fontsize=7)
+    ax_bar.set_yticks([])
+    ax_bar.spines[["top", "right", "left"]].set_visible(False)
+    ax_bar.spines["bottom"].set_bounds(0, 1)
   return _save(fig, path)
 
 

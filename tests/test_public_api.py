@@ -19,7 +19,7 @@ import jcv
 
 PACKAGES = ["jcv.ops", "jcv.data", "jcv.models", "jcv.train", "jcv.weights"]
 # Modules whose functions follow the strict ``f(key, image, *, options)`` convention.
-STRICT_PREFIXES = ("jcv.ops", "jcv.data.augment")
+STRICT_PREFIXES = ("jcv.ops", "jcv.data.augment", "jcv.data.affine")
 BAD_KEY_NAMES = {"rng", "prng", "prng_key", "rng_key", "seed_key"}
 
 

@@ -2,11 +2,12 @@
 batches → on-device augmentation inside the jitted train step.
 
 Submodules: :mod:`jcv.data.sources`, :mod:`jcv.data.transforms`, :mod:`jcv.data.pipeline`,
-:mod:`jcv.data.augment`, :mod:`jcv.data.decode`.
+:mod:`jcv.data.augment` (with :mod:`jcv.data.affine`), :mod:`jcv.data.decode`,
+:mod:`jcv.data.tfds_folder`.
 """
 import importlib
 
-__all__ = ["augment", "decode", "pipeline", "sources", "transforms"]
+__all__ = ["affine", "augment", "decode", "pipeline", "sources", "tfds_folder", "transforms"]
 
 
 def __getattr__(name):

@@ -3,7 +3,7 @@
 Images are batches [B, H, W, C]. ``random_flip``, ``pad_and_crop`` and ``cutout`` work on
 any dtype; the others expect float images in [0, 1] (what :func:`make_augment` produces from
 uint8). Every example gets its own random draw. Labels for ``mixup``/``cutmix`` are
-one-hot or soft [B, num_classes].
+one-hot or soft [B, num_classes]. Rotation, shift, zoom and shear live in :mod:`jcv.data.affine`.
 
 :func:`make_augment` composes a list of ops into one
 ``fn(key, images_uint8, labels_int) -> (images_float32, soft_labels)``.
@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 import dm_pix as pix
 import jax
 import jax.numpy as jnp
+
+from jcv.data import affine
 
 __all__ = [
   "OPS", "color_jitter", "cutmix", "cutout", "label_smoothing", "make_augment", "mixup", "normalize",
@@ -319,12 +321,19 @@ OPS: dict[str, tuple[Callable, str]] = {
   "color_jitter": (color_jitter, "key"),
   "random_erasing": (random_erasing, "key"),
   "cutout": (cutout, "key"),
+  "affine": (affine.random_affine, "key"),  # Keras ImageDataGenerator-style, jcv.data.affine
+  "rotate": (affine.random_rotation, "key"),
+  "shift": (affine.random_shift, "key"),
+  "zoom": (affine.random_zoom, "key"),
+  "shear": (affine.random_shear, "key"),
   "mixup": (mixup, "mix"),
   "cutmix": (cutmix, "mix"),
   "normalize": (normalize, "plain"),
   "scale_to_range": (scale_to_range, "plain"),
   "label_smoothing": (label_smoothing, "label"),
 }
+OPS.update({fn.__name__: (fn, "key") for fn in (affine.random_affine, affine.random_rotation, affine.random_shift,
+                                               affine.random_zoom, affine.random_shear)})
 
 
 def _parse_op(op) -> tuple[str, dict[str, Any]]:
@@ -343,6 +352,8 @@ def _parse_op(op) -> tuple[str, dict[str, Any]]:
     inspect.signature(fn).bind(*positional, **kwargs)
   except TypeError as e:
     raise ValueError(f"bad options for augment op {name!r}: {e}") from None
+  if fn.__module__ == affine.__name__:  # value ranges checked now rather than in the first step
+    jax.eval_shape(lambda k, x: fn(k, x, **kwargs), jax.random.key(0), jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32))
   if name == "normalize":
     if max(abs(float(m)) for m in kwargs["mean"]) > 1 or max(float(s) for s in kwargs["std"]) > 1:
       raise ValueError("normalize mean/std must be in [0, 1] units here (images are uint8/255); divide by 255")

@@ -486,8 +486,8 @@ def resolve(
   candidates = [pathlib.Path(spec_str).expanduser()]
   if data_dir is not None:
     candidates.append(pathlib.Path(data_dir).expanduser() / spec_str)
-  for cand in candidates:
-    if cand.is_dir():
+  for cand in candidates:  # a prepared tfds dataset (<name>/<version>/dataset_info.json) is not a folder
+    if cand.is_dir() and not any(cand.glob("*/dataset_info.json")):
       return image_folder(cand, split=split, val_fraction=val_fraction, seed=seed, **folder_options)
   if os.sep in spec_str or spec_str.startswith("."):
     raise ValueError(f"image folder {spec_str!r} does not exist")

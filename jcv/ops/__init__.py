@@ -8,7 +8,7 @@ already has the operation. Options are keyword-only; bad input raises ``ValueErr
 
 Modules: `color` (colour spaces), `adjust` (colour processing), `histograms` (histograms,
 equalisation, CLAHE), `filters` (convolution, blurs, derivatives, sharpening), `edges`
-(Canny), `geometry` (resize, crop, flip, rotate).
+(Canny), `geometry` (resize, crop, flip, rotate, affine warps).
 """
 from jcv.ops.adjust import adjust_brightness
 from jcv.ops.adjust import adjust_contrast
@@ -39,6 +39,7 @@ from jcv.ops.filters import laplacian
 from jcv.ops.filters import median_blur
 from jcv.ops.filters import sobel
 from jcv.ops.filters import unsharp_mask
+from jcv.ops.geometry import affine_transform
 from jcv.ops.geometry import center_crop
 from jcv.ops.geometry import crop
 from jcv.ops.geometry import flip_left_right
@@ -63,4 +64,5 @@ __all__ = [
     "bilateral_filter", "sobel", "laplacian", "unsharp_mask", "canny",
     # geometry
     "resize", "crop", "center_crop", "flip_left_right", "flip_up_down", "rot90", "rotate",
+    "affine_transform",
 ]

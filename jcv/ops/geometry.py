@@ -1,4 +1,4 @@
-"""Geometric transforms on images [..., H, W, C]: resize, crops, flips and rotations.
+"""Geometric transforms on images [..., H, W, C]: resize, crops, flips, rotations and affine warps.
 
 Thin wrappers over ``jax.image`` and dm-pix that accept any leading batch dimensions.
 """
@@ -11,15 +11,23 @@ import numpy as np
 
 from jcv.ops import _checks
 
-__all__ = ["resize", "crop", "center_crop", "flip_left_right", "flip_up_down", "rot90", "rotate"]
+__all__ = ["resize", "crop", "center_crop", "flip_left_right", "flip_up_down", "rot90", "rotate",
+           "affine_transform"]
 
 _RESIZE_METHODS = ("nearest", "linear", "cubic", "lanczos3", "lanczos5")
+# Border modes of affine_transform (scipy.ndimage names; "wrap" acts as scipy's "grid-wrap").
+AFFINE_MODES = ("nearest", "constant", "reflect", "wrap")
 
 
-@functools.partial(jax.jit, static_argnames=("order", "mode"))
-def _rotate_batch(images, angle, cval, *, order, mode):
+@functools.partial(jax.jit, static_argnames=("order", "mode", "cval"))
+def _affine_batch(images, matrices, *, order, mode, cval):
   # Compiled even when called eagerly: dm-pix's interpolation is hundreds of small ops.
-  return jax.vmap(lambda x: pix.rotate(x, angle, order=order, mode=mode, cval=cval))(images)
+  def one(image, m):
+    # dm-pix warps [H, W, C] with a 3-D homogeneous matrix; the channel axis maps to itself.
+    full = jnp.zeros((3, 4), m.dtype).at[:2, :2].set(m[:, :2]).at[:2, 3].set(m[:, 2]).at[2, 2].set(1)
+    return pix.affine_transform(image, full, order=order, mode=mode, cval=cval)
+
+  return jax.vmap(one)(images, matrices)
 
 
 def resize(image, *, height, width, method="linear", antialias=True):
@@ -138,5 +146,35 @@ def rotate(image, *, angle, order=1, mode="nearest", cval=0.0):
     raise ValueError(f"rotate: expected order 0 or 1; got {order!r}.")
   if mode not in ("nearest", "constant"):
     raise ValueError(f"rotate: expected mode 'nearest' or 'constant'; got {mode!r}.")
+  c, s = jnp.cos(angle), jnp.sin(angle)
+  linear = jnp.array([[c, s], [-s, c]], jnp.float32)
+  centre = (jnp.asarray(image.shape[-3:-1], jnp.float32) - 1) / 2
+  matrix = jnp.concatenate([linear, (centre - linear @ centre)[:, None]], axis=1)
+  return affine_transform(image, matrix=matrix, order=order, mode=mode, cval=cval)
+
+
+def affine_transform(image, *, matrix, order=1, mode="nearest", cval=0.0):
+  """Resamples with an affine map from output to input pixel coordinates (dm-pix).
+
+  ``matrix`` [2, 3] (or [..., 2, 3], one per leading index of ``image``) maps an output
+  pixel's (row, column) to the input position ``matrix[:, :2] @ (row, col) + matrix[:, 2]``,
+  pixel centres at integers, as ``scipy.ndimage.affine_transform(image, matrix[:, :2],
+  matrix[:, 2])``. ``order`` 0 (nearest) or 1 (bilinear). ``mode`` fills positions outside
+  the image: "nearest" (edge pixel), "constant" (``cval``), "reflect" (``dcba|abcd|dcba``) or
+  "wrap" (``abcd|abcd|abcd``, scipy's "grid-wrap"); "nearest" and "constant" are the fast ones
+  on accelerators. The output keeps the input size.
+  """
+  image = _checks.check_image(image, op="affine_transform")
+  if order not in (0, 1):
+    raise ValueError(f"affine_transform: expected order 0 or 1; got {order!r}.")
+  if mode not in AFFINE_MODES:
+    raise ValueError(f"affine_transform: expected mode in {AFFINE_MODES}; got {mode!r}.")
+  matrix = jnp.asarray(matrix, jnp.float32)
+  lead = image.shape[:-3]
+  if matrix.shape[-2:] != (2, 3) or matrix.shape[:-2] not in ((), lead):
+    raise ValueError(f"affine_transform: expected matrix of shape [2, 3] or {list(lead) + [2, 3]}; "
+                     f"got {list(matrix.shape)}.")
   flat = image.reshape((-1,) + image.shape[-3:])
-  return _rotate_batch(flat, angle, cval, order=order, mode=mode).reshape(image.shape)
+  matrices = jnp.broadcast_to(matrix, lead + (2, 3)).reshape(-1, 2, 3)
+  out = _affine_batch(flat, matrices, order=order, mode=mode, cval=float(cval))  # cval: a number
+  return out.reshape(image.shape)

@@ -46,3 +46,25 @@ def test_rotate_matches_skimage(batch):
   small = batch[0, :12, :16]  # unbatched [H, W, C] path
   np.testing.assert_allclose(ops.rotate(small, angle=np.deg2rad(-50.0)),
                              transform.rotate(small, -50.0, order=1, mode="edge"), atol=1e-5)
+
+
+def test_affine_transform_matches_scipy(batch):
+  from scipy import ndimage
+  rng = np.random.default_rng(1)
+  matrices = np.concatenate([np.eye(2) + rng.normal(0, 0.2, (3, 2, 2)), rng.normal(0, 6, (3, 2, 1))], -1)
+  for mode, scipy_mode in (("nearest", "nearest"), ("constant", "constant"), ("reflect", "reflect"),
+                           ("wrap", "grid-wrap")):
+    for order in (0, 1):
+      got = np.asarray(jax.jit(lambda x, m: ops.affine_transform(x, matrix=m, order=order, mode=mode, cval=0.3))(
+          batch, matrices))  # one matrix per image
+      for g, x, m in zip(got, batch, matrices):
+        want = np.stack([ndimage.affine_transform(x[..., c].astype(np.float64), m[:, :2], m[:, 2], order=order,
+                                                  mode=scipy_mode, cval=0.3) for c in range(3)], -1)
+        if order == 1:
+          np.testing.assert_allclose(g, want, atol=1e-5, err_msg=mode)
+        else:  # nearest neighbour: scipy rounds samples within half a pixel outside the image in
+          pos = np.einsum("ij,hwj->hwi", m[:, :2], np.stack(np.mgrid[:72, :96], -1)) + m[:, 2]
+          inside = ((pos >= 0.5) & (pos <= np.array([71, 95]) - 0.5)).all(-1)
+          assert np.isclose(g, want, atol=1e-5)[inside].mean() > 0.999, mode  # ties may round apart
+  shared = ops.affine_transform(batch, matrix=matrices[0])  # one matrix for all, leading dims kept
+  np.testing.assert_allclose(shared[2], ops.affine_transform(batch[2], matrix=matrices[0]), atol=1e-6)

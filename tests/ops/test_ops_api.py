@@ -18,6 +18,7 @@ KWARGS = {
     "bilateral_filter": dict(kernel_size=3, sigma_color=0.1, sigma_space=1.0),
     "resize": dict(height=8, width=8), "crop": dict(top=0, left=0, height=4, width=4),
     "center_crop": dict(height=4, width=4), "rotate": dict(angle=0.1),
+    "affine_transform": dict(matrix=np.array([[1.0, 0.1, 0.5], [0.0, 0.9, -0.5]])),
 }
 NOT_IMAGE_OPS = {"gaussian_kernel"}
 IMAGE_OPS = [n for n in ops.__all__ if n not in NOT_IMAGE_OPS]

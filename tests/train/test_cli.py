@@ -86,8 +86,11 @@ def test_evaluate_and_predict_commands(tmp_path):
   logp -= np.log(np.exp(logp).sum(1, keepdims=True))
   assert got["loss"] == pytest.approx(-np.mean(logp[np.arange(13), labels]), rel=1e-5)
 
-  out = _jcv("predict", "--workdir", run, files[0], files[1])
+  out = _jcv("predict", "--workdir", run, files[0], files[1], "--plot", tmp_path / "predictions.png")
   assert out.returncode == 0, out.stderr[-3000:]
+  with Image.open(tmp_path / "predictions.png") as png:  # one panel per image, side by side
+    assert png.format == "PNG" and png.size == (1200, 260)
+    assert np.asarray(png.convert("L")).std() > 10
   rows = [json.loads(line) for line in out.stdout.strip().splitlines() if line.startswith("{")]
   assert [r["file"] for r in rows] == [str(files[0]), str(files[1])]
   probs = np.exp(logp[:2])

@@ -1,5 +1,6 @@
 """Figures: confusion counts against a plain loop; images are written and decodable."""
 import numpy as np
+import pytest
 from PIL import Image
 
 from jcv import plots
@@ -27,3 +28,25 @@ def test_curves_and_mistakes_render(tmp_path):
   logits = np.eye(3)[(labels + 1) % 3] * 5.0  # every prediction wrong
   path = plots.worst_mistakes(logits, labels, np.arange(6), src, src.class_names, tmp_path / "m.png", count=4)
   assert Image.open(path).size[0] > 100
+
+
+def test_prediction_bars_one_panel_per_image(tmp_path, shared_dir):
+  from jcv.data import decode
+  root = shared_dir / "data" / "cats_vs_dogs" / "test"
+  images = [decode.decode_image(root / c / f"{c}.{n}.jpg") for c, n in (("cat", 4001), ("dog", 4001), ("dog", 4002))]
+  top = [[["dog", 0.91], ["cat", 0.05], ["fox", 0.02], ["wolf", 0.01], ["lynx", 0.01]],
+         [["cat", 0.5], ["dog", 0.5]], [["dog", 1.0]]]
+  path = plots.prediction_bars(images, top, tmp_path / "p.png", titles=["a.jpg", "b.jpg", "c.jpg"])
+  with Image.open(path) as png:
+    png.verify()
+  with Image.open(path) as png:
+    assert png.format == "PNG" and png.size == (1200, 520)  # 2 columns x 2 rows of 600 x 260 pixels
+    rgb = np.asarray(png.convert("RGB")).astype(int)
+  green = (np.abs(rgb - [0x22, 0xAA, 0x66]) < 8).all(-1)  # the top class's bar
+  rows = np.flatnonzero(green.any(1))
+  assert len(rows) and rows.min() < 260 and rows.max() > 260  # a bar in both panel rows
+  # The first panel's top bar (91 %) is longer than the second's (50 %).
+  first, second = green[:260, :600].any(0).sum(), green[:260, 600:].any(0).sum()
+  assert first > 1.6 * second > 0
+  with pytest.raises(ValueError, match="one prediction list per image"):
+    plots.prediction_bars(images, top[:2], tmp_path / "q.png")
