@@ -81,12 +81,13 @@ def test_same_batches_through_tfds_and_the_folder(folder, data_dir):
 
 
 def test_fit_trains_from_the_tfds_name(data_dir, tmp_path):
-  from jcv.train import Config, fit
-  cfg = Config(dataset="cats_vs_dogs", data_dir=str(data_dir), model="advanced_cnn",
-               model_options={"widths": (8,), "convs_per_stage": 1, "hidden": 16}, image_size=32,
-               crop="random_resized", augment=("flip", ("affine", {"rotation": 10, "zoom": 0.1})),
-               batch_size=8, eval_batch_size=8, steps=2, optimizer="sgd", learning_rate=0.01,
-               progress=False, plots=False, compilation_cache=None)
+  from jcv.train import Augment, Config, Data, Evaluation, Model, Optim, Run, fit
+  cfg = Config(data=Data(dataset="cats_vs_dogs", data_dir=str(data_dir), image_size=32, crop="random_resized",
+                         batch_size=8),
+               augment=Augment(ops=("flip", ("affine", {"rotation": 10, "zoom": 0.1}))),
+               model=Model(name="advanced_cnn", options={"widths": (8,), "convs_per_stage": 1, "hidden": 16}),
+               optim=Optim(name="sgd", learning_rate=0.01), evaluation=Evaluation(batch_size=8),
+               run=Run(length="2 steps", progress=False, plots=False, compilation_cache=None))
   results = fit(cfg, workdir=tmp_path / "run")
   assert results["steps"] == 2 and results["steps_per_epoch"] == 3  # 24 training records
   assert results["final"]["eval"]["n"] == 8 and np.isfinite(results["final"]["eval"]["loss"])  # the test split
