@@ -71,6 +71,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     return f"{text} (default: %(default)s)"
 
 
+def augment_ops_text() -> str:
+  """One line naming the on-device augmentation ops ``augment.ops`` accepts."""
+  from jcv.data.augment import OPS
+  return "augment.ops entries: " + ", ".join(sorted(OPS)) + " (a name or (name, {options}); docs/data.md)"
+
+
 def make_parser(description: str | None = None, *, presets=None, default_preset: str | None = None,
                 default_workdir: str | None = None, helps: dict | None = None,
                 epilog: str | None = None) -> argparse.ArgumentParser:
@@ -87,6 +93,7 @@ def make_parser(description: str | None = None, *, presets=None, default_preset:
     raise ValueError(f"helps: unknown shared flag(s) {sorted(unknown)}; expected {sorted(HELP)}")
   if epilog is None and presets:
     epilog = describe_presets(presets)
+  epilog = "\n".join(filter(None, [epilog, textwrap.fill(augment_ops_text(), width=100)]))
   h = {**HELP, "preset": HELP["preset"] + (" (listed below)" if epilog else ""), **(helps or {})}
   p = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=HelpFormatter)
   p.add_argument("--workdir", required=default_workdir is None, default=default_workdir, help=h["workdir"])

@@ -82,11 +82,16 @@ class Augment:
   label_smoothing: float = 0.0
 
   def validate(self):
+    from jcv.data.augment import make_augment
     for op in self.ops:
       name = op if isinstance(op, str) else op[0]
       if name in ("normalize", "label_smoothing"):
         where = "data.mean/std" if name == "normalize" else "augment.label_smoothing"
         raise ValueError(f"augment op {name!r}: set {where} instead (one place for each)")
+    try:
+      make_augment(list(self.ops), num_classes=2)  # unknown ops and options, values out of range
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"augment.ops: {e}") from None
     if not 0 <= self.label_smoothing < 1:
       raise ValueError(f"augment.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
