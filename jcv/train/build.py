@@ -20,7 +20,7 @@ __all__ = [
     "enable_compilation_cache", "is_image_folder", "source_spec", "build_source", "build_sources",
     "build_model", "build_augment", "eval_view", "train_config", "train_fn", "eval_fn", "last_phase",
     "checkpoint_optimizer", "trainable_stages", "image_loaders", "regime_options", "REGIMES", "stage_options", "example_shape",
-    "total_steps",
+    "total_steps", "tta_options",
 ]
 
 
@@ -195,8 +195,14 @@ def eval_fn(config: Config, *, features: bool = False):
   (``features=True``: cached features, used as they are)."""
   if features:
     return step_lib.eval_step
-  return functools.partial(step_lib.eval_step, mean=config.data.mean, std=config.data.std,
-                           tta_flip=config.evaluation.tta_flip, tta_translate=config.evaluation.tta_translate)
+  return functools.partial(step_lib.eval_step, **tta_options(config))
+
+
+def tta_options(config: Config) -> dict:
+  """The normalisation and test-time augmentation of ``step.predict_logits`` for ``config``."""
+  e = config.evaluation
+  return {"mean": config.data.mean, "std": config.data.std, "tta_flip": e.tta_flip,
+          "tta_translate": e.tta_translate, "tta_multicrop": e.tta_multicrop}
 
 
 def last_phase(config: Config) -> Config:

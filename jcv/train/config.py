@@ -152,8 +152,10 @@ class Config:
     """Raises ValueError on inconsistent settings; returns self."""
     for name in _SECTIONS:
       getattr(self, name).validate()
-    if self.evaluation.image_size is None and self.data.image_size < 8:
-      raise ValueError(f"data.image_size must be >= 8, got {self.data.image_size}")
+    view = self.evaluation.image_size or self.data.image_size
+    if self.evaluation.tta_multicrop and self.evaluation.tta_multicrop > view:
+      raise ValueError(f"evaluation.tta_multicrop {self.evaluation.tta_multicrop} exceeds the evaluation view "
+                       f"({view} px): crops come from inside it")
     for i, phase in enumerate(self.run.phases):
       try:
         phase.validate()

@@ -44,8 +44,7 @@ def run_eval(state, loader, eval_fn, mesh, *, max_in_flight: int = 16) -> dict:
 def collect_logits(state, loader, config: Config, mesh):
   """(logits [N, C], labels [N], dataset indices [N]) over one pass of an eval loader (one process)."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  fn = jax.jit(functools.partial(step_lib.predict_logits, mean=config.data.mean, std=config.data.std,
-                                 tta_flip=config.evaluation.tta_flip, tta_translate=config.evaluation.tta_translate),
+  fn = jax.jit(functools.partial(step_lib.predict_logits, **build.tta_options(config)),
                out_shardings=replicated)
   logits, labels, index = [], [], []
   for b, batch in enumerate(loader):
@@ -123,9 +122,7 @@ def predict(workdir, files, *, top_k: int = 5, which: str = "best") -> list[dict
   view = build.eval_view(config)
   images = np.stack([transforms.eval_resize_crop(decode.decode_image(f), view["image_size"],
                                                  crop_fraction=view["crop_fraction"]) for f in files])
-  logits = jax.jit(lambda s, x: step_lib.predict_logits(s, x, mean=config.data.mean, std=config.data.std,
-                                                        tta_flip=config.evaluation.tta_flip,
-                                                        tta_translate=config.evaluation.tta_translate))(state, images)
+  logits = jax.jit(lambda s, x: step_lib.predict_logits(s, x, **build.tta_options(config)))(state, images)
   probs = np.asarray(jax.nn.softmax(logits, axis=-1))
   out = []
   for f, p in zip(files, probs):

@@ -268,6 +268,7 @@ class Evaluation:
   crop_fraction: float = 0.875        # shorter side to size / this, centre crop (1.0: whole image)
   tta_flip: bool = False              # average logits with the mirrored image
   tta_translate: int = 0              # > 0: also views shifted by this many pixels (airbench)
+  tta_multicrop: int | None = None    # crop size: the mean over 4 corner + centre crops of the eval view
   best_metric: str = "top1"           # ranks checkpoints (higher is better; "loss": lower)
   bn_recompute: str | None = None     # e.g. "10000 examples": BN statistics re-averaged at the end
   early_stopping: EarlyStopping | None = None
@@ -281,6 +282,9 @@ class Evaluation:
     _at_least(self, ("batch_size",), 1)
     _at_least(self, ("image_size",), 8)
     _at_least(self, ("tta_translate",), 0)
+    _at_least(self, ("tta_multicrop",), 8)
+    if self.tta_multicrop and self.tta_translate:
+      raise ValueError("evaluation.tta_multicrop and evaluation.tta_translate are two kinds of views: choose one")
     if not 0 < self.crop_fraction <= 1:
       raise ValueError(f"evaluation.crop_fraction must be in (0, 1], got {self.crop_fraction}")
 

@@ -123,11 +123,14 @@ def bn_update(state, batch, stats_in, index, *, augment_fn: Callable | None = No
 
 
 def predict_logits(state, images, *, mean=None, std=None, tta_flip: bool = False,
-                   tta_translate: int = 0):
+                   tta_translate: int = 0, tta_multicrop: int | None = None):
   """Inference-mode logits (float32) for uint8 NHWC images; optional TTA (mean logits): flip,
-  and/or ``tta_translate`` pixels (``jcv.data.augment.tta_translate``: airbench's level 2)."""
+  ``tta_translate`` pixels (``jcv.data.augment.tta_translate``: airbench's level 2), or the 5
+  crops of size ``tta_multicrop`` (10 with flip; ``jcv.data.augment.tta_multicrop``)."""
   x = to_model_input(images, mean=mean, std=std)
   apply = lambda v: state.apply_fn(state.variables, v, train=False).astype(jnp.float32)
+  if tta_multicrop:
+    return augment_lib.tta_multicrop(apply, x, size=tta_multicrop, flip=tta_flip)
   if tta_translate:
     return augment_lib.tta_translate(apply, x, pixels=tta_translate, flip=tta_flip)
   if tta_flip:
@@ -136,14 +139,14 @@ def predict_logits(state, images, *, mean=None, std=None, tta_flip: bool = False
 
 
 def eval_step(state, batch, *, mean=None, std=None, tta_flip: bool = False, tta_translate: int = 0,
-              axis_name: str | None = None):
+              tta_multicrop: int | None = None, axis_name: str | None = None):
   """Metric sums over the real examples of ``batch`` (``batch["mask"]`` marks padding).
 
   Returns {"loss", "top1", "top5", "count"} as sums; divide by "count" after summing
   over batches so every example counts exactly once.
   """
   logits = predict_logits(state, batch["image"], mean=mean, std=std, tta_flip=tta_flip,
-                          tta_translate=tta_translate)
+                          tta_translate=tta_translate, tta_multicrop=tta_multicrop)
   labels = batch["label"]
   mask = batch.get("mask")
   mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
