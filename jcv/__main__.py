@@ -1,4 +1,7 @@
-"""``python -m jcv evaluate|predict``: use a training run's checkpoint.
+"""``jcv train|evaluate|predict|summary`` (also ``python -m jcv ...``): train, then use the run.
+
+  jcv train --data-dir PHOTOS --workdir RUN (--pretrained MODEL --weights FILE | --model NAME) [--minutes M]
+      trains on an image folder (or --tfds NAME) into a run folder; jcv train --help for the rest
 
   python -m jcv evaluate --workdir RUN [--data-dir DIR] [--split test] [--checkpoint best|latest]
       prints one JSON line {"top1", "top5", "loss", "n"}
@@ -90,9 +93,14 @@ def _predict_command(args) -> None:
 
 def main(argv=None):
   """Entry point of ``python -m jcv`` and the ``jcv`` console script."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["train"]:
+    from jcv.train import command
+    return command.main(argv[1:])
   p = argparse.ArgumentParser(prog="jcv", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
+  sub.add_parser("train", help="train on an image folder or a tfds dataset (jcv train --help)", add_help=False)
   ev = sub.add_parser("evaluate", help="evaluate a run's checkpoint on a split")
   ev.add_argument("--workdir", required=True)
   ev.add_argument("--data-dir", help="image folder or tfds data_dir (default: the run's)")
