@@ -74,7 +74,8 @@ def test_config_json_alone_reproduces_a_run_with_an_init_step(tmp_path):
   from jcv.data import sources
   from jcv.models import cifar
   train = sources.image_folder(data, split="train", cache=False)
-  x = (np.stack([train[i]["image"] for i in range(32)]) / 255.0 - np.asarray(config.data.mean)) / np.asarray(config.data.std)
+  images = np.stack([train[i]["image"] for i in range(32)]) / 255.0
+  x = (images - np.asarray(config.data.mean)) / np.asarray(config.data.std)
   np.testing.assert_allclose(a["whiten"]["kernel"], cifar.whitening_kernel(x), rtol=1e-5, atol=1e-5)
 
 
