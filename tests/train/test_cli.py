@@ -213,3 +213,22 @@ def test_eval_view_size_and_crop_fraction_reach_evaluate_and_predict(tmp_path):
   rows = predict(run, files[:2])
   for row, p in zip(rows, np.exp(logp[:2])):
     np.testing.assert_allclose([q for _, q in row["top"]], np.sort(p)[::-1][:3], rtol=1e-4)
+
+
+def test_a_run_folder_of_the_flat_config_is_refused_in_one_line(tmp_path, capsys):
+  """A run folder written by jcv 0.1.0 (flat config in run.json and config.json) is not resumed."""
+  from tiny import array_sources
+  train, evaluation_src = array_sources(64, 16)
+  kwargs = {"train_source": train, "eval_source": evaluation_src}
+  argv = ["--workdir", str(tmp_path), "--steps", "2"]
+  cli.run(argv, base=BASE, fit_kwargs=kwargs)
+  flat = {"model": "advanced_cnn", "image_size": 8, "batch_size": 16, "steps": 2, "optimizer": "sgd"}
+  record = json.loads((tmp_path / "run.json").read_text())
+  (tmp_path / "run.json").write_text(json.dumps({**record, "config": flat}))
+  (tmp_path / "config.json").write_text(json.dumps(flat))
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:
+    cli.run(argv, base=BASE, fit_kwargs=kwargs)
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and "\n" not in err and "written by jcv 0.1.0" in err and "--restart" in err
