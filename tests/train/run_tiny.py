@@ -11,17 +11,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from jcv.train import Config, cli  # noqa: E402
+from jcv.train import Augment, Config, Data, Model, Optim, Run, Schedule, cli  # noqa: E402
 from tiny import array_sources  # noqa: E402
 
 BASE = Config(
-    data={"image_size": 8, "batch_size": 16, "mean": (0.3, 0.3, 0.3), "std": (0.2, 0.2, 0.2)},
-    augment={"ops": ("flip", ("pad_crop", {"padding": 1}))},
-    model={"name": "advanced_cnn", "options": {"widths": (8,), "convs_per_stage": 1, "hidden": 16,
-                                               "dropout_rate": 0.2}},
-    optim={"name": "sgd", "learning_rate": 0.05}, schedule={"name": "cosine"},
-    run={"length": "2 epochs", "log_every": "5 steps", "progress": False, "plots": False, "compilation_cache": None,
-         "keep_checkpoints": 2})
+    data=Data(image_size=8, batch_size=16, mean=(0.3, 0.3, 0.3), std=(0.2, 0.2, 0.2)),
+    augment=Augment(ops=("flip", ("pad_crop", {"padding": 1}))),
+    model=Model(name="advanced_cnn", options={"widths": (8,), "convs_per_stage": 1, "hidden": 16,
+                                              "dropout_rate": 0.2}),
+    optim=Optim(name="sgd", learning_rate=0.05), schedule=Schedule(name="cosine"),
+    run=Run(length="2 epochs", log_every="5 steps", progress=False, plots=False, compilation_cache=None,
+            keep_checkpoints=2))
 
 
 def dump_params(workdir):
