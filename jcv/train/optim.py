@@ -165,6 +165,7 @@ def make_schedule(config, *, steps_per_epoch: int, total_steps: int) -> optax.Sc
   """The learning-rate schedule of ``config.schedule`` (peak ``config.optim.learning_rate``)."""
   total_steps = max(int(total_steps), 1)
   s = config.schedule
+  check_schedule(s)
   warmup = min(durations.steps(s.warmup, steps_per_epoch=steps_per_epoch, batch_size=config.data.batch_size),
                total_steps - 1)
   options = {f: getattr(s, f) for f in SCHEDULES[s.name][0]} | {"batch_size": config.data.batch_size}

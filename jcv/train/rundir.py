@@ -228,6 +228,13 @@ def _short(v) -> str:
 
 def structural_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
   """(refusing differences, warned differences) between two :func:`describe` records."""
+  saved_config = saved.get("config") or {}
+  if saved_config and saved_config.get("format") != current["config"].get("format"):
+    from jcv.train.config import Config
+    try:
+      Config.from_dict(saved_config)  # another layout: refused with the version that wrote it
+    except ValueError as e:
+      return [str(e)], []
   refuse, warn = [], []
   if saved.get("total_steps") not in (None, current["total_steps"]):
     refuse.append(f"schedule length {saved['total_steps']} -> {current['total_steps']} steps "

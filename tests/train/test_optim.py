@@ -5,9 +5,12 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from jcv.train import Config, create_train_state, losses, optim, train_step
+from jcv.train import Config, Lookahead, Muon, losses, optax_extras, optim
+from jcv.train.state import create_train_state
+from jcv.train.step import train_step
 from tiny import TinyCNN, random_images
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # float32 arithmetic, a handful of operations
@@ -53,8 +56,8 @@ def test_decay_mask_on_real_model():
 
 def test_sgd_decoupled_decay_matches_numpy():
   lr, mom, wd = 0.1, 0.9, 0.01
-  cfg = Config(optimizer="sgd", learning_rate=lr, momentum=mom, nesterov=False, weight_decay=wd,
-               schedule="constant")
+  cfg = Config(optim={"name": "sgd", "learning_rate": lr, "momentum": mom, "nesterov": False, "weight_decay": wd},
+               schedule={"name": "constant"})
   got = _updates(cfg)
   p, mask = _params(), optim.decay_mask(_params())
   m = jax.tree.map(np.zeros_like, p)
@@ -67,8 +70,8 @@ def test_sgd_decoupled_decay_matches_numpy():
 
 def test_sgd_nesterov_matches_numpy():
   lr, mom = 0.1, 0.9
-  cfg = Config(optimizer="sgd", learning_rate=lr, momentum=mom, nesterov=True, weight_decay=0.0,
-               schedule="constant")
+  cfg = Config(optim={"name": "sgd", "learning_rate": lr, "momentum": mom, "nesterov": True, "weight_decay": 0.0},
+               schedule={"name": "constant"})
   got = _updates(cfg)
   m = jax.tree.map(np.zeros_like, _params())
   for s in range(2):
@@ -80,7 +83,8 @@ def test_sgd_nesterov_matches_numpy():
 
 def test_adamw_first_step_matches_formula():
   lr, wd, eps = 1e-3, 0.05, 1e-8
-  cfg = Config(optimizer="adamw", learning_rate=lr, weight_decay=wd, eps=eps, schedule="constant")
+  cfg = Config(optim={"name": "adamw", "learning_rate": lr, "weight_decay": wd, "eps": eps},
+               schedule={"name": "constant"})
   got = _updates(cfg, steps=1)[0]
   g, p, mask = _grads(1), _params(), optim.decay_mask(_params())
   # Step 1 with bias correction: m_hat = g, v_hat = g^2.
@@ -90,8 +94,8 @@ def test_adamw_first_step_matches_formula():
 
 def test_rmsprop_first_step_matches_formula():
   lr, decay, eps = 0.01, 0.9, 1e-8
-  cfg = Config(optimizer="rmsprop", learning_rate=lr, rms_decay=decay, eps=eps, momentum=0.0,
-               weight_decay=0.0, schedule="constant")
+  cfg = Config(optim={"name": "rmsprop", "learning_rate": lr, "rms_decay": decay, "eps": eps, "momentum": 0.0,
+                      "weight_decay": 0.0}, schedule={"name": "constant"})
   got = _updates(cfg, steps=1)[0]
   # optax.scale_by_rms puts eps inside the square root (eps_in_sqrt=True).
   want = jax.tree.map(lambda g_: -lr * g_ / np.sqrt((1 - decay) * g_ ** 2 + eps), _grads(1))
@@ -99,19 +103,20 @@ def test_rmsprop_first_step_matches_formula():
 
 
 def test_gradient_clipping_bounds_global_norm():
-  cfg = Config(optimizer="sgd", learning_rate=1.0, momentum=0.0, weight_decay=0.0,
-               schedule="constant", grad_clip_norm=0.5)
+  cfg = Config(optim={"name": "sgd", "learning_rate": 1.0, "momentum": 0.0, "weight_decay": 0.0, "grad_clip_norm": 0.5},
+               schedule={"name": "constant"})
   upd = _updates(cfg, steps=1)[0]
   norm = math.sqrt(sum(float(np.sum(u ** 2)) for u in jax.tree.leaves(upd)))
   assert norm == pytest.approx(0.5, rel=1e-5)
 
 
 def _sched(**kw):
-  return optim.make_schedule(Config(learning_rate=1.0, **kw), steps_per_epoch=10, total_steps=100)
+  config = Config(optim={"learning_rate": 1.0}, schedule=kw).validate()
+  return optim.make_schedule(config, steps_per_epoch=10, total_steps=100)
 
 
 def test_cosine_with_warmup_values():
-  s = _sched(schedule="cosine", warmup_epochs=1.0, final_lr_fraction=0.1)
+  s = _sched(name="cosine", warmup="1 epochs", final_lr_fraction=0.1)
   assert float(s(0)) == pytest.approx(0.0)
   assert float(s(5)) == pytest.approx(0.5)
   assert float(s(10)) == pytest.approx(1.0)
@@ -122,8 +127,7 @@ def test_cosine_with_warmup_values():
 
 
 def test_onecycle_values():
-  s = _sched(schedule="onecycle", onecycle_pct_start=0.3, onecycle_div_factor=25.0,
-             onecycle_final_div_factor=1e4)
+  s = _sched(name="onecycle", pct_start=0.3, div_factor=25.0, final_div_factor=1e4)
   assert float(s(0)) == pytest.approx(1 / 25, rel=1e-5)
   assert float(s(30)) == pytest.approx(1.0, rel=1e-5)
   assert float(s(100)) == pytest.approx(1 / 25 / 1e4, rel=1e-3)
@@ -132,32 +136,38 @@ def test_onecycle_values():
 
 def test_triangle_matches_airbench_schedule():
   """airbench94's triangle(steps, start=0.2, end=0.07, peak=0.23) as numpy.interp."""
-  s = _sched(schedule="triangle", onecycle_pct_start=0.23, onecycle_div_factor=5.0,
-             onecycle_final_div_factor=0.2 / 0.07)
+  s = _sched(name="triangle", pct_start=0.23, div_factor=5.0, final_div_factor=0.2 / 0.07)
   want = np.interp(np.arange(101), [0, int(0.23 * 100), 100], [0.2, 1.0, 0.07])
   np.testing.assert_allclose([float(s(t)) for t in range(101)], want, rtol=1e-5)
 
 
 def test_step_decay_and_constant_values():
-  s = _sched(schedule="step", step_decay_epochs=(3, 6), step_decay_factor=0.1)
+  s = _sched(name="step", decay_at=("3 epochs", "6 epochs"), decay_factor=0.1)
   assert [float(s(t)) for t in (0, 29, 30, 59, 60, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
-  c = _sched(schedule="constant", warmup_epochs=0.5)
+  c = _sched(name="constant", warmup="0.5 epochs")
+  assert [float(c(t)) for t in (0, 1, 5, 50)] == pytest.approx([0.0, 0.2, 1.0, 1.0])
+  # decay_at in steps and in examples (data.batch_size 128): the same boundaries.
+  by_steps = _sched(name="step", decay_at=("30 steps", "60 steps"))
+  by_examples = _sched(name="step", decay_at=(f"{30 * 128} examples", f"{60 * 128} examples"))
+  assert [float(by_steps(t)) for t in (29, 30, 60)] == [float(by_examples(t)) for t in (29, 30, 60)] == \
+      pytest.approx([1, 0.1, 0.01])
   assert [float(c(t)) for t in (0, 1, 5, 50)] == pytest.approx([0.0, 0.2, 1.0, 1.0])
 
 
 def test_unknown_names_raise():
-  with pytest.raises(ValueError, match="optimizer must be one of"):
-    Config(optimizer="adam").validate()
-  with pytest.raises(ValueError, match="schedule must be one of"):
-    optim.make_schedule(Config(schedule="poly"), steps_per_epoch=1, total_steps=10)
+  with pytest.raises(ValueError, match="optim.name must be one of"):
+    Config(optim={"name": "adam"}).validate()
+  with pytest.raises(ValueError, match="schedule.name must be one of"):
+    optim.make_schedule(Config(schedule={"name": "poly"}), steps_per_epoch=1, total_steps=10)
 
 
 @pytest.mark.parametrize("optimizer,schedule", [("sgd", "cosine"), ("adamw", "onecycle"),
                                                 ("rmsprop", "step"), ("lamb", "constant")])
 def test_real_step_each_optimizer_and_schedule(optimizer, schedule):
   lr = 0.1 if optimizer == "sgd" else 1e-3
-  cfg = Config(optimizer=optimizer, schedule=schedule, learning_rate=lr, warmup_epochs=0.0,
-               step_decay_epochs=(5,))
+  cfg = Config(optim={"name": optimizer, "learning_rate": lr},
+               schedule={"name": schedule, "warmup": "0 epochs",
+                         **({"decay_at": ("5 epochs",)} if schedule == "step" else {})}).validate()
   tx, sched = optim.make_optimizer(cfg, steps_per_epoch=10, total_steps=100)
   state = create_train_state(jax.random.key(0), TinyCNN(), tx, (1, 8, 8, 3))
   images, labels = random_images(16)
@@ -175,10 +185,11 @@ def test_freeze_and_lr_multipliers():
   images, labels = random_images(16)
   batch = {"image": images, "label": labels}
   def run(**kw):
-    cfg = Config(optimizer="sgd", momentum=0.0, weight_decay=0.0, schedule="constant", learning_rate=0.1, **kw)
+    cfg = Config(optim={"name": "sgd", "momentum": 0.0, "weight_decay": 0.0, "learning_rate": 0.1, **kw},
+                 schedule={"name": "constant"})
     tx, sched = optim.make_optimizer(cfg, steps_per_epoch=1, total_steps=10)
     state = create_train_state(jax.random.key(0), TinyCNN(), tx, (1, 8, 8, 3))
-    new, _ = jax.jit(functools.partial(train_step, num_classes=10, freeze=cfg.freeze))(state, batch)
+    new, _ = jax.jit(functools.partial(train_step, num_classes=10, freeze=cfg.optim.freeze))(state, batch)
     return state, new
   s0, plain = run()
   _, grouped = run(freeze=("Conv_0", "BatchNorm_0"), lr_multipliers={"Dense_0": 0.1})
@@ -209,10 +220,10 @@ def test_l2_in_loss_equals_lecture_formula():
 
 
 def test_bfloat16_compute_keeps_float32_params():
-  from jcv.train import loop
+  from jcv.train import build
   from run_tiny import BASE
-  cfg = BASE.replace(dtype="bfloat16")
-  model = loop.build_model(cfg, 10)
+  cfg = BASE.replace(model={"dtype": "bfloat16"})
+  model = build.build_model(cfg, 10)
   tx, sched = optim.make_optimizer(cfg, steps_per_epoch=10, total_steps=100)
   state = jax.eval_shape(lambda: create_train_state(jax.random.key(0), model, tx, (1, 8, 8, 3)))
   batch = {"image": jax.ShapeDtypeStruct((4, 8, 8, 3), jnp.uint8), "label": jax.ShapeDtypeStruct((4,), jnp.int32)}
@@ -229,8 +240,9 @@ def test_lookahead_matches_airbench_loop():
   """Plain SGD + lookahead (sync every 3 of 10 steps) against a numpy transcription of airbench's
   loop: every k steps ema = d*ema + (1-d)*w, w = ema; at the last step w = ema (d = 1)."""
   lr, total, k, decay, power = 0.1, 10, 3, 0.7, 2.0
-  cfg = Config(optimizer="sgd", learning_rate=lr, momentum=0.0, weight_decay=0.0, schedule="constant",
-               lookahead={"every": k, "decay": decay, "power": power}, freeze=("BatchNorm_0/scale",))
+  cfg = Config(optim={"name": "sgd", "learning_rate": lr, "momentum": 0.0, "weight_decay": 0.0,
+                      "lookahead": Lookahead(every=k, decay=decay, power=power), "freeze": ("BatchNorm_0/scale",)},
+               schedule={"name": "constant"})
   tx, _ = optim.make_optimizer(cfg, steps_per_epoch=total, total_steps=total)
   params = jax.tree.map(jnp.asarray, _params())
   state = tx.init(params)
@@ -256,27 +268,25 @@ def test_lookahead_matches_airbench_loop():
   assert np.abs(params["Dense_0"]["kernel"] - plain["Dense_0"]["kernel"]).max() > 1e-3
 
 
-def test_lookahead_options_grouped_and_older_flat_names_read():
-  old = Config(lookahead_every=5, lookahead_power=2.0)  # a config.json from before the grouping
-  assert old.lookahead == {"every": 5, "power": 2.0} and old.lookahead_decay == 0.95 ** 5
-  assert Config.from_dict({"lookahead_every": 3}).lookahead == {"every": 3}
-  assert old.replace(lookahead_decay=0.5).lookahead == {"every": 5, "power": 2.0, "decay": 0.5}
-  with pytest.raises(ValueError, match="lookahead: unknown option"):
-    Config(lookahead={"evry": 5}).validate()
+def test_lookahead_is_a_section_with_named_fields():
+  assert Config().optim.lookahead is None  # off
+  on = Config(optim={"lookahead": {"every": 5, "power": 2.0}})
+  assert on.optim.lookahead == Lookahead(every=5, decay=0.95 ** 5, power=2.0)
+  assert Config().set(["optim.lookahead.every=3"]).optim.lookahead == Lookahead(every=3)
+  assert on.set(["optim.lookahead.decay=0.5"]).optim.lookahead == Lookahead(every=5, decay=0.5, power=2.0)
+  with pytest.raises(ValueError, match="unknown field 'evry' \\(did you mean 'every'\\?\\)"):
+    Config(optim={"lookahead": {"evry": 5}})
+  with pytest.raises(ValueError, match="optim.lookahead.every must be >= 1"):
+    Config(optim={"lookahead": {"every": 0}}).validate()
 
 
 def test_lookahead_rejects_bad_period_and_missing_params():
   with pytest.raises(ValueError, match="sync_every"):
-    optim.lookahead(optax_sgd(), sync_every=0, total_steps=10)
-  tx = optim.lookahead(optax_sgd(), sync_every=2, total_steps=10)
+    optax_extras.lookahead(optax.sgd(0.1), sync_every=0, total_steps=10)
+  tx = optax_extras.lookahead(optax.sgd(0.1), sync_every=2, total_steps=10)
   state = tx.init(_params())
   with pytest.raises(ValueError, match="params"):
     tx.update(_grads(1), state)
-
-
-def optax_sgd():
-  import optax
-  return optax.sgd(0.1)
 
 
 def _airbench_muon_steps(w, grads, lr, momentum, ns_steps):
@@ -308,12 +318,12 @@ def test_muon_matches_airbench_transcription(cin, cout):
   grads_oihw = [rng.normal(size=w_oihw.shape) for _ in range(3)]
   want = _airbench_muon_steps(w_oihw, grads_oihw, lr=0.24, momentum=0.6, ns_steps=3)
   to_hwio = lambda x: jnp.asarray(np.transpose(x, (2, 3, 1, 0)), jnp.float32)
-  tx = optim.muon(0.24, momentum=0.6, nesterov=True, ns_steps=3, normalize_weights=True)
+  tx = optax_extras.muon(0.24, momentum=0.6, nesterov=True, ns_steps=3, normalize_weights=True)
   params = {"conv": {"kernel": to_hwio(w_oihw)}}
   state = tx.init(params)
   for g in grads_oihw:
     updates, state = tx.update({"conv": {"kernel": to_hwio(g)}}, state, params)
-    params = optim.optax.apply_updates(params, updates)
+    params = optax.apply_updates(params, updates)
   np.testing.assert_allclose(np.asarray(params["conv"]["kernel"]), np.transpose(want, (2, 3, 1, 0)),
                              rtol=1e-4, atol=1e-5)
 
@@ -322,25 +332,28 @@ def test_newton_schulz_orthogonalises():
   g = np.random.default_rng(2).normal(size=(16, 72)).astype(np.float32)
   u, s_g, vt = np.linalg.svd(g, full_matrices=False)
   assert s_g.max() / s_g.min() > 2  # g itself is far from orthogonal
-  out = np.asarray(optim.newton_schulz(jnp.asarray(g), steps=5))
+  out = np.asarray(optax_extras.newton_schulz(jnp.asarray(g), steps=5))
   s = np.linalg.svd(out, compute_uv=False)
   assert s.min() > 0.5 and s.max() < 1.5  # Muon's U S' V^T with S' ~ (0.5, 1.5)
   rotated = u.T @ out @ vt.T  # diagonal iff out has g's singular vectors
   assert np.abs(rotated - np.diag(np.diag(rotated))).max() < 1e-3
-  np.testing.assert_allclose(optim.newton_schulz(jnp.asarray(g.T), steps=5), out.T, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(optax_extras.newton_schulz(jnp.asarray(g.T), steps=5), out.T, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="matrix"):
-    optim.newton_schulz(jnp.zeros((2, 3, 4)))
+    optax_extras.newton_schulz(jnp.zeros((2, 3, 4)))
 
 
 def test_muon_groups_conv_kernels_only_and_trains():
-  cfg = Config(optimizer="muon", learning_rate=0.1, muon_learning_rate=0.05, momentum=0.9,
-               weight_decay=5e-4, weight_decay_mode="l2", schedule="linear", freeze=("BatchNorm_0",))
+  # Muon on the conv kernels, sgd (momentum 0.9) on the rest.
+  cfg = Config(optim={"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "muon": Muon(learning_rate=0.05),
+                      "weight_decay": 5e-4, "weight_decay_mode": "l2", "freeze": ("BatchNorm_0",)},
+               schedule={"name": "linear"}).validate()
   tx, sched = optim.make_optimizer(cfg, steps_per_epoch=10, total_steps=100)
   state = create_train_state(jax.random.key(0), TinyCNN(), tx, (1, 8, 8, 3))
-  labels = optim.param_labels(state.params, freeze=cfg.freeze, muon=True)
+  labels = optim.param_labels(state.params, freeze=cfg.optim.freeze, muon=True)
   assert labels["Conv_0"]["kernel"] == optim.MUON and labels["Dense_0"]["kernel"] == optim.DEFAULT
   assert labels["BatchNorm_0"]["scale"] == optim.FROZEN
-  mask = optim.muon_mask(state.params, cfg)
+  mask = optim.muon_mask(state.params, cfg.optim)
+  assert not any(jax.tree.leaves(optim.muon_mask(state.params, Config().optim)))  # no muon section: none
   assert optim.decay_mask(state.params, exclude=mask)["Conv_0"]["kernel"] is False
   assert optim.decay_mask(state.params, exclude=mask)["Dense_0"]["kernel"] is True
   images, labels_ = random_images(16)
@@ -352,17 +365,21 @@ def test_muon_groups_conv_kernels_only_and_trains():
   assert np.isfinite(float(metrics["loss"]))
   assert not np.array_equal(before["Conv_0"]["kernel"], np.asarray(state.params["Conv_0"]["kernel"]))
   np.testing.assert_array_equal(before["BatchNorm_0"]["scale"], state.params["BatchNorm_0"]["scale"])
-  with pytest.raises(ValueError, match="muon fallback"):
-    Config(optimizer="muon", muon_fallback="adam").validate()
+  with pytest.raises(ValueError, match="optim.name must be one of"):  # what trains the rest must exist
+    Config(optim={"name": "adam", "muon": Muon()}).validate()
+  with pytest.raises(ValueError, match="optim.name must be one of"):  # Muon is a section, not a name
+    Config(optim={"name": "muon"}).validate()
 
 
-def test_linear_schedule_and_group_epochs():
-  cfg = Config(schedule="linear", learning_rate=2.0, final_lr_fraction=0.0, warmup_epochs=0.0)
+def test_linear_schedule_and_group_lengths():
+  cfg = Config(schedule={"name": "linear", "final_lr_fraction": 0.0, "warmup": "0 epochs"},
+               optim={"learning_rate": 2.0})
   sched = optim.make_schedule(cfg, steps_per_epoch=10, total_steps=100)
   np.testing.assert_allclose([float(sched(s)) for s in (0, 25, 100)], [2.0, 1.5, 0.0], rtol=1e-6)
   # airbench94_muon's whitening bias: its rate falls linearly to 0 within the first 3 of 10 epochs.
-  cfg = Config(optimizer="sgd", momentum=0.0, weight_decay=0.0, schedule="linear", learning_rate=1.0,
-               lr_multipliers={"bias": 0.5}, group_epochs={"bias": 3})
+  cfg = Config(optim={"name": "sgd", "momentum": 0.0, "weight_decay": 0.0, "learning_rate": 1.0,
+                      "lr_multipliers": {"bias": 0.5}, "group_lengths": {"bias": "3 epochs"}},
+               schedule={"name": "linear"}).validate()
   tx, _ = optim.make_optimizer(cfg, steps_per_epoch=10, total_steps=100)
   params = {"Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}}
   state = tx.init(params)
@@ -374,4 +391,6 @@ def test_linear_schedule_and_group_epochs():
   assert seen[15][1] == pytest.approx(-0.5 * (1 - 15 / 30), rel=1e-6)  # 15/30 of the squeezed schedule
   assert seen[30][1] == 0.0 and seen[34][1] == 0.0 and seen[34][0] == pytest.approx(-(1 - 34 / 100))
   with pytest.raises(ValueError, match="lr_multipliers"):
-    Config(group_epochs={"bias": 3}).validate()
+    Config(optim={"group_lengths": {"bias": "3 epochs"}}).validate()
+  with pytest.raises(ValueError, match="group_lengths.*duration"):
+    Config(optim={"lr_multipliers": {"bias": 0.5}, "group_lengths": {"bias": 3}}).validate()

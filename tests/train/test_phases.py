@@ -1,12 +1,13 @@
-"""fit's regimes as config: phases run in order from each other's weights, init_from is part
+"""fit's regimes as config: phases run in order from each other's weights, the init section is part
 of the config (config.json alone reproduces a run), pretrained weights and their preprocessing."""
 import json
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
-from jcv.train import Config, evaluation, fit, init_from
+from jcv.train import Config, Phase, Pretrained, Whiten, evaluation, fit, init_from
 from run_tiny import BASE
 from tiny import array_sources, random_images
 
@@ -17,16 +18,20 @@ def _params(workdir):
 
 def test_phases_continue_from_the_previous_phase(tmp_path):
   train, ev = array_sources(64, 16)
-  one = BASE.replace(epochs=1, eval_split="", model_options={**BASE.model_options, "dropout_rate": 0.0})
+  one = BASE.replace(run={"length": "1 epochs"}, data={"eval_split": ""},
+                     model={"options": {**BASE.model.options, "dropout_rate": 0.0}})
   fit(one, workdir=tmp_path / "one", train_source=train, eval_source=ev)
   # Phase 2 at learning rate 0 leaves phase 1's parameters as they are.
-  two = one.replace(epochs=2, phases=({"epochs": 1}, {"epochs": 1, "learning_rate": 0.0}))
+  two = one.replace(run={"length": "2 epochs"}, phases=(Phase(length="1 epochs"),
+                                                         Phase(length="1 epochs", learning_rate=0.0)))
   results = fit(two, workdir=tmp_path / "two", train_source=train, eval_source=ev)
   assert [p["steps"] for p in results["phases"]] == [4, 4] and results["steps"] == 8
   jax.tree.map(np.testing.assert_array_equal, _params(tmp_path / "two"), _params(tmp_path / "one"))
   jax.tree.map(np.testing.assert_array_equal, _params(tmp_path / "two" / "phases" / "0"), _params(tmp_path / "one"))
-  saved = Config.from_dict(json.loads((tmp_path / "two" / "config.json").read_text()))
-  assert saved == two
+  saved = json.loads((tmp_path / "two" / "config.json").read_text())
+  assert saved["phases"][1] == {"length": "1 epochs", "trainable": None, "learning_rate": 0.0,
+                                "backbone_lr_multiplier": None, "warmup": None}
+  assert Config.from_dict(saved) == two
   records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records if r["split"] == "train"] == [4, 8]
   assert [r["phase"] for r in records if r["split"] == "train"] == [0, 1]
@@ -34,9 +39,12 @@ def test_phases_continue_from_the_previous_phase(tmp_path):
   again = fit(two, workdir=tmp_path / "two", train_source=train, eval_source=ev)
   assert again["steps"] == 8 and again["final"]["eval"] == results["final"]["eval"]
   jax.tree.map(np.testing.assert_array_equal, _params(tmp_path / "two"), _params(tmp_path / "one"))
-  # A steps budget is shared out in phase order: phase 2 gets what phase 1 leaves.
-  short = fit(two.replace(steps=6), workdir=tmp_path / "short", train_source=train, eval_source=ev)
-  assert [p["steps"] for p in short["phases"]] == [4, 2]
+  # A steps budget is shared out in phase order: phase 2 gets what phase 1 leaves, then none.
+  short = fit(two.replace(run={"length": "6 steps"}), workdir=tmp_path / "short", train_source=train, eval_source=ev)
+  assert [p["steps"] for p in short["phases"]] == [4, 2] and short["steps"] == 6
+  shorter = fit(two.replace(run={"length": "3 steps"}), workdir=tmp_path / "shorter", train_source=train,
+                eval_source=ev)
+  assert [p["steps"] for p in shorter["phases"]] == [3] and shorter["steps"] == 3
 
 
 def _image_folder(root, n=40, size=32):
@@ -51,11 +59,12 @@ def _image_folder(root, n=40, size=32):
 
 def test_config_json_alone_reproduces_a_run_with_an_init_step(tmp_path):
   data = _image_folder(tmp_path / "data")
-  config = Config(dataset=str(data), eval_split="", image_size=32, model="cifar_cnn",
-                  model_options={"widths": (8, 8, 8)}, init_from={"whiten": {"num_images": 32}},
-                  freeze=(r"^whiten/kernel$",), batch_size=16, steps=3, augment=("flip",), optimizer="sgd",
-                  learning_rate=0.05, source_options={"cache": False}, progress=False, plots=False,
-                  compilation_cache=None)
+  config = Config(data={"dataset": str(data), "eval_split": "", "image_size": 32, "batch_size": 16, "cache": False},
+                  model={"name": "cifar_cnn", "options": {"widths": (8, 8, 8)}},
+                  init={"whiten": Whiten(num_images=32)},
+                  optim={"name": "sgd", "learning_rate": 0.05, "freeze": (r"^whiten/kernel$",)},
+                  augment={"ops": ("flip",)},
+                  run={"length": "3 steps", "progress": False, "plots": False, "compilation_cache": None})
   fit(config, workdir=tmp_path / "a")
   again = Config.from_dict(json.loads((tmp_path / "a" / "config.json").read_text()))
   assert again == config
@@ -65,23 +74,24 @@ def test_config_json_alone_reproduces_a_run_with_an_init_step(tmp_path):
   from jcv.data import sources
   from jcv.models import cifar
   train = sources.image_folder(data, split="train", cache=False)
-  x = (np.stack([train[i]["image"] for i in range(32)]) / 255.0 - np.asarray(config.mean)) / np.asarray(config.std)
+  images = np.stack([train[i]["image"] for i in range(32)]) / 255.0
+  x = (images - np.asarray(config.data.mean)) / np.asarray(config.data.std)
   np.testing.assert_allclose(a["whiten"]["kernel"], cifar.whitening_kernel(x), rtol=1e-5, atol=1e-5)
 
 
 def test_init_from_pretrained_and_its_preprocessing(shared_dir):
   import jcv.weights
   weights = str(shared_dir / "weights" / "mobilenet_v2_1.0_224_backbone.npz")
-  config = Config(model="mobilenet_v2", num_classes=3, init_from={"pretrained": {"weights": weights}},
-                  mean="pretrained", std="pretrained", seed=2)
+  config = Config(model={"name": "mobilenet_v2", "num_classes": 3}, init={"pretrained": Pretrained(weights=weights)},
+                  data={"mean": "pretrained", "std": "pretrained"}, run={"seed": 2})
   resolved = init_from.resolve_preprocessing(config)
-  assert resolved.mean == resolved.std == (0.5, 0.5, 0.5)
+  assert resolved.data.mean == resolved.data.std == (0.5, 0.5, 0.5)
+  assert init_from.resolve_preprocessing(resolved) is resolved  # numbers stay as they are
   model, want = jcv.weights.pretrained("mobilenet_v2", weights, num_classes=3, seed=2)
   got = init_from.initial_variables(resolved, model)
   jax.tree.map(np.testing.assert_array_equal, got, want)
   assert init_from.initial_variables(Config(), model) is None
-  import pytest
-  with pytest.raises(ValueError, match="unknown init_from step"):
-    Config(init_from={"imagenet": {}}).validate()
-  with pytest.raises(ValueError, match="needs \"weights\""):
-    init_from.initial_variables(config.replace(init_from={"pretrained": {}}), model)
+  with pytest.raises(ValueError, match="init: unknown field 'imagenet'"):
+    Config(init={"imagenet": {}})
+  with pytest.raises(ValueError, match="init.pretrained.weights: name a weights file"):
+    config.replace(init={"pretrained": {}}).validate()

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jcv.models import layers, mobilenet
-from jcv.train import Config, optim, transfer
+from jcv.train import Config, build, evaluation, features, optim
 from jcv.train import step as step_lib
 from jcv.train.state import TrainState, create_train_state, raw_key
 
@@ -64,7 +64,7 @@ def batch():
 
 
 def _labels(regime, params, **options):
-  fields = transfer.regime_options(regime, stage_names=STAGES, **options)
+  fields = build.regime_options(regime, stage_names=STAGES, **options)
   labels = optim.param_labels(params, freeze=fields["freeze"], lr_multipliers=fields["lr_multipliers"])
   return {name: set(jax.tree.leaves(sub)) for name, sub in labels.items()}
 
@@ -79,12 +79,13 @@ def test_regime_labels(variables):
   assert top3["head"] == {optim.DEFAULT}
   assert {n for n, v in top3.items() if v == {"lr0"}} == {"block_1", "last_conv"}
   assert {n for n, v in top3.items() if v == {optim.FROZEN}} == set(STAGES[:-2])
-  options = transfer.regime_options("finetune", stage_names=STAGES, trainable_stages=2)["model_options"]
+  options = build.regime_options("finetune", stage_names=STAGES, trainable_stages=2)["model_options"]
   assert options == {"frozen_stages": 2, "frozen_bn_stages": 4}
+  assert build.REGIMES == ("scratch", "frozen", "finetune")
   with pytest.raises(ValueError, match="regime must be one of"):
-    transfer.regime_options("partial", stage_names=STAGES)
+    build.regime_options("partial", stage_names=STAGES)
   with pytest.raises(ValueError, match="trainable_stages"):
-    transfer.regime_options("finetune", stage_names=STAGES, trainable_stages=5)
+    build.regime_options("finetune", stage_names=STAGES, trainable_stages=5)
 
 
 def _state(model, variables, config):
@@ -95,16 +96,23 @@ def _state(model, variables, config):
                     opt_state=tx.init(params), key=raw_key(jax.random.key(0)), apply_fn=model.apply, tx=tx)
 
 
-SGD = Config(optimizer="sgd", momentum=0.0, learning_rate=0.5, weight_decay=0.0, schedule="constant",
-             num_classes=CLASSES, mean=None, std=None)
+SGD = Config(optim={"name": "sgd", "momentum": 0.0, "learning_rate": 0.5, "weight_decay": 0.0},
+             schedule={"name": "constant"}, model={"num_classes": CLASSES}, data={"mean": None, "std": None})
+
+
+def _transfer_config(config, regime, *, stage_names, **options):
+  """``config`` training ``regime`` of a staged model: its freeze patterns, rate groups, model options."""
+  fields = build.regime_options(regime, stage_names=stage_names, **options)
+  return config.replace(optim={"freeze": fields["freeze"], "lr_multipliers": fields["lr_multipliers"]},
+                        model={"options": {**config.model.options, **fields["model_options"]}})
 
 
 def test_finetune_step_freezes_and_scales_backbone_lr(variables, batch):
-  config = transfer.transfer_config(SGD, "finetune", stage_names=STAGES, trainable_stages=2,
-                                    backbone_lr_multiplier=0.1)
-  model = _model(**config.model_options)
+  config = _transfer_config(SGD, "finetune", stage_names=STAGES, trainable_stages=2, backbone_lr_multiplier=0.1)
+  model = _model(**config.model.options)
   state = _state(model, variables, config)
-  new, _ = jax.jit(lambda s, b: step_lib.train_step(s, b, num_classes=CLASSES, freeze=config.freeze))(state, batch)
+  step = jax.jit(lambda s, b: step_lib.train_step(s, b, num_classes=CLASSES, freeze=config.optim.freeze))
+  new, _ = step(state, batch)
 
   # Reference gradient of the same loss, computed directly.
   x = step_lib.to_model_input(jnp.asarray(batch["image"]))
@@ -125,31 +133,31 @@ def test_finetune_step_freezes_and_scales_backbone_lr(variables, batch):
 
 
 def test_cached_features_train_like_the_full_frozen_model(variables, batch):
-  from jcv.train import features
-  config = transfer.transfer_config(SGD.replace(batch_size=8, epochs=1), "frozen", stage_names=STAGES)
-  model = _model(**config.model_options)
+  config = _transfer_config(SGD.replace(data={"batch_size": 8}, run={"length": "1 epochs"}), "frozen",
+                            stage_names=STAGES)
+  model = _model(**config.model.options)
   # The whole model, one step on the images.
   state = _state(model, variables, config)
-  step = jax.jit(lambda s, b: step_lib.train_step(s, b, num_classes=CLASSES, freeze=config.freeze))
+  step = jax.jit(lambda s, b: step_lib.train_step(s, b, num_classes=CLASSES, freeze=config.optim.freeze))
   full, _ = step(state, batch)
   # Cached: backbone once, then the head alone on its pooled features, with the same step.
-  bottom, top = transfer.split_model(model, len(STAGES))
-  feats, labels = transfer.compute_features(lambda v, x: bottom.apply(v, x), variables, [batch])
+  bottom, top = features.split_model(model, len(STAGES))
+  feats, labels = features.compute_features(lambda v, x: bottom.apply(v, x), variables, [batch])
   assert feats.shape == (8, 32)
-  head_vars = transfer.top_variables(variables, model, len(STAGES))
+  head_vars = features.top_variables(variables, model, len(STAGES))
   assert set(head_vars["params"]) == {"head"}
   cached, _ = step(_state(top, head_vars, config), {"image": feats, "label": labels})
   np.testing.assert_allclose(cached.params["head"]["kernel"], full.params["head"]["kernel"], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(cached.params["head"]["bias"], full.params["head"]["bias"], rtol=1e-4, atol=1e-5)
   # Cached below the top stages, then pooled once: the same features as the whole backbone.
-  bottom2, _ = transfer.split_model(model, 2)
-  maps = transfer.compute_features(lambda v, x: bottom2.apply(v, x), variables, [batch])
+  bottom2, _ = features.split_model(model, 2)
+  maps = features.compute_features(lambda v, x: bottom2.apply(v, x), variables, [batch])
   pooled = features.pool_cached(model, variables, {"train": maps}, stage=2)["train"][0]
   np.testing.assert_allclose(pooled, feats, rtol=1e-4, atol=1e-5)
-  merged = transfer.merge_variables(variables, jax.device_get(cached.variables))
+  merged = features.merge_variables(variables, jax.device_get(cached.variables))
   jax.tree.map(np.testing.assert_array_equal, merged["params"]["block_0"], variables["params"]["block_0"])
   # Split in the middle: bottom then top equals the whole network.
-  bottom, top = transfer.split_model(model, 2)
+  bottom, top = features.split_model(model, 2)
   mid = bottom.apply(variables, jnp.asarray(batch["image"], jnp.float32) / 255.0)
   whole = model.apply(variables, jnp.asarray(batch["image"], jnp.float32) / 255.0)
   np.testing.assert_allclose(top.apply(variables, mid), whole, rtol=1e-4, atol=1e-4)
@@ -164,19 +172,19 @@ def test_train_state_starts_from_given_variables(variables):
 
 
 def test_save_run_is_loadable(tmp_path):
-  from jcv.train import loop
   stages = mobilenet.mobilenet_v2(num_classes=0).stage_names()
-  config = transfer.transfer_config(SGD.replace(model="mobilenet_v2", image_size=32,
-                                                model_options={"width": 0.35}),
-                                    "frozen", stage_names=stages)
-  model = mobilenet.mobilenet_v2(num_classes=CLASSES, **config.model_options)
+  config = _transfer_config(SGD.replace(model={"name": "mobilenet_v2", "options": {"width": 0.35}},
+                                        data={"image_size": 32}),
+                            "frozen", stage_names=stages)
+  model = mobilenet.mobilenet_v2(num_classes=CLASSES, **config.model.options)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   rng = np.random.default_rng(0)
   variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
-  transfer.save_run(tmp_path / "run", config, model, variables, class_names=["a", "b", "c"],
-                    metrics={"top1": 0.5, "loss": 1.0})
-  loaded_config, names, state, _ = loop.load_run(tmp_path / "run")
-  assert names == ["a", "b", "c"] and loaded_config.model_options["frozen_stages"] == 19
+  evaluation.save_run(tmp_path / "run", config, model, variables, class_names=["a", "b", "c"],
+                      metrics={"top1": 0.5, "loss": 1.0})
+  loaded_config, names, state, _ = evaluation.load_run(tmp_path / "run")
+  assert names == ["a", "b", "c"] and loaded_config.model.options["frozen_stages"] == 19
+  assert loaded_config == config
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), variables["params"])
 
 
@@ -187,7 +195,7 @@ def test_cache_features_views_and_disk_cache(variables, tmp_path):
   source = ArraySource(images, np.arange(10) % CLASSES)
   model = _model()
   kwargs = dict(stage=2, image_size=SIZE, batch_size=4, directory=tmp_path, log=None)
-  cached = transfer.cache_features(model, variables, {"train": source, "test": source}, crop_views=2, **kwargs)
+  cached = features.cache_features(model, variables, {"train": source, "test": source}, crop_views=2, **kwargs)
   x, y = cached["train"]
   assert x.shape[0] == 2 * 10 + 2 * 8  # original + mirror, then 2 epochs of crops (ragged batch dropped)
   np.testing.assert_array_equal(y[:10], source.labels)
@@ -195,12 +203,12 @@ def test_cache_features_views_and_disk_cache(variables, tmp_path):
   assert cached["test"][0].shape[0] == 10
   # The mirror view is the mirrored image's features (eval transform: resize + centre crop).
   mirrored = ArraySource(images[:, :, ::-1].copy(), source.labels)
-  flipped = transfer.cache_features(model, variables, {"test": mirrored}, stage=2, image_size=SIZE,
+  flipped = features.cache_features(model, variables, {"test": mirrored}, stage=2, image_size=SIZE,
                                     batch_size=4, log=None)["test"][0]
   np.testing.assert_allclose(x[10:20], flipped, rtol=1e-5, atol=1e-5)
   files = sorted(tmp_path.glob("*.npz"))
   assert len(files) == 2  # train, test
-  again = transfer.cache_features(model, variables, {"train": source}, crop_views=2, **kwargs)
+  again = features.cache_features(model, variables, {"train": source}, crop_views=2, **kwargs)
   np.testing.assert_array_equal(again["train"][0], x)  # read back from tmp_path
   assert sorted(tmp_path.glob("*.npz")) == files
 
@@ -214,7 +222,7 @@ def test_feature_cache_key_changes_with_weights_seed_and_data(variables, tmp_pat
   model = _model()
 
   def run(vars_=variables, src=source, **kw):
-    out = transfer.cache_features(model, vars_, {"train": src}, stage=2, image_size=SIZE, batch_size=4,
+    out = features.cache_features(model, vars_, {"train": src}, stage=2, image_size=SIZE, batch_size=4,
                                   directory=tmp_path, log=None, **kw)
     return out["train"][0], {p.name for p in tmp_path.glob("*.npz")}
 
@@ -259,21 +267,24 @@ def test_cached_run_with_nan_weights_stops_on_the_loss(variables, tmp_path):
   source = ArraySource(rng.integers(0, 256, (16, SIZE, SIZE, 3), dtype=np.uint8), np.arange(16) % CLASSES,
                        class_names=["a", "b", "c"])
   nan = jax.tree.map(lambda v: np.full_like(v, np.nan), variables)
-  config = SGD.replace(trainable="head", feature_cache={}, batch_size=8, epochs=1, eval_split="", image_size=SIZE,
-                       augment=(), progress=False, plots=False, compilation_cache=None)
+  config = SGD.replace(init={"trainable": "head", "feature_cache": {}},
+                       data={"batch_size": 8, "eval_split": "", "image_size": SIZE}, augment={"ops": ()},
+                       run={"length": "1 epochs", "progress": False, "plots": False, "compilation_cache": None})
   with pytest.raises(loop.NonFiniteLossError, match="at step 1"):
     fit(config, workdir=tmp_path, train_source=source, model=_model(), init_variables=nan)
 
 
 def test_trainable_backbone_is_every_stage_with_bn_in_inference_mode():
-  from jcv.train import build, phases
   model = _model()
-  every = build.train_config(SGD.replace(trainable="backbone", backbone_lr_multiplier=0.1), model)
-  counted = build.train_config(SGD.replace(trainable=len(STAGES), backbone_lr_multiplier=0.1), model)
-  assert (every.freeze, every.lr_multipliers, every.model_options) == \
-      (counted.freeze, counted.lr_multipliers, counted.model_options)
-  assert every.freeze == () and every.model_options["frozen_bn_stages"] == len(STAGES)
-  assert phases.cut_stage(SGD.replace(trainable="backbone"), model) == 0
-  assert phases.cut_stage(SGD.replace(trainable=1), model) == len(STAGES) - 1
+  every = build.train_config(SGD.replace(init={"trainable": "backbone", "backbone_lr_multiplier": 0.1}), model)
+  counted = build.train_config(SGD.replace(init={"trainable": len(STAGES), "backbone_lr_multiplier": 0.1}), model)
+  assert (every.optim.freeze, every.optim.lr_multipliers, every.model.options) == \
+      (counted.optim.freeze, counted.optim.lr_multipliers, counted.model.options)
+  assert every.optim.freeze == () and every.model.options["frozen_bn_stages"] == len(STAGES)
+  assert every.optim.lr_multipliers == {build.NOT_HEAD: 0.1}
+  assert build.train_config(SGD, model) is SGD  # trainable "all": nothing changes
+  assert features.cut_stage(SGD.replace(init={"trainable": "backbone"}), model) == 0
+  assert features.cut_stage(SGD.replace(init={"trainable": 1}), model) == len(STAGES) - 1
+  assert features.cut_stage(SGD.replace(init={"trainable": "head"}), model) == len(STAGES)
   with pytest.raises(ValueError, match="trainable"):
-    SGD.replace(trainable="top").validate()
+    SGD.replace(init={"trainable": "top"}).validate()
