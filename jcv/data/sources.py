@@ -253,6 +253,8 @@ def image_folder(
     labels = labels[keep]
   idx = range(len(paths))[slice(_resolve_bound(sl.start, len(paths)), _resolve_bound(sl.stop, len(paths)))]
   paths, labels = [paths[i] for i in idx], labels[list(idx)]
+  if not paths:
+    raise ValueError(f"split {split!r} of {str(root_path)!r} holds no images (too few files to carve or slice it)")
   src = ImageFolderSource(paths, labels, class_names, root=str(root_path), max_pixels=max_pixels)
 
   if cache == "auto":

@@ -322,9 +322,9 @@ class Run:
   def __post_init__(self):
     names = [f.name for f in dataclasses.fields(Phase)]
     for p in self.phases:
-      unknown = set(p) - set(names) if isinstance(p, dict) else ()
+      unknown = sorted(set(p) - set(names)) if isinstance(p, dict) else ()
       if unknown:
-        raise ValueError(f"run.phases: unknown field(s) {sorted(unknown)}; a phase sets {', '.join(names)}")
+        raise ValueError(f"run.phases: unknown field {unknown[0]!r}; fields: {', '.join(names)}")
     object.__setattr__(self, "phases", tuple(p if isinstance(p, Phase) else Phase(**p) for p in self.phases))
 
   def validate(self):

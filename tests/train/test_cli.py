@@ -41,16 +41,16 @@ def test_flags_map_to_config_fields():
 
 
 def test_epochs_and_steps_flags_with_phases():
-  phased = Config(run={"length": "20 epochs"}, phases=(Phase(length="15 epochs", trainable="head"),
-                                                        Phase(length="5 epochs", learning_rate=0.01)))
+  phased = Config(run={"length": "20 epochs", "phases": (Phase(length="15 epochs", trainable="head"),
+                                                        Phase(length="5 epochs", learning_rate=0.01))})
   parser = cli.make_parser()
   cfg = cli.apply_args(phased, parser.parse_args(["--workdir", "w", "--epochs", "8"]))
-  assert cfg.run.length == "8 epochs" and [p.length for p in cfg.phases] == ["6 epochs", "2 epochs"]
+  assert cfg.run.length == "8 epochs" and [p.length for p in cfg.run.phases] == ["6 epochs", "2 epochs"]
   cfg = cli.apply_args(phased, parser.parse_args(["--workdir", "w", "--steps", "30"]))
-  assert cfg.run.length == "30 steps" and cfg.phases == phased.phases  # a budget the phases spend in order
-  cfg = cli.apply_args(phased, parser.parse_args(["--workdir", "w", "--set", 'phases.0.length="2 epochs"',
-                                                  "--set", "phases.1.trainable=3"]))
-  assert [(p.length, p.trainable) for p in cfg.phases] == [("2 epochs", "head"), ("5 epochs", 3)]
+  assert cfg.run.length == "30 steps" and cfg.run.phases == phased.run.phases  # a budget the phases spend in order
+  cfg = cli.apply_args(phased, parser.parse_args(["--workdir", "w", "--set", 'run.phases.0.length="2 epochs"',
+                                                  "--set", "run.phases.1.trainable=3"]))
+  assert [(p.length, p.trainable) for p in cfg.run.phases] == [("2 epochs", "head"), ("5 epochs", 3)]
 
 
 def test_bad_flags_raise_clear_errors():

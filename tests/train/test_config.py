@@ -23,7 +23,7 @@ def test_every_field_is_a_section():
   assert len(fields) <= 10
   for f in fields:
     value = getattr(Config(), f.name)
-    assert dataclasses.is_dataclass(value) or f.name == "phases"
+    assert dataclasses.is_dataclass(value)
 
 
 def test_to_dict_from_dict_round_trip_through_json():
@@ -32,16 +32,15 @@ def test_to_dict_from_dict_round_trip_through_json():
       init={"pretrained": Pretrained(weights="w.npz"), "trainable": 2, "feature_cache": {"crop_views": 1}},
       optim={"lookahead": {"every": 5}, "freeze": ("^whiten/",), "lr_multipliers": {"bias": 0.5},
              "group_lengths": {"bias": "3 epochs"}},
-      run={"length": "20 epochs"},
-      phases=(Phase(length="15 epochs", trainable="head"), Phase(length="5 epochs", learning_rate=0.01)))
+      run={"length": "20 epochs", "phases": (Phase(length="15 epochs", trainable="head"), Phase(length="5 epochs", learning_rate=0.01))})
   config.validate()
   d = config.to_dict()
   assert d["format"] == CONFIG_FORMAT and d["optim"]["muon"]["ns_steps"] == 3
-  assert d["phases"][0]["length"] == "15 epochs"
+  assert d["run"]["phases"][0]["length"] == "15 epochs"
   assert d["model"]["options"]["widths"] == [8, 16]  # JSON lists
   again = Config.from_dict(json.loads(json.dumps(d)))
   assert again == config
-  assert again.model.options["widths"] == (8, 16) and again.phases[1] == Phase(length="5 epochs", learning_rate=0.01)
+  assert again.model.options["widths"] == (8, 16) and again.run.phases[1] == Phase(length="5 epochs", learning_rate=0.01)
 
 
 def test_old_flat_config_json_is_refused_in_one_line():
@@ -163,7 +162,7 @@ def test_durations_parse_check_and_resolve():
   with pytest.raises(ValueError, match="run.checkpoint_every: a duration is"):
     Config(run={"checkpoint_every": "100"}).validate()
   with pytest.raises(ValueError, match="phase 0: phase length: a duration is"):
-    Config(phases=(Phase(length="3 weeks"),)).validate()
+    Config(run={"phases": (Phase(length="3 weeks"),)}).validate()
   assert durations.epochs_of("3 epochs") == 3.0 and durations.epochs_of("3 steps") is None
   assert durations.scaled("8 epochs", 3) == "3 epochs" and durations.scaled("200 steps", 50.0) == "50 steps"
 
@@ -182,44 +181,43 @@ def test_durations_steps_and_examples():
 
 
 def test_with_length_scales_phases():
-  c = Config(run={"length": "20 epochs"}, phases=(Phase(length="15 epochs", trainable="head"),
-                                                   Phase(length="5 epochs", trainable=3, learning_rate=0.01)))
+  c = Config(run={"length": "20 epochs", "phases": (Phase(length="15 epochs", trainable="head"),
+                                                   Phase(length="5 epochs", trainable=3, learning_rate=0.01))})
   short = c.with_length("8 epochs")
-  assert [p.length for p in short.phases] == ["6 epochs", "2 epochs"] and short.run.length == "8 epochs"
-  assert [p.trainable for p in short.phases] == ["head", 3] and short.phases[1].learning_rate == 0.01
-  assert [p.length for p in c.with_length("3 epochs").phases] == ["2 epochs", "1 epochs"]  # 2.25 -> 2
-  assert [p.length for p in c.with_length("1 epochs").phases] == ["1 epochs"]  # a phase of 0 epochs is dropped
+  assert [p.length for p in short.run.phases] == ["6 epochs", "2 epochs"] and short.run.length == "8 epochs"
+  assert [p.trainable for p in short.run.phases] == ["head", 3] and short.run.phases[1].learning_rate == 0.01
+  assert [p.length for p in c.with_length("3 epochs").run.phases] == ["2 epochs", "1 epochs"]  # 2.25 -> 2
+  assert [p.length for p in c.with_length("1 epochs").run.phases] == ["1 epochs"]  # a phase of 0 epochs is dropped
   assert Config().with_length("4 epochs").run.length == "4 epochs"  # no phases: the run's length
   # A length in steps is a budget the phases share out in order: the phases stay as they are.
   budget = c.with_length("50 steps")
-  assert budget.run.length == "50 steps" and budget.phases == c.phases
-  stepped = c.replace(phases=(Phase(length="30 steps"), Phase(length="10 steps")))
-  assert stepped.with_length("6 epochs").phases == stepped.phases  # phases in steps are not scaled
+  assert budget.run.length == "50 steps" and budget.run.phases == c.run.phases
+  stepped = c.replace(run={"phases": (Phase(length="30 steps"), Phase(length="10 steps"))})
+  assert stepped.with_length("6 epochs").run.phases == stepped.run.phases  # phases in steps are not scaled
 
 
 def test_phase_configs_inherit_and_override_sections():
   c = Config(optim={"learning_rate": 0.1}, init={"backbone_lr_multiplier": 0.2}, schedule={"warmup": "1 epochs"},
-             run={"length": "50 steps"},
-             phases=(Phase(length="15 epochs", trainable="head"),
+             run={"length": "50 steps", "phases": (Phase(length="15 epochs", trainable="head"),
                      Phase(length="5 epochs", trainable=3, learning_rate=0.01, backbone_lr_multiplier=0.5,
-                           warmup="0 epochs")))
+                           warmup="0 epochs"))})
   head, tune = c.phase_configs()
-  assert (head.optim.learning_rate, head.init.trainable, head.run.length, head.phases) == (0.1, "head", "15 epochs", ())
+  assert (head.optim.learning_rate, head.init.trainable, head.run.length, head.run.phases) == (0.1, "head", "15 epochs", ())
   assert (head.init.backbone_lr_multiplier, head.schedule.warmup) == (0.2, "1 epochs")  # inherited
   assert (tune.optim.learning_rate, tune.init.trainable, tune.init.backbone_lr_multiplier) == (0.01, 3, 0.5)
-  assert (tune.run.length, tune.schedule.warmup, tune.phases) == ("5 epochs", "0 epochs", ())
+  assert (tune.run.length, tune.schedule.warmup, tune.run.phases) == ("5 epochs", "0 epochs", ())
   assert head.data == tune.data == c.data and head.run.seed == c.run.seed
   assert Config().phase_configs() == [Config()]
   with pytest.raises(ValueError, match="phase 1"):
-    c.replace(phases=(Phase(length="1 epochs"), Phase(length="1 epochs", trainable="some"))).validate()
+    c.replace(run={"phases": (Phase(length="1 epochs"), Phase(length="1 epochs", trainable="some"))}).validate()
   with pytest.raises(ValueError, match="phases: unknown field 'phases'"):  # only what a phase may change
-    c.replace(phases=({"phases": ()},))
+    c.replace(run={"phases": ({"phases": ()},)})
   with pytest.raises(ValueError, match="phases: unknown field 'epochs'; fields: length, "):
-    Config(phases=({"epochs": 15},))
+    Config(run={"phases": ({"epochs": 15},)})
   # --set reaches a phase's field by its index.
-  moved = c.set(['phases.0.length="2 epochs"', "phases.1.learning_rate=0.001"])
-  assert [p.length for p in moved.phases] == ["2 epochs", "5 epochs"] and moved.phases[1].learning_rate == 0.001
+  moved = c.set(['run.phases.0.length="2 epochs"', "run.phases.1.learning_rate=0.001"])
+  assert [p.length for p in moved.run.phases] == ["2 epochs", "5 epochs"] and moved.run.phases[1].learning_rate == 0.001
   with pytest.raises(ValueError, match="phases.<index>.<field> with an index below 2"):
-    c.set(["phases.2.length=1 epochs"])
+    c.set(["run.phases.2.length=1 epochs"])
   with pytest.raises(ValueError, match="phases.0: unknown field 'lenght' \\(did you mean 'length'\\?\\)"):
-    c.set(["phases.0.lenght=1 epochs"])
+    c.set(["run.phases.0.lenght=1 epochs"])

@@ -22,14 +22,14 @@ def test_phases_continue_from_the_previous_phase(tmp_path):
                      model={"options": {**BASE.model.options, "dropout_rate": 0.0}})
   fit(one, workdir=tmp_path / "one", train_source=train, eval_source=ev)
   # Phase 2 at learning rate 0 leaves phase 1's parameters as they are.
-  two = one.replace(run={"length": "2 epochs"}, phases=(Phase(length="1 epochs"),
-                                                         Phase(length="1 epochs", learning_rate=0.0)))
+  two = one.replace(run={"length": "2 epochs", "phases": (Phase(length="1 epochs"),
+                                                         Phase(length="1 epochs", learning_rate=0.0))})
   results = fit(two, workdir=tmp_path / "two", train_source=train, eval_source=ev)
   assert [p["steps"] for p in results["phases"]] == [4, 4] and results["steps"] == 8
   jax.tree.map(np.testing.assert_array_equal, _params(tmp_path / "two"), _params(tmp_path / "one"))
   jax.tree.map(np.testing.assert_array_equal, _params(tmp_path / "two" / "phases" / "0"), _params(tmp_path / "one"))
   saved = json.loads((tmp_path / "two" / "config.json").read_text())
-  assert saved["phases"][1] == {"length": "1 epochs", "trainable": None, "learning_rate": 0.0,
+  assert saved["run"]["phases"][1] == {"length": "1 epochs", "trainable": None, "learning_rate": 0.0,
                                 "backbone_lr_multiplier": None, "warmup": None}
   assert Config.from_dict(saved) == two
   records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
