@@ -19,8 +19,8 @@ a jitted function:
 
 Call :func:`setup_cpu` at the very start of a program, before anything initialises a JAX
 backend (flags are read once). It never overrides a flag already in ``$XLA_FLAGS``.
-The convolution lowerings themselves live in :mod:`jcv.models.conv_ops`. With the native
-oneDNN lowering (:mod:`jcv.models.onednn`), each convolution uses ``cores / host_devices``
+The convolution lowerings themselves live in :mod:`jcv.kernels`. With the native
+oneDNN lowering (:mod:`jcv.kernels.onednn`), each convolution uses ``cores / host_devices``
 OpenMP threads, so the device count chosen here also sets how the cores are shared.
 """
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""oneDNN convolutions on the CPU through XLA's FFI: build, load and call ``onednn_conv.cc``.
+"""jcv's native CPU library: build, load and configure ``onednn_conv.cc`` + ``native_bn.cc``.
 
-The library also holds ``native_bn.cc``, the BatchNorm reductions of :mod:`jcv.models.batchnorm`.
-The C++ files are compiled on first use with the system's ``g++`` against jaxlib's FFI headers
+The library holds oneDNN's convolutions (called by :mod:`jcv.kernels.onednn`) and the
+BatchNorm reductions of :mod:`jcv.kernels.batchnorm`, as XLA FFI targets. The C++ files are
+compiled on first use with the system's ``g++`` against jaxlib's FFI headers
 (``jax.ffi.include_dir()``) and oneDNN 3.2 (the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp``
 wheels, which jcv depends on for Linux x86-64). The shared library is cached under
 ``$JCV_CACHE_DIR`` (default ``~/.cache/jcv``)``/native``, keyed by a hash of the sources, the
@@ -9,10 +10,6 @@ flags, the jaxlib version and the oneDNN library, and built under a file lock so
 processes do not race. No network is used. When anything is missing (another OS or CPU, no
 compiler, no oneDNN), :func:`available` is False, jcv warns once in one line and uses XLA's
 convolutions. ``JCV_ONEDNN=0`` turns the native path off.
-
-The three FFI targets (forward, input gradient, kernel gradient) are called by
-:mod:`jcv.models.conv_ops`; the functions here take NHWC activations, HWIO kernels and
-explicit ``(lo, hi)`` pads.
 """
 from __future__ import annotations
 
@@ -29,15 +26,13 @@ import tempfile
 import warnings
 
 import jax
-import numpy as np
 
-__all__ = ["available", "conv_backward_data", "conv_backward_weights", "conv_forward",
-           "default_threads", "library_path", "match_vma", "set_threads", "status", "unavailable_reason",
-           "varying_like", "warn_unavailable"]
+__all__ = ["BN_TARGETS", "CONV_TARGETS", "available", "default_threads", "library_path", "require",
+           "set_threads", "status", "unavailable_reason", "warn_unavailable"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = (os.path.join(_HERE, "onednn_conv.cc"), os.path.join(_HERE, "native_bn.cc"))
-_TARGETS = ("jcv_onednn_conv_fwd", "jcv_onednn_conv_bwd_data", "jcv_onednn_conv_bwd_weights")
+CONV_TARGETS = ("jcv_onednn_conv_fwd", "jcv_onednn_conv_bwd_data", "jcv_onednn_conv_bwd_weights")
 BN_TARGETS = ("jcv_bn_stats", "jcv_bn_bwd_stats")
 _FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fvisibility=hidden", "-w"]
 _state: dict = {"lib": None, "reason": None, "warned": False, "path": None}
@@ -118,7 +113,7 @@ def _load():
     lib, inc = _find_onednn()
     path = _build(lib, inc)
     handle = ctypes.CDLL(path)
-    for name in _TARGETS + BN_TARGETS:
+    for name in CONV_TARGETS + BN_TARGETS:
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, name)), platform="cpu")
     handle.jcv_onednn_set_threads.argtypes = [ctypes.c_int]
     handle.jcv_native_bn_set_threads.argtypes = [ctypes.c_int]
@@ -186,129 +181,7 @@ def set_threads(threads: int) -> None:
     _state["threads"] = int(threads)
 
 
-def _attrs(strides, pads, dilation, groups):
-  (pt, pb), (pl, pr) = pads
-  return dict(sh=np.int64(strides[0]), sw=np.int64(strides[1]), pt=np.int64(pt), pb=np.int64(pb),
-              pl=np.int64(pl), pr=np.int64(pr), dh=np.int64(dilation[0]), dw=np.int64(dilation[1]),
-              groups=np.int64(groups))
-
-
-def _vma(x) -> frozenset:
-  """The shard_map axes x varies over (jax 0.10: ``manual_axis_type.varying``; older: ``vma``)."""
-  aval = jax.typeof(x)
-  mat = getattr(aval, "manual_axis_type", None)
-  return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
-
-
-def match_vma(*arrays):
-  """Casts arrays to vary over the union of their shard_map axes (no-op outside shard_map).
-
-  A custom_vjp's gradients must have their inputs' types, so a replicated kernel used with a
-  per-device batch is made per-device first (its transpose is the psum autodiff inserts).
-  """
-  axes = frozenset().union(*map(_vma, arrays))
-  return tuple(jax.lax.pcast(a, tuple(sorted(axes - _vma(a))), to="varying") if axes - _vma(a) else a
-               for a in arrays)
-
-
-def _ffi(kind, cfg, a, b):
-  """The FFI call itself: kind 0/1/2 = forward / input gradient / kernel gradient."""
-  out_tail, strides, pads, dilation, groups = cfg
-  lead = () if kind == 2 else a.shape[:1]
-  out = jax.ffi.ffi_call(_TARGETS[kind], jax.ShapeDtypeStruct(lead + out_tail, a.dtype),
-                         vmap_method="expand_dims")(a, b, **_attrs(strides, pads, dilation, groups))
-  return varying_like(out, a, b)
-
-
-def varying_like(out, *operands):
-  """``out`` typed to vary over the shard_map axes its operands vary over (ffi_call drops that
-  type, which custom_vjp checks against the primal's inputs); a no-op outside shard_map."""
-  axes = frozenset().union(*map(_vma, operands)) - _vma(out)
-  return jax.lax.pcast(out, tuple(sorted(axes)), to="varying") if axes else out
-
-
-# Sharding rules: only the batch (N) may be sharded; the kernel gradient sums over it.
-_RULES = {
-    0: ("n h w c, a b d o -> n i j o", (), ("h", "w", "c", "a", "b", "d", "o", "i", "j")),
-    1: ("n i j o, a b d o -> n h w c", (), ("i", "j", "o", "a", "b", "d", "h", "w", "c")),
-    2: ("n h w c, n i j o -> a b d o", ("n",), ("h", "w", "c", "i", "j", "o", "a", "b", "d")),
-}
-
-
-def _batch_axis(sharding):
-  spec = getattr(sharding, "spec", None)
-  return spec[0] if spec is not None and len(spec) else None
-
-
-def _require():
+def require() -> None:
+  """Builds and loads the library, or raises RuntimeError saying why it is unavailable."""
   if not available():
-    raise RuntimeError(f"jcv oneDNN convolutions unavailable: {_state['reason']}")
-
-
-@functools.lru_cache(maxsize=None)
-def _op(kind, cfg):
-  """The FFI call for one configuration, partitioned over the batch under a sharded ``jit``.
-
-  ``custom_partitioning`` tells XLA's SPMD partitioner (Shardy or GSPMD) that every device
-  runs the call on its shard of the batch (the kernel gradient is then psum-ed) instead of
-  all-gathering the operands; its ``custom_vmap`` rule sends ``vmap`` to the plain call.
-  """
-  from jax.experimental.custom_partitioning import custom_partitioning
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  _require()  # builds and registers the FFI targets on first use
-
-  def plain(a, b):
-    return _ffi(kind, cfg, a, b)
-
-  def out_sharding(mesh, axis):
-    return NamedSharding(mesh, P() if kind == 2 else P(axis))
-
-  def infer(mesh, arg_shapes, result_shape):
-    return out_sharding(mesh, _batch_axis(arg_shapes[0].sharding))
-
-  def partition(mesh, arg_shapes, result_shape):
-    axis = _batch_axis(arg_shapes[0].sharding)
-    batch = NamedSharding(mesh, P(axis))
-    args = (batch, batch) if kind == 2 else (batch, NamedSharding(mesh, P()))
-
-    def lower(a, b):
-      out = plain(a, b)
-      return jax.lax.psum(out, axis) if kind == 2 and axis is not None else out
-    return mesh, lower, out_sharding(mesh, axis), args
-
-  partitioned = custom_partitioning(plain)
-  rule, reduction, replicated = _RULES[kind]
-  partitioned.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                            reduction_factors=reduction, need_replication_factors=replicated)
-
-  @jax.custom_batching.custom_vmap
-  def op(a, b):
-    return partitioned(a, b)
-
-  @op.def_vmap
-  def _(axis_size, in_batched, a, b):
-    del axis_size
-    return jax.vmap(plain, in_axes=tuple(0 if x else None for x in in_batched))(a, b), True
-  return op
-
-
-def _cfg(out_tail, strides, pads, dilation, groups):
-  return (tuple(int(v) for v in out_tail), tuple(int(v) for v in strides),
-          tuple((int(lo), int(hi)) for lo, hi in pads), tuple(int(v) for v in dilation), int(groups))
-
-
-def conv_forward(x, kernel, out_hw, strides, pads, dilation, groups):
-  """y = conv(x, kernel): x [N, H, W, C], kernel HWIO, explicit pads ((t, b), (l, r))."""
-  cfg = _cfg(tuple(out_hw) + kernel.shape[-1:], strides, pads, dilation, groups)
-  return _op(0, cfg)(x, kernel)
-
-
-def conv_backward_data(dy, kernel, in_hw, in_channels, strides, pads, dilation, groups):
-  """dL/dx from dL/dy."""
-  cfg = _cfg(tuple(in_hw) + (in_channels,), strides, pads, dilation, groups)
-  return _op(1, cfg)(dy, kernel)
-
-
-def conv_backward_weights(x, dy, kernel_shape, strides, pads, dilation, groups):
-  """dL/dkernel (HWIO) from the input and dL/dy."""
-  return _op(2, _cfg(kernel_shape, strides, pads, dilation, groups))(x, dy)
+    raise RuntimeError(f"jcv native library unavailable: {_state['reason']}")
