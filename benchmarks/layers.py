@@ -3,9 +3,9 @@
 For representative layers of MobileNetV2, ResNet and a CIFAR CNN, times the forward pass and
 the forward + backward pass (gradients for input and kernel) of:
 
-* ``xla``: ``lax.conv_general_dilated`` (``jcv.models.conv_ops`` lowering "xla", stock Flax);
-* ``cpu``: ``jcv.models.conv_ops.conv2d`` with the "cpu" lowering (exact jnp rewrites);
-* ``onednn``: oneDNN through XLA's FFI, forced for every layer (``jcv.models.onednn``), if
+* ``xla``: ``lax.conv_general_dilated`` (``jcv.kernels.conv2d`` lowering "xla", stock Flax);
+* ``cpu``: ``jcv.kernels.conv2d`` with the "cpu" lowering (exact jnp rewrites);
+* ``onednn``: oneDNN through XLA's FFI, forced for every layer (``jcv.kernels.onednn``), if
   the native library builds;
 * ``best``: ``conv2d`` with the "onednn" lowering, i.e. its per-layer choice between the two;
 * ``torch``: ``torch.nn.functional.conv2d`` on channels_last tensors (if torch is installed),
@@ -27,7 +27,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import interleaved_times, machine_info, median, write_csv, write_json  # noqa: E402
-from jcv.models import conv_ops  # noqa: E402
+from jcv import kernels  # noqa: E402
+from jcv.kernels import geometry, onednn  # noqa: E402
 
 __all__ = ["LAYERS", "main"]
 
@@ -62,12 +63,12 @@ def _flops(batch, h, cin, cout, k, stride, groups):
 def _conv_fn(lowering, stride, groups):
   if lowering != "onednn":  # "best": the "onednn" lowering's per-layer choice
     name = "onednn" if lowering == "best" else lowering
-    return lambda x, w: conv_ops.conv2d(x, w, strides=stride, groups=groups, lowering=name)
+    return lambda x, w: kernels.conv2d(x, w, strides=stride, groups=groups, lowering=name)
 
   def conv(x, w):  # oneDNN for every layer, including the ones the lowering gives to a rewrite
     kh, kw = w.shape[:2]
-    pads = conv_ops._explicit_pads(x.shape[1:3], (kh, kw), (stride, stride), (1, 1), "SAME")
-    return conv_ops._onednn_conv(x, w, (stride, stride), pads, (1, 1), groups)
+    pads = geometry.explicit_pads(x.shape[1:3], (kh, kw), (stride, stride), (1, 1), "SAME")
+    return onednn.conv(x, w, (stride, stride), pads, (1, 1), groups)
   return conv
 
 
@@ -129,10 +130,9 @@ def main(argv=None):
     have_torch = True
   except ImportError:
     have_torch = False
-  from jcv.models import onednn
-  lowerings = ("xla", "cpu") + (("onednn", "best") if onednn.available() else ())
+  lowerings = ("xla", "cpu") + (("onednn", "best") if kernels.native.available() else ())
   info = machine_info()
-  info["onednn"] = onednn.status()
+  info["onednn"] = kernels.native.status()
   print(f"# {info['cpu']} x{info['cpu_count']}, load {info['load_avg_1_5_15']}, jax {info['jax']}, "
         f"torch {info.get('torch')}", flush=True)
   rows = []

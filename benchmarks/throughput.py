@@ -12,7 +12,7 @@ For each model (any name ``jcv.models.create`` knows), image size, batch size an
   conv lowering (exact jnp rewrites + XLA's conv, jcv's CPU default before the oneDNN
   backend) on the same devices;
 * ``flax_xla`` (``--baseline``): the same jcv model with XLA's own convolution everywhere
-  (``jcv.models.conv_ops`` lowering "xla"), i.e. what stock Flax ``nn.Conv`` gives;
+  (``jcv.kernels.conv2d`` lowering "xla"), i.e. what stock Flax ``nn.Conv`` gives;
 * ``torch`` / ``torch_compile`` (``--compare torch,torch_compile``): the same architecture
   (``benchmarks/peers/torch_models.py``, parameter counts checked), channels_last, eager or
   ``torch.compile``; bfloat16 via ``torch.autocast``;
@@ -101,7 +101,7 @@ def _jcv_runner(name, size, batch, dtype, lowering, data, devices=1, parallel_mo
   import jax.numpy as jnp
   import optax
   import jcv.models
-  from jcv.models import conv_ops
+  from jcv import kernels
   from jcv.train import parallel
   from jcv.train.state import create_train_state
   from jcv.train.step import train_step
@@ -110,7 +110,7 @@ def _jcv_runner(name, size, batch, dtype, lowering, data, devices=1, parallel_mo
   num_classes = card.default_num_classes
   model_dtype = jnp.bfloat16 if dtype == "bfloat16" else None
   facts = {"xla_devices": devices}
-  with conv_ops.lowering(lowering):
+  with kernels.lowering(lowering):
     model = jcv.models.create(name, num_classes=num_classes, dtype=model_dtype)
     state = create_train_state(jax.random.key(0), model, optax.sgd(0.01, momentum=0.9),
                                (1, size, size, 3))
@@ -152,7 +152,7 @@ def _jcv_runner(name, size, batch, dtype, lowering, data, devices=1, parallel_mo
   # FLOPs of the architecture: XLA's count for the program with XLA's own convolutions (the
   # CPU lowering's im2col on tiny maps also multiplies padding zeros, which would inflate it).
   try:
-    with conv_ops.lowering("xla"):
+    with kernels.lowering("xla"):
       ref_step = jax.jit(functools.partial(train_step, num_classes=num_classes))
       ref_infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
       host = lambda tree: jax.tree.map(lambda a: jnp.asarray(np.asarray(jax.device_get(a))), tree)
@@ -548,7 +548,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--modes", default="train,infer")
   p.add_argument("--compare", default="", help="peers: torch,torch_compile,keras,jcv_cpu")
   p.add_argument("--lowering", default="auto", choices=("auto", "xla", "cpu", "onednn"),
-                 help="jcv's conv lowering (jcv.models.conv_ops; auto: oneDNN on a CPU if built)")
+                 help="jcv's conv lowering (jcv.kernels.conv2d; auto: oneDNN on a CPU if built)")
   p.add_argument("--baseline", action="store_true",
                  help="also time the jcv model with XLA's own convolutions (stock Flax)")
   p.add_argument("--rounds", type=int, default=5)
@@ -601,9 +601,9 @@ def main(argv=None):
   args.jcv_devices = len(jax.devices()) if jax.default_backend() == "cpu" else 1
   info["jcv_devices"] = args.jcv_devices
   info["isolated"] = args.isolate
-  from jcv.models import conv_ops, onednn
-  info["jcv_lowering"] = conv_ops.resolve(args.lowering)
-  info["onednn"] = onednn.status()
+  from jcv import kernels
+  info["jcv_lowering"] = kernels.resolve(args.lowering)
+  info["onednn"] = kernels.native.status()
   peers = [c for c in args.compare.split(",") if c]
   for c in peers:
     if c not in ("torch", "torch_compile", "keras", "jcv_cpu"):

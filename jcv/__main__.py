@@ -56,7 +56,7 @@ def predict_pretrained(name: str, weights, files, *, head=None, labels=None,
     names = names[1:]
   if names is not None and len(names) != classes:
     raise ValueError(f"label file {labels} has {len(names)} names for {classes} classes")
-  images = np.stack([transforms.eval_resize_crop(decode.decode_image(f), info.image_size,
+  images = np.stack([transforms.eval_resize_crop(decode.decode_image(f), info.input_size,
                                                  crop_fraction=info.crop_fraction) for f in files])
   probs = np.asarray(jax.nn.softmax(jax.jit(model.apply)(variables, info.normalize(images)), axis=-1))
   out = []

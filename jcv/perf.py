@@ -19,8 +19,8 @@ a jitted function:
 
 Call :func:`setup_cpu` at the very start of a program, before anything initialises a JAX
 backend (flags are read once). It never overrides a flag already in ``$XLA_FLAGS``.
-The convolution lowerings themselves live in :mod:`jcv.models.conv_ops`. With the native
-oneDNN lowering (:mod:`jcv.models.onednn`), each convolution uses ``cores / host_devices``
+The convolution lowerings themselves live in :mod:`jcv.kernels`. With the native
+oneDNN lowering (:mod:`jcv.kernels.onednn`), each convolution uses ``cores / host_devices``
 OpenMP threads, so the device count chosen here also sets how the cores are shared.
 """
 from __future__ import annotations
@@ -30,6 +30,8 @@ import ctypes.util
 import os
 import platform
 import warnings
+
+from jcv.trusted import ensure_trusted_dir
 
 __all__ = ["backend_initialized", "compilation_cache_dir", "cpu_only", "enable_compilation_cache",
            "setup_cpu", "tune_malloc"]
@@ -147,12 +149,12 @@ def compilation_cache_dir() -> str:
 
 
 def _private_dir(path: str) -> None:
-  """Creates ``path`` (mode 0700) and refuses one that other users can write to."""
-  os.makedirs(path, mode=0o700, exist_ok=True)
-  st = os.stat(path)
-  if st.st_mode & 0o022 and not st.st_mode & 0o1000 or st.st_uid != os.getuid():
-    raise PermissionError(f"compilation cache {path} is writable by other users or not yours; "
-                          "use a private folder (chmod go-w, or $JCV_COMPILATION_CACHE)")
+  """Creates ``path`` (mode 0700) and refuses one that another user could write to
+  (:func:`jcv.trusted.untrusted_dir_reason`: the folder and every parent)."""
+  reason = ensure_trusted_dir(path)
+  if reason is not None:
+    raise PermissionError(f"compilation cache {path} is not private: {reason}; use a private "
+                          "folder (chmod go-w, or $JCV_COMPILATION_CACHE)")
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None, *,

@@ -125,3 +125,31 @@ def test_compilation_cache_writes_entries(tmp_path):
       "import os; print(json.dumps({'dir': d, 'files': len(os.listdir(d))}))\n")
   got = _run(code, {})
   assert got["dir"] == str(tmp_path) and got["files"] >= 1
+
+
+@pytest.mark.parametrize("cache_mode,leaf_mode", [(0o777, None), (0o1777, None), (0o777, 0o700)],
+                         ids=["world-writable", "sticky-1777", "inside-writable-parent"])
+def test_compilation_cache_refuses_folders_other_users_can_write(tmp_path, cache_mode, leaf_mode):
+  """Compiled programs load only from a folder no other user can change: neither a 0777 nor a
+  sticky 1777 folder (others could plant entries), nor a private folder in a 0777 parent."""
+  import jcv.perf
+  folder = tmp_path / "shared"
+  folder.mkdir()
+  if leaf_mode is not None:
+    folder = folder / "mine"
+    folder.mkdir(mode=leaf_mode)
+  os.chmod(tmp_path / "shared", cache_mode)
+  with pytest.raises(PermissionError, match="writable by other users"):
+    jcv.perf.enable_compilation_cache(folder)
+
+
+def test_compilation_cache_accepts_a_private_folder_in_a_sticky_parent(tmp_path, monkeypatch):
+  """A 0700 folder of the user's inside a root-owned sticky 1777 folder (as in /tmp) is private."""
+  import jax
+  import jcv.perf
+  sticky = tmp_path / "tmp"
+  sticky.mkdir()
+  os.chmod(sticky, 0o1777)
+  monkeypatch.setattr(jax.config, "update", lambda *a: None)  # leave this process's cache alone
+  assert jcv.perf.enable_compilation_cache(sticky / "jax") == str(sticky / "jax")
+  assert oct((sticky / "jax").stat().st_mode & 0o7777) == "0o700"

@@ -6,7 +6,7 @@ its PyTorch ports: BN eps 1e-3, TF "SAME" padding (at any input size: ``lax`` re
 "SAME" exactly as TF does, the extra row/column at the bottom/right), drop-connect on the
 residual branches in training (rate ``drop_connect_rate * block_index / num_blocks``).
 Inputs are float NHWC scaled as ``(x - 127) / 128`` on uint8 pixels
-(``jcv.weights.pretrained_info(name)`` gives the mean/std and image size).
+(``jcv.weights.pretrained_info(name)`` gives the mean/std; the model card the input size).
 
 Parameter tree (names used by :mod:`jcv.weights.port` and :mod:`jcv.train.transfer`), the
 same stage layout as ``mobilenet_v2``::
@@ -32,13 +32,14 @@ __all__ = ["EFFICIENTNET_LITE_BLOCKS", "EFFICIENTNET_LITE_SCALING", "EfficientNe
 # Base network (Lite0 = B0 without SE): (repeats, kernel, first stride, expansion, channels).
 EFFICIENTNET_LITE_BLOCKS = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
                             (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
-# (width, depth, resolution, dropout) of TF's efficientnet_lite_builder.
+# (width, depth, dropout) of TF's efficientnet_lite_builder; each model's resolution is its
+# card's input_size (below).
 EFFICIENTNET_LITE_SCALING = {
-    "efficientnet_lite0": (1.0, 1.0, 224, 0.2),
-    "efficientnet_lite1": (1.0, 1.1, 240, 0.2),
-    "efficientnet_lite2": (1.1, 1.2, 260, 0.3),
-    "efficientnet_lite3": (1.2, 1.4, 280, 0.3),
-    "efficientnet_lite4": (1.4, 1.8, 300, 0.3),
+    "efficientnet_lite0": (1.0, 1.0, 0.2),
+    "efficientnet_lite1": (1.0, 1.1, 0.2),
+    "efficientnet_lite2": (1.1, 1.2, 0.3),
+    "efficientnet_lite3": (1.2, 1.4, 0.3),
+    "efficientnet_lite4": (1.4, 1.8, 0.3),
 }
 
 
@@ -106,8 +107,8 @@ _PARAMS = {"efficientnet_lite0": 4_652_008, "efficientnet_lite1": 5_416_680,
            "efficientnet_lite4": 13_006_568}
 
 
-def _make(name: str):
-  width, depth, size, dropout = EFFICIENTNET_LITE_SCALING[name]
+def _make(name: str, input_size: int):
+  width, depth, dropout = EFFICIENTNET_LITE_SCALING[name]
 
   def factory(*, num_classes: int = 1000, dropout_rate: float = dropout,
               drop_connect_rate: float = 0.2, bn_momentum: float = 0.99, bn_epsilon: float = 1e-3,
@@ -119,18 +120,18 @@ def _make(name: str):
 
   factory.__name__ = factory.__qualname__ = name
   factory.__doc__ = (f"EfficientNet-Lite{name[-1]}: width {width}, depth {depth}, "
-                     f"{size} px, dropout {dropout}, drop-connect 0.2 (TF reference).")
+                     f"{input_size} px, dropout {dropout}, drop-connect 0.2 (TF reference).")
   card = ModelCard(name, paper="Tan & Le, EfficientNet: Rethinking Model Scaling for CNNs "
                    "(Lite variants: TF 2020)", year=2019, reference_params=_PARAMS[name],
-                   input_size=size,
+                   input_size=input_size,
                    notes=f"width {width}, depth {depth}; no SE, ReLU6, BN eps 1e-3, TF SAME "
                          "padding; inputs (x - 127) / 128; ImageNet weights via "
                          "jcv.weights.pretrained (PyTorch state dict)")
   return register(card)(factory)
 
 
-efficientnet_lite0 = _make("efficientnet_lite0")
-efficientnet_lite1 = _make("efficientnet_lite1")
-efficientnet_lite2 = _make("efficientnet_lite2")
-efficientnet_lite3 = _make("efficientnet_lite3")
-efficientnet_lite4 = _make("efficientnet_lite4")
+efficientnet_lite0 = _make("efficientnet_lite0", input_size=224)
+efficientnet_lite1 = _make("efficientnet_lite1", input_size=240)
+efficientnet_lite2 = _make("efficientnet_lite2", input_size=260)
+efficientnet_lite3 = _make("efficientnet_lite3", input_size=280)
+efficientnet_lite4 = _make("efficientnet_lite4", input_size=300)

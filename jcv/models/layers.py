@@ -5,29 +5,27 @@ Convolutions (:class:`Conv`, :class:`ConvBNAct`), pooling helpers with PyTorch's
 branches (:class:`ConvBranch`, :class:`PoolBranch`, :class:`InceptionV1Block`), residual
 blocks (:class:`BasicBlock`, :class:`Bottleneck`) and :func:`drop_path` (stochastic depth),
 :class:`LocalResponseNorm` and the classifier heads (:func:`classifier_head`,
-:func:`mlp_head`). Every convolution goes through
-:func:`jcv.models.conv_ops.conv2d`.
+:func:`mlp_head`). Every convolution goes through :func:`jcv.kernels.conv2d` (unless a
+:class:`Conv` is given another ``conv``), every BatchNorm is :class:`jcv.kernels.BatchNorm`.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from jcv.models import conv_ops
-from jcv.models.batchnorm import BatchNorm, activation_name
-from jcv.models.conv_ops import conv2d
+# The one place jcv.models meets jcv.kernels: every layer's convolution, BatchNorm and
+# max-pool come from there, and the lowering they follow is chosen there.
+from jcv import kernels
 
 __all__ = [
     "BasicBlock", "Bottleneck", "Conv", "ConvBNAct", "ConvBranch", "InceptionV1Block",
     "LocalResponseNorm", "PoolBranch", "SpatialPyramidPool", "adaptive_avg_pool",
     "adaptive_max_pool", "avg_pool", "classifier_head", "drop_path", "max_pool", "mlp_head",
-    "pool_output_size", "variance_scaling",
+    "pool_output_size", "variance_scaling", "xla_kernels",
 ]
 
 Dtype = Any
@@ -66,14 +64,19 @@ def variance_scaling(scale: float, mode: str, distribution: str) -> Callable:
   return init
 
 
+def xla_kernels():
+  """Context manager: layers traced inside it run XLA's own convolution and max-pool and
+  Flax's BatchNorm (what XLA's cost analysis counts)."""
+  return kernels.lowering("xla")
+
+
 class Conv(nn.Module):
   """Drop-in for ``nn.Conv`` (same ``kernel``/``bias`` parameter names and HWIO layout).
 
-  Calls :func:`jcv.models.conv_ops.conv2d`, which picks the fastest exact lowering for the
-  backend. ``feature_group_count == in_features`` is a depthwise convolution. ``lowering``
-  ("auto", "xla", "cpu", "onednn"; None: ``conv_ops``' default) chooses it explicitly;
-  ``conv`` injects another function with ``conv2d``'s signature (like ``nn.Conv``'s
-  ``conv_general_dilated``), e.g. ``conv_ops.make_conv("xla")``.
+  ``conv`` is the convolution, a function with :func:`jcv.kernels.conv2d`'s signature (like
+  ``nn.Conv``'s ``conv_general_dilated``); None is ``jcv.kernels.conv2d``, which picks the
+  fastest exact lowering for the backend. ``feature_group_count == in_features`` is a
+  depthwise convolution.
   """
   features: int
   kernel_size: Sequence[int] = (3, 3)
@@ -86,7 +89,6 @@ class Conv(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernel_init: Callable = variance_scaling(1.0, "fan_in", "truncated_normal")  # lecun_normal
   bias_init: Callable = nn.initializers.zeros_init()
-  lowering: str | None = None
   conv: Callable | None = None
 
   @nn.compact
@@ -99,7 +101,7 @@ class Conv(nn.Module):
                         ks + (cin // self.feature_group_count, self.features), self.param_dtype)
     dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    conv = self.conv or functools.partial(conv2d, lowering=self.lowering)
+    conv = self.conv or kernels.conv2d
     y = conv(x, kernel, strides=self.strides, padding=self.padding,
              groups=self.feature_group_count, dilation=self.kernel_dilation)
     if self.use_bias:
@@ -131,7 +133,6 @@ class ConvBNAct(nn.Module):
   bn_use_scale: bool = True  # False: BN with a shift only (Keras' Inception-ResNet-v2)
   bn_scale_init: Callable = nn.initializers.ones_init()  # zeros: "zero-init residual"
   use_bias: bool | None = None  # None: a bias only without BN (True: torchvision's VGG-BN)
-  lowering: str | None = None  # conv lowering, see Conv
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -140,14 +141,14 @@ class ConvBNAct(nn.Module):
     x = Conv(self.features, ks, strides=self.strides, padding=self.padding,
              feature_group_count=groups,
              use_bias=not self.use_bn if self.use_bias is None else self.use_bias, dtype=self.dtype,
-             kernel_init=self.kernel_init, lowering=self.lowering, name="conv")(x)
+             kernel_init=self.kernel_init, name="conv")(x)
     act = self.act
     if self.use_bn:
       fused = act if any(act is f for f in _FUSED_ACTS) else None  # BN + ReLU/ReLU6 in one pass
-      x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                    epsilon=self.bn_epsilon, dtype=self.dtype, use_scale=self.bn_use_scale,
-                    scale_init=self.bn_scale_init, act=activation_name(fused), lowering=self.lowering,
-                    name="bn")(x)
+      x = kernels.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                            epsilon=self.bn_epsilon, dtype=self.dtype, use_scale=self.bn_use_scale,
+                            scale_init=self.bn_scale_init, act=kernels.activation_name(fused),
+                            name="bn")(x)
       act = None if fused is not None else act
     if act is not None:
       x = act(x)
@@ -181,35 +182,15 @@ def _explicit_pool_padding(x, window, strides, padding, ceil_mode):
   return pads
 
 
-def max_pool(x, window=3, strides=2, *, padding=0, ceil_mode: bool = False,
-             lowering: str | None = None):
+def max_pool(x, window=3, strides=2, *, padding=0, ceil_mode: bool = False):
   """Max pooling on NHWC with PyTorch semantics: int/pair ``padding`` (or 'SAME'/'VALID'), ``ceil_mode``.
 
-  With the CPU lowering (``jcv.models.conv_ops``), non-overlapping windows are a reshape + max:
-  XLA:CPU's gradient of ``reduce_window`` (select-and-scatter) took a fifth of a CIFAR CNN's
-  training step. Same forward values; where a window holds tied maxima the gradient is shared
-  between them instead of going to the first one. ``lowering``: as for ``conv_ops.conv2d``.
+  Runs :func:`jcv.kernels.max_pool` (on CPU, non-overlapping windows are a reshape + max).
   """
   window, strides = _pair(window), _pair(strides)
-  if isinstance(padding, str):
-    padding = padding.upper()
-    pads = lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
-  else:
-    pads = _explicit_pool_padding(x, window, strides, padding, ceil_mode)
-  if window == strides and conv_ops.resolve(lowering) in ("cpu", "onednn"):
-    return _max_pool_blocks(x, window, [tuple(p) for p in pads])
-  return nn.max_pool(x, window, strides, padding=padding if isinstance(padding, str) else pads)
-
-
-def _max_pool_blocks(x, window, pads):
-  """Max over non-overlapping ``window`` blocks (stride == window) as a reshape + reduce."""
-  if any(lo or hi for lo, hi in pads):
-    x = lax.pad(x, jnp.array(-jnp.inf, x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-  n, h, w, c = x.shape
-  (kh, kw) = window
-  oh, ow = h // kh, w // kw
-  x = x[:, :oh * kh, :ow * kw]
-  return jnp.max(x.reshape(n, oh, kh, ow, kw, c), axis=(2, 4))
+  if not isinstance(padding, str):
+    padding = _explicit_pool_padding(x, window, strides, padding, ceil_mode)
+  return kernels.max_pool(x, window, strides, padding)
 
 
 def avg_pool(x, window=3, strides=1, *, padding=0, count_include_pad: bool = True):

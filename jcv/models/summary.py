@@ -20,8 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jcv.models import conv_ops
-from jcv.models.layers import Conv, ConvBNAct
+from jcv.models.layers import Conv, ConvBNAct, xla_kernels
 from jcv.models.registry import create, get_card
 
 __all__ = ["count_params", "layer_table", "measure_macs", "summary"]
@@ -76,10 +75,10 @@ def _layer_macs(module, params, in_shape, in_dtype, memo):
   """MACs of one Conv/Dense call from XLA's cost analysis (bias excluded)."""
   key = (repr(module), in_shape, str(in_dtype), tuple(jax.tree.map(lambda a: a.shape, params).items()))
   if key not in memo:
-    extra = {"lowering": "xla", "conv": None} if isinstance(module, Conv) else {}
+    extra = {"conv": None} if isinstance(module, Conv) else {}
     bare = module.clone(parent=None, use_bias=False, **extra)
     p = {"kernel": params["kernel"]}
-    with conv_ops.lowering("xla"):  # XLA counts its own convs (not the oneDNN custom calls)
+    with xla_kernels():  # XLA counts its own convs (not the oneDNN custom calls)
       lowered = jax.jit(lambda p, x: bare.apply({"params": p}, x)).lower(
           p, jax.ShapeDtypeStruct(in_shape, in_dtype))
     memo[key] = int(lowered.cost_analysis().get("flops", 0)) // 2
@@ -162,7 +161,7 @@ def measure_macs(model_or_name, *, input_size: int | None = None, batch_size: in
 def _forward_flops(model, size, batch_size):
   x_spec = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)
   variables = _init_shapes(model, x_spec)
-  with conv_ops.lowering("xla"):  # XLA's cost model counts its own convs, not custom calls
+  with xla_kernels():  # XLA's cost model counts its own convs, not custom calls
     lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x_spec)
   return int(lowered.cost_analysis().get("flops", 0))
 

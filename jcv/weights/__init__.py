@@ -4,7 +4,7 @@
 ``source`` is a local file (the TF-slim ``.npz`` in ../shared/weights, a Keras applications
 ``.h5``, a PyTorch EfficientNet-Lite state dict as ``.npz`` or ``.pth``) or a known download
 name such as ``"mobilenet_v2_1.0_224_no_top"``. ``pretrained_info(name)`` gives what the
-weights expect: image size, mean/std (in ``Config``'s convention) and eval crop.
+weights expect: input size, mean/std (in ``Config``'s convention) and eval crop.
 """
 from __future__ import annotations
 
@@ -32,11 +32,12 @@ class PretrainedInfo:
   """What a pretrained backbone expects of its inputs.
 
   ``mean``/``std`` are in ``jcv.train.Config``'s convention: applied to pixels scaled to
-  [0, 1] (``(x / 255 - mean) / std``); ``image_size`` is the size the weights were trained at;
-  ``crop_fraction`` the centre crop of the evaluation view (``eval_resize_crop``).
+  [0, 1] (``(x / 255 - mean) / std``); ``input_size`` is the size the weights were trained at
+  (the model card's); ``crop_fraction`` the centre crop of the evaluation view
+  (``eval_resize_crop``); ``preprocessing`` the same normalisation on uint8 pixels, in words.
   """
   name: str
-  image_size: int
+  input_size: int
   mean: tuple[float, float, float]
   std: tuple[float, float, float]
   crop_fraction: float = 0.875
@@ -44,7 +45,7 @@ class PretrainedInfo:
 
   def config_fields(self) -> dict:
     """``jcv.train.Config`` fields for this backbone: ``config.replace(**info.config_fields())``."""
-    return {"model": self.name, "image_size": self.image_size, "mean": self.mean, "std": self.std,
+    return {"model": self.name, "image_size": self.input_size, "mean": self.mean, "std": self.std,
             "eval_crop_fraction": self.crop_fraction}
 
   def normalize(self, images) -> np.ndarray:
@@ -53,26 +54,35 @@ class PretrainedInfo:
     return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
 
 
-def _lite_info(name: str, size: int) -> PretrainedInfo:
-  # (x - 127) / 128 on uint8 pixels; TF's eval crop is size / (size + 32).
-  return PretrainedInfo(name, size, (127 / 255,) * 3, (128 / 255,) * 3,
-                        crop_fraction=size / (size + 32), preprocessing="(x - 127) / 128")
+@dataclasses.dataclass(frozen=True)
+class _Preprocessing:
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+  description: str
+  crop_margin: int | None = None  # eval crop size / (size + margin); None: 0.875
+
+  def info(self, name: str, input_size: int) -> PretrainedInfo:
+    crop = 0.875 if self.crop_margin is None else input_size / (input_size + self.crop_margin)
+    return PretrainedInfo(name, input_size, self.mean, self.std, crop_fraction=crop,
+                          preprocessing=self.description)
 
 
-_MINUS1_1 = dict(mean=(0.5,) * 3, std=(0.5,) * 3, preprocessing="x / 127.5 - 1")
-_INFO = {
-    "mobilenet_v1": PretrainedInfo("mobilenet_v1", 224, **_MINUS1_1),
-    "mobilenet_v2": PretrainedInfo("mobilenet_v2", 224, **_MINUS1_1),
-    **{f"efficientnet_lite{i}": _lite_info(f"efficientnet_lite{i}", size)
-       for i, size in enumerate((224, 240, 260, 280, 300))},
+_MINUS1_1 = _Preprocessing((0.5,) * 3, (0.5,) * 3, "x / 127.5 - 1")
+_LITE = _Preprocessing((127 / 255,) * 3, (128 / 255,) * 3, "(x - 127) / 128", crop_margin=32)  # TF's eval crop
+# Each weight set's preprocessing, declared once; its input size is its model card's.
+_PREPROCESSING = {
+    "mobilenet_v1": _MINUS1_1,
+    "mobilenet_v2": _MINUS1_1,
+    **{f"efficientnet_lite{i}": _LITE for i in range(5)},
 }
 
 
 def pretrained_info(name: str) -> PretrainedInfo:
-  """The :class:`PretrainedInfo` (image size, mean/std, crop) of a model with ported weights."""
-  if name not in _INFO:
-    raise ValueError(f"no pretrained weights known for {name!r}; known: {', '.join(sorted(_INFO))}")
-  return _INFO[name]
+  """The :class:`PretrainedInfo` (input size, mean/std, crop) of a model with ported weights."""
+  if name not in _PREPROCESSING:
+    raise ValueError(f"no pretrained weights known for {name!r}; known: {', '.join(sorted(_PREPROCESSING))}")
+  from jcv.models import get_card
+  return _PREPROCESSING[name].info(name, get_card(name).input_size)
 
 
 def _resolve_source(name: str, source) -> tuple[pathlib.Path, dict]:

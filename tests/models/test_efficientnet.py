@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import jcv.models as M
-from jcv.models import conv_ops, efficientnet, layers, mobilenet
+from jcv import kernels
+from jcv.models import efficientnet, layers, mobilenet
 from jcv.train import Config, optim, transfer
 from jcv.train import step as step_lib
 from jcv.train.state import TrainState, raw_key
@@ -57,15 +58,15 @@ def test_same_padding_is_tf_same_at_any_size(lowering, size):
            (rng.standard_normal((5, 5, 1, 6)), 2, 6),    # depthwise 5x5/2
            (rng.standard_normal((5, 5, 1, 6)), 1, 6),    # depthwise 5x5/1
            (rng.standard_normal((1, 1, 6, 4)), 1, 1)]    # 1x1
-  with conv_ops.lowering(lowering):
+  with kernels.lowering(lowering):
     for w, stride, groups in cases:
       w = w.astype(np.float32)
-      got = conv_ops.conv2d(jnp.asarray(x), jnp.asarray(w), strides=stride, padding="SAME", groups=groups)
+      got = kernels.conv2d(jnp.asarray(x), jnp.asarray(w), strides=stride, padding="SAME", groups=groups)
       np.testing.assert_allclose(np.asarray(got), _tf_same_conv(x, w, stride), rtol=1e-4, atol=1e-4)
   # PyTorch-style symmetric padding differs at even sizes with stride 2 (the test can tell).
   if size % 2 == 0:
     w = cases[0][0].astype(np.float32)
-    symmetric = conv_ops.conv2d(jnp.asarray(x), jnp.asarray(w), strides=2, padding=((1, 1), (1, 1)))
+    symmetric = kernels.conv2d(jnp.asarray(x), jnp.asarray(w), strides=2, padding=((1, 1), (1, 1)))
     assert not np.allclose(np.asarray(symmetric), _tf_same_conv(x, w, 2), atol=1e-3)
 
 

@@ -51,13 +51,13 @@ def test_max_pool_matches_numpy(size, k, s, p, ceil):
                                            (7, 3, 1, True), (9, 3, 0, False)])
 def test_block_max_pool_values_and_gradient_match_reduce_window(size, k, p, ceil):
   """The CPU path (window == stride: reshape + max) against numpy and XLA's reduce_window."""
-  from jcv.models import conv_ops
+  from jcv import kernels
   x = jnp.asarray(RNG.normal(size=(2, size, size + 1, 3)).astype(np.float32))  # no ties
-  with conv_ops.lowering("cpu"):
+  with kernels.lowering("cpu"):
     got = layers.max_pool(x, k, k, padding=p, ceil_mode=ceil)
     grad = jax.grad(lambda x: jnp.sum(jnp.sin(layers.max_pool(x, k, k, padding=p, ceil_mode=ceil))))(x)
   np.testing.assert_array_equal(got, _np_pool(np.asarray(x), k, k, p, ceil, "max"))
-  with conv_ops.lowering("xla"):
+  with kernels.lowering("xla"):
     want = jax.grad(lambda x: jnp.sum(jnp.sin(layers.max_pool(x, k, k, padding=p, ceil_mode=ceil))))(x)
   np.testing.assert_allclose(grad, want, rtol=1e-6, atol=0)
 

@@ -61,14 +61,14 @@ def test_odd_input_size_still_classifies(files, classifier):
 
 def test_info_and_fresh_head(files):
   info = W.pretrained_info("efficientnet_lite2")
-  assert (info.image_size, info.preprocessing) == (260, "(x - 127) / 128")
+  assert (info.input_size, info.preprocessing) == (260, "(x - 127) / 128")
   np.testing.assert_allclose(info.normalize(np.array([0, 127, 255], np.uint8)), [-127 / 128, 0, 1], atol=1e-6)
   assert W.pretrained_info("mobilenet_v2").mean == (0.5,) * 3
   from jcv.train import Config
   config = Config().replace(**info.config_fields())
   assert (config.model, config.image_size, config.mean, config.std) == (
       "efficientnet_lite2", 260, (127 / 255,) * 3, (128 / 255,) * 3)
-  assert [W.pretrained_info(f"efficientnet_lite{i}").image_size for i in range(5)] == [224, 240, 260, 280, 300]
+  assert [W.pretrained_info(f"efficientnet_lite{i}").input_size for i in range(5)] == [224, 240, 260, 280, 300]
   with pytest.raises(ValueError, match="no pretrained weights known for 'resnet50'"):
     W.pretrained_info("resnet50")
   assert W.classifier_classes("efficientnet_lite2", files["weights"]) == 1000

@@ -1,4 +1,4 @@
-"""jcv.models.conv_ops: every lowering equals lax.conv_general_dilated, forward and backward.
+"""jcv.kernels.conv2d: every lowering equals lax.conv_general_dilated, forward and backward.
 
 Reference: ``jax.lax.conv_general_dilated`` (XLA's convolution) on the same inputs.
 Tolerance: 1e-5 (absolute, on values of order 1) in float32; bfloat16 results must be within
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jcv.models import conv_ops
+from jcv import kernels
 
-from conv_reference import DIMS, _inputs, _pair, _reference  # noqa: E402  (tests/models)
+from conv_reference import DIMS, _inputs, _pair, _reference  # noqa: E402  (tests/kernels)
 
 # (N, H, W, Cin, Cout, kh, kw, strides, padding, groups, dilation). groups == Cin is depthwise.
 CASES = [
@@ -71,9 +71,9 @@ def _value_and_grads(fn, x, k, seed=1):
 def test_cpu_lowering_matches_lax_forward_and_gradients(case):
   *_, strides, padding, groups, dilation = case
   x, k = _inputs(case)
-  with conv_ops.lowering("cpu"):
+  with kernels.lowering("cpu"):
     ours = jax.jit(lambda x, k: _value_and_grads(
-        lambda a, b: conv_ops.conv2d(a, b, strides=strides, padding=padding, groups=groups,
+        lambda a, b: kernels.conv2d(a, b, strides=strides, padding=padding, groups=groups,
                                      dilation=dilation), x, k))(x, k)
   ref = _value_and_grads(lambda a, b: _reference(a, b, strides, padding, groups, dilation), x, k)
   for name, a, b in zip(["output", "d_input", "d_kernel"], ours, ref):
@@ -87,9 +87,9 @@ def test_cpu_lowering_matches_lax_forward_and_gradients(case):
 def test_bfloat16_matches_float32_reference(case):
   *_, strides, padding, groups, dilation = case
   x, k = _inputs(case, jnp.bfloat16)
-  with conv_ops.lowering("cpu"):
+  with kernels.lowering("cpu"):
     ours = jax.jit(lambda x, k: _value_and_grads(
-        lambda a, b: conv_ops.conv2d(a, b, strides=strides, padding=padding, groups=groups,
+        lambda a, b: kernels.conv2d(a, b, strides=strides, padding=padding, groups=groups,
                                      dilation=dilation), x, k))(x, k)
   ref = _value_and_grads(lambda a, b: _reference(a, b, strides, padding, groups, dilation),
                          x.astype(jnp.float32), k.astype(jnp.float32))
@@ -107,39 +107,39 @@ def _primitives(fn, *args):
 
 def test_cpu_lowering_avoids_xla_conv_for_1x1_depthwise_and_tiny_maps():
   x = jnp.zeros((1, 8, 8, 4))
-  with conv_ops.lowering("cpu"):
-    one = _primitives(lambda a, b: conv_ops.conv2d(a, b, strides=2), x, jnp.zeros((1, 1, 4, 8)))
-    dw = jax.make_jaxpr(jax.grad(lambda a, b: conv_ops.conv2d(a, b, groups=4).sum(), (0, 1)))(
+  with kernels.lowering("cpu"):
+    one = _primitives(lambda a, b: kernels.conv2d(a, b, strides=2), x, jnp.zeros((1, 1, 4, 8)))
+    dw = jax.make_jaxpr(jax.grad(lambda a, b: kernels.conv2d(a, b, groups=4).sum(), (0, 1)))(
         x, jnp.zeros((3, 3, 1, 4)))
-    tiny = str(jax.make_jaxpr(jax.grad(lambda a, b: conv_ops.conv2d(a, b).sum(), (0, 1)))(
+    tiny = str(jax.make_jaxpr(jax.grad(lambda a, b: kernels.conv2d(a, b).sum(), (0, 1)))(
         jnp.zeros((1, 2, 2, 8)), jnp.zeros((3, 3, 8, 8))))
-    whiten = _primitives(lambda a, b: conv_ops.conv2d(a, b, padding="VALID"),
+    whiten = _primitives(lambda a, b: kernels.conv2d(a, b, padding="VALID"),
                          jnp.zeros((1, 8, 8, 3)), jnp.zeros((2, 2, 3, 24)))
   assert "conv_general_dilated" not in whiten and "dot_general" in whiten
   assert "conv_general_dilated" not in one and "dot_general" in one
   assert "conv_general_dilated" not in tiny and "dot_general" in tiny
   assert "conv_general_dilated" not in str(dw)
-  with conv_ops.lowering("xla"):
+  with kernels.lowering("xla"):
     assert "conv_general_dilated" in _primitives(
-        lambda a, b: conv_ops.conv2d(a, b, groups=4), x, jnp.zeros((3, 3, 1, 4)))
+        lambda a, b: kernels.conv2d(a, b, groups=4), x, jnp.zeros((3, 3, 1, 4)))
 
 
 def test_auto_lowering_follows_backend():
-  from jcv.models import onednn
-  with conv_ops.lowering("auto"):
-    cpu = "onednn" if onednn.available() else "cpu"
+  from jcv.kernels import native
+  with kernels.lowering("auto"):
+    cpu = "onednn" if native.available() else "cpu"
     expected = cpu if jax.default_backend() == "cpu" else "xla"
-    assert conv_ops.resolved_lowering() == expected
-    assert conv_ops.resolve("xla") == "xla"
+    assert kernels.resolved_lowering() == expected
+    assert kernels.resolve("xla") == "xla"
 
 
 def test_bad_arguments_raise_clear_errors():
   x = jnp.zeros((1, 8, 8, 4))
   with pytest.raises(ValueError, match="padding must be"):
-    conv_ops.conv2d(x, jnp.zeros((3, 3, 4, 4)), padding="FULL")
+    kernels.conv2d(x, jnp.zeros((3, 3, 4, 4)), padding="FULL")
   with pytest.raises(ValueError, match="groups"):
-    conv_ops.conv2d(x, jnp.zeros((3, 3, 4, 4)), groups=3)
+    kernels.conv2d(x, jnp.zeros((3, 3, 4, 4)), groups=3)
   with pytest.raises(ValueError, match="NHWC"):
-    conv_ops.conv2d(jnp.zeros((8, 8, 4)), jnp.zeros((3, 3, 4, 4)))
+    kernels.conv2d(jnp.zeros((8, 8, 4)), jnp.zeros((3, 3, 4, 4)))
   with pytest.raises(ValueError, match="lowering must be one of"):
-    conv_ops.set_lowering("fast")
+    kernels.set_lowering("fast")

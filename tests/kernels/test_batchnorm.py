@@ -1,4 +1,4 @@
-"""jcv.models.batchnorm: the training-mode BatchNorm (+ ReLU/ReLU6) with a hand-written gradient
+"""jcv.kernels.batchnorm: the training-mode BatchNorm (+ ReLU/ReLU6) with a hand-written gradient
 equals Flax's ``nn.BatchNorm`` followed by the activation, differentiated by JAX.
 
 Reference: ``flax.linen.BatchNorm`` (fast variance, float32 statistics) on the same inputs, its
@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jcv.models import batchnorm, onednn
+from jcv import kernels
+from jcv.kernels import batchnorm, native
 from jcv.models.layers import ConvBNAct
 
-native = pytest.mark.skipif(not onednn.available(),
-                            reason=f"jcv native library unavailable: {onednn.unavailable_reason()}")
-BACKENDS = [False, pytest.param(True, marks=native)]
+native_only = pytest.mark.skipif(not native.available(),
+                                 reason=f"jcv native library unavailable: {native.unavailable_reason()}")
+BACKENDS = [False, pytest.param(True, marks=native_only)]
 ACT_FNS = {None: lambda y: y, "relu": nn.relu, "relu6": nn.relu6}
 SHAPES = [(4, 7, 5, 24), (1, 3, 5, 7), (33, 16)]
 
@@ -78,7 +79,7 @@ def test_batch_norm_train_bfloat16_within_rounding(use_native):
   _close(dx, dx_ref, 2 ** -6)
 
 
-@native
+@native_only
 def test_native_batch_norm_under_vmap_is_per_example_batch():
   xs = jnp.stack([_inputs((3, 4, 4, 8), seed=s)[0] for s in range(3)])
   _, scale, bias = _inputs((3, 4, 4, 8))
@@ -87,7 +88,7 @@ def test_native_batch_norm_under_vmap_is_per_example_batch():
   _close(jax.vmap(jax.grad(f))(xs), jax.vmap(jax.grad(ref))(xs), 2e-5)
 
 
-@pytest.mark.parametrize("lowering", ["xla", "cpu", pytest.param("onednn", marks=native)])
+@pytest.mark.parametrize("lowering", ["xla", "cpu", pytest.param("onednn", marks=native_only)])
 def test_module_has_flax_variables_and_results(lowering):
   """Same variables as nn.BatchNorm, the same train/eval outputs and running averages."""
   x, _, _ = _inputs((4, 5, 5, 12))
@@ -108,7 +109,7 @@ def test_module_has_flax_variables_and_results(lowering):
   assert ("jcv_bn_stats" in text) == (lowering == "onednn")
 
 
-@native
+@native_only
 def test_native_batch_norm_data_parallel_over_two_devices():
   """Under a batch-sharded jit the statistics are over the global batch, without an all-gather."""
   if len(jax.devices()) < 2:
@@ -133,9 +134,10 @@ def test_native_batch_norm_data_parallel_over_two_devices():
 def test_conv_bn_act_fuses_relu6_and_keeps_other_activations():
   x = _inputs((2, 6, 6, 4))[0]
   for act in (nn.relu6, nn.gelu):
-    block = ConvBNAct(8, 3, act=act, lowering="cpu")
-    v = block.init(jax.random.key(0), x)
-    y, _ = block.apply(v, x, train=True, mutable=["batch_stats"])
+    block = ConvBNAct(8, 3, act=act)
+    with kernels.lowering("cpu"):
+      v = block.init(jax.random.key(0), x)
+      y, _ = block.apply(v, x, train=True, mutable=["batch_stats"])
     conv = jax.lax.conv_general_dilated(x, v["params"]["conv"]["kernel"], (1, 1), "SAME",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     want = act(_flax(conv, v["params"]["bn"]["scale"], v["params"]["bn"]["bias"], None, eps=1e-5)[0])

@@ -1,4 +1,4 @@
-"""The oneDNN conv lowering (jcv.models.onednn through XLA's FFI) equals lax.conv_general_dilated.
+"""The oneDNN conv lowering (jcv.kernels.onednn through XLA's FFI) equals lax.conv_general_dilated.
 
 Reference: ``jax.lax.conv_general_dilated`` (XLA's convolution) on the same float32 inputs.
 Tolerances: float32 forward, input gradient and kernel gradient within 1e-5 absolute and
@@ -19,11 +19,12 @@ import pytest
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jcv.models import conv_ops, onednn
+from jcv import kernels
+from jcv.kernels import geometry, native, onednn
 
-from conv_reference import DIMS, _inputs, _pair, _reference  # noqa: E402  (tests/models)
-native = pytest.mark.skipif(not onednn.available(),
-                            reason=f"oneDNN native convolutions unavailable: {onednn.unavailable_reason()}")
+from conv_reference import DIMS, _inputs, _pair, _reference  # noqa: E402  (tests/kernels)
+native_only = pytest.mark.skipif(not native.available(),
+                                 reason=f"oneDNN native convolutions unavailable: {native.unavailable_reason()}")
 
 # (N, H, W, Cin, Cout, kh, kw, strides, padding, groups, dilation). groups == Cin is depthwise.
 CASES = [
@@ -50,9 +51,9 @@ def _onednn_raw(strides, padding, groups, dilation):
   """oneDNN for every layer (the lowering keeps some rewrites; the kernel itself is tested here)."""
   def conv(x, k):
     s, d = _pair(strides), _pair(dilation)
-    pads = conv_ops._explicit_pads(x.shape[1:3], k.shape[:2], s, d,
-                                   conv_ops.normalize_padding(padding, k.shape[:2]))
-    return conv_ops._onednn_conv(x, k, s, pads, d, groups)
+    pads = geometry.explicit_pads(x.shape[1:3], k.shape[:2], s, d,
+                                  kernels.normalize_padding(padding, k.shape[:2]))
+    return onednn.conv(x, k, s, pads, d, groups)
   return conv
 
 
@@ -62,15 +63,15 @@ def _value_and_grads(fn, x, k, seed=1):
   return (y, *vjp(ct))
 
 
-@native
+@native_only
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("raw", [True, False], ids=["kernel", "lowering"])
 def test_onednn_matches_lax_forward_and_gradients(case, raw):
   *_, strides, padding, groups, dilation = case
   x, k = _inputs(case)
   fn = (_onednn_raw(strides, padding, groups, dilation) if raw else
-        lambda a, b: conv_ops.conv2d(a, b, strides=strides, padding=padding, groups=groups,
-                                     dilation=dilation, lowering="onednn"))
+        lambda a, b: kernels.conv2d(a, b, strides=strides, padding=padding, groups=groups,
+                                    dilation=dilation, lowering="onednn"))
   ours = jax.jit(lambda x, k: _value_and_grads(fn, x, k))(x, k)
   ref = _value_and_grads(lambda a, b: _reference(a, b, strides, padding, groups, dilation), x, k)
   for name, a, b in zip(["output", "d_input", "d_kernel"], ours, ref):
@@ -78,7 +79,7 @@ def test_onednn_matches_lax_forward_and_gradients(case, raw):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5, err_msg=name)
 
 
-@native
+@native_only
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[6], CASES[8], CASES[10]],
                          ids=["3x3", "3x3-s2", "stem", "depthwise", "depthwise-mult"])
 def test_onednn_bfloat16_within_bfloat16_rounding(case):
@@ -93,7 +94,7 @@ def test_onednn_bfloat16_within_bfloat16_rounding(case):
     np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=2 ** -6 * np.abs(b).max(), err_msg=name)
 
 
-@native
+@native_only
 def test_onednn_under_vmap_and_grad():
   case = CASES[1]
   *_, strides, padding, groups, dilation = case
@@ -116,7 +117,7 @@ def test_onednn_under_vmap_and_grad():
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
 
 
-@native
+@native_only
 @pytest.mark.parametrize("mode", ["jit", "shard_map"])
 def test_onednn_data_parallel_step_over_two_devices(mode):
   if len(jax.devices()) < 2:
@@ -128,7 +129,7 @@ def test_onednn_data_parallel_step_over_two_devices(mode):
 
   def loss(k, x, conv):
     return jnp.mean(conv(x, k) ** 2)
-  conv = lambda x, k: conv_ops.conv2d(x, k, lowering="onednn")  # noqa: E731
+  conv = lambda x, k: kernels.conv2d(x, k, lowering="onednn")  # noqa: E731
   ref_conv = lambda x, k: _reference(x, k, 1, "SAME", 1, 1)  # noqa: E731
   want_loss, want = jax.value_and_grad(loss)(k, x, ref_conv)
   xs = jax.device_put(x, NamedSharding(mesh, P("data")))
@@ -148,7 +149,7 @@ def test_onednn_data_parallel_step_over_two_devices(mode):
   np.testing.assert_allclose(grad, want, atol=1e-6, rtol=1e-5)
 
 
-@native
+@native_only
 def test_onednn_lowering_is_explicit_and_retraced():
   x, k = _inputs(CASES[0])
   calls = []
@@ -156,17 +157,17 @@ def test_onednn_lowering_is_explicit_and_retraced():
   @jax.jit
   def f(x, k):
     calls.append(1)
-    return conv_ops.conv2d(x, k)
+    return kernels.conv2d(x, k)
   text = {}
   for name in ("onednn", "xla"):
-    with conv_ops.lowering(name):
+    with kernels.lowering(name):
       text[name] = f.lower(x, k).as_text()
       f(x, k)
   assert "jcv_onednn_conv_fwd" in text["onednn"] and "jcv_onednn_conv_fwd" not in text["xla"]
   assert len(calls) >= 2  # the second lowering retraced instead of reusing the cached trace
-  assert "jcv_onednn" in jax.jit(conv_ops.make_conv("onednn")).lower(x, k).as_text()
-  assert "jcv_onednn" not in jax.jit(conv_ops.make_conv("cpu")).lower(x, k).as_text()
-  assert conv_ops.resolve("auto") == ("onednn" if jax.default_backend() == "cpu" else "xla")
+  assert "jcv_onednn" in jax.jit(kernels.make_conv("onednn")).lower(x, k).as_text()
+  assert "jcv_onednn" not in jax.jit(kernels.make_conv("cpu")).lower(x, k).as_text()
+  assert kernels.resolve("auto") == ("onednn" if jax.default_backend() == "cpu" else "xla")
 
 
 def test_fallback_without_native_library_warns_once_and_stays_exact(tmp_path):
@@ -176,16 +177,17 @@ def test_fallback_without_native_library_warns_once_and_stays_exact(tmp_path):
       warnings.simplefilter("always")
       import jax, jax.numpy as jnp, numpy as np
       from jax import lax
-      from jcv.models import conv_ops, onednn
+      from jcv import kernels
+      from jcv.kernels import native
       x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 9, 8)), jnp.float32)
       k = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 8, 4)), jnp.float32)
       with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ys = [jax.jit(lambda a, b: conv_ops.conv2d(a, b, lowering=name))(x, k) for name in ("onednn", "auto", "onednn")]
-        g = jax.grad(lambda b: conv_ops.conv2d(x, b, lowering="onednn").sum())(k)
+        ys = [jax.jit(lambda a, b: kernels.conv2d(a, b, lowering=name))(x, k) for name in ("onednn", "auto", "onednn")]
+        g = jax.grad(lambda b: kernels.conv2d(x, b, lowering="onednn").sum())(k)
       ref = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
       gref = jax.grad(lambda b: lax.conv_general_dilated(x, b, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")).sum())(k)
-      assert not onednn.available()
+      assert not native.available()
       for y in ys:
         np.testing.assert_allclose(y, ref, atol=1e-5, rtol=1e-5)
       np.testing.assert_allclose(g, gref, atol=1e-4, rtol=1e-5)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jcv.models import conv_ops
+from jcv import kernels
 
 DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -14,7 +14,7 @@ def _pair(v):
 
 
 def _reference(x, k, strides, padding, groups, dilation):
-  padding = conv_ops.normalize_padding(padding, k.shape[:2])
+  padding = kernels.normalize_padding(padding, k.shape[:2])
   return lax.conv_general_dilated(x, k, _pair(strides), padding, rhs_dilation=_pair(dilation),
                                   dimension_numbers=DIMS, feature_group_count=groups)
 

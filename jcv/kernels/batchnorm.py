@@ -3,8 +3,8 @@
 :class:`BatchNorm` is Flax's ``nn.BatchNorm`` (same fields, variables and numbers: the fast
 variance ``E[x^2] - E[x]^2`` with float32 statistics) plus two fields, ``act`` (None, "relu",
 "relu6", applied to the output) and ``lowering`` (the conv lowering it follows, see
-:mod:`jcv.models.conv_ops`). In training mode with the ``"onednn"`` lowering (the
-CPU default where jcv's native library builds) it calls :func:`batch_norm_train`, a
+:mod:`jcv.kernels.dispatch`; None: the default). In training mode with the ``"onednn"``
+lowering (the CPU default where jcv's native library builds) it calls :func:`batch_norm_train`, a
 ``jax.custom_vjp`` whose forward and backward are two passes over the activations each, a
 reduction and an elementwise pass:
 
@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcv.models import conv_ops, onednn
+from jcv.kernels import native
+from jcv.kernels.dispatch import resolve
+from jcv.kernels.sharding import batch_axis, varying_like
 
 __all__ = ["ACTIVATIONS", "BatchNorm", "activation_name", "batch_norm_train"]
 
@@ -97,21 +99,20 @@ def _native(kind: int, act, ndim: int):
   per-device sums are psum-ed), the jnp pass under vmap."""
   from jax.experimental.custom_partitioning import custom_partitioning
   from jax.sharding import NamedSharding, PartitionSpec as P
-  if not onednn.available():
-    raise RuntimeError(f"jcv native BatchNorm unavailable: {onednn.unavailable_reason()}")
-  target, n_act = onednn.BN_TARGETS[kind // 2], 1 if kind == 0 else 3
+  native.require()  # builds and registers the FFI targets on first use
+  target, n_act = native.BN_TARGETS[kind // 2], 1 if kind == 0 else 3
   attrs = {} if kind == 0 else {"act": np.int64(_CODES[act])}
 
   def plain(*args):
     x = args[n_act - 1]
     out = jax.ShapeDtypeStruct((2, x.shape[-1]), _F32)
-    return onednn.varying_like(jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args, **attrs), *args)
+    return varying_like(jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args, **attrs), *args)
 
   def infer(mesh, arg_shapes, result_shape):
     return NamedSharding(mesh, P())  # the sums are replicated
 
   def partition(mesh, arg_shapes, result_shape):
-    axis = onednn._batch_axis(arg_shapes[0].sharding)
+    axis = batch_axis(arg_shapes[0].sharding)
     args = tuple(NamedSharding(mesh, P(axis) if i < n_act else P()) for i in range(len(arg_shapes)))
 
     def lower(*xs):
@@ -152,7 +153,7 @@ def batch_norm_train(x, scale, bias, epsilon: float, act=None, native: bool = Fa
 
   ``x`` float32 or bfloat16 (statistics in float32), ``scale``/``bias`` float32 [C]; ``var`` is
   the biased batch variance ``E[x^2] - E[x]^2`` (clipped at 0), as Flax's. ``native``: the C++
-  reductions (needs :func:`jcv.models.onednn.available`), else jnp.
+  reductions (needs :func:`jcv.kernels.native.available`), else jnp.
   """
   return _forward(x, scale, bias, epsilon, act, native)[0]
 
@@ -202,7 +203,7 @@ class BatchNorm(nn.BatchNorm):
     if self.act not in _CODES:
       raise ValueError(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
     train = not nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-    lowering = conv_ops.resolve(self.lowering)
+    lowering = resolve(self.lowering)
     out_dtype = self.dtype or jnp.result_type(x, self.param_dtype)
     if (not train or mask is not None or lowering != "onednn" or self.is_initializing()
         or self.axis_name is not None or self.axis not in (-1, x.ndim - 1) or x.ndim < 2

@@ -1,0 +1,173 @@
+"""oneDNN convolutions on the CPU through XLA's FFI: the calls into ``onednn_conv.cc``.
+
+:func:`conv` is oneDNN's convolution with its input and kernel gradients (a
+``jax.custom_vjp``), for NHWC activations, HWIO kernels and explicit ``(lo, hi)`` pads;
+:func:`use_onednn` says where it beats the jnp rewrites. The library is built and loaded by
+:mod:`jcv.kernels.native`.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcv.kernels import native
+from jcv.kernels.geometry import out_hw as conv_out_hw, out_size
+from jcv.kernels.sharding import batch_axis, match_vma, varying_like
+
+__all__ = ["conv", "conv_backward_data", "conv_backward_weights", "conv_forward", "use_onednn"]
+
+
+def _attrs(strides, pads, dilation, groups):
+  (pt, pb), (pl, pr) = pads
+  return dict(sh=np.int64(strides[0]), sw=np.int64(strides[1]), pt=np.int64(pt), pb=np.int64(pb),
+              pl=np.int64(pl), pr=np.int64(pr), dh=np.int64(dilation[0]), dw=np.int64(dilation[1]),
+              groups=np.int64(groups))
+
+
+def _ffi(kind, cfg, a, b):
+  """The FFI call itself: kind 0/1/2 = forward / input gradient / kernel gradient."""
+  out_tail, strides, pads, dilation, groups = cfg
+  lead = () if kind == 2 else a.shape[:1]
+  out = jax.ffi.ffi_call(native.CONV_TARGETS[kind], jax.ShapeDtypeStruct(lead + out_tail, a.dtype),
+                         vmap_method="expand_dims")(a, b, **_attrs(strides, pads, dilation, groups))
+  return varying_like(out, a, b)
+
+
+# Sharding rules: only the batch (N) may be sharded; the kernel gradient sums over it.
+_RULES = {
+    0: ("n h w c, a b d o -> n i j o", (), ("h", "w", "c", "a", "b", "d", "o", "i", "j")),
+    1: ("n i j o, a b d o -> n h w c", (), ("i", "j", "o", "a", "b", "d", "h", "w", "c")),
+    2: ("n h w c, n i j o -> a b d o", ("n",), ("h", "w", "c", "i", "j", "o", "a", "b", "d")),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _op(kind, cfg):
+  """The FFI call for one configuration, partitioned over the batch under a sharded ``jit``.
+
+  ``custom_partitioning`` tells XLA's SPMD partitioner (Shardy or GSPMD) that every device
+  runs the call on its shard of the batch (the kernel gradient is then psum-ed) instead of
+  all-gathering the operands; its ``custom_vmap`` rule sends ``vmap`` to the plain call.
+  """
+  from jax.experimental.custom_partitioning import custom_partitioning
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  native.require()  # builds and registers the FFI targets on first use
+
+  def plain(a, b):
+    return _ffi(kind, cfg, a, b)
+
+  def out_sharding(mesh, axis):
+    return NamedSharding(mesh, P() if kind == 2 else P(axis))
+
+  def infer(mesh, arg_shapes, result_shape):
+    return out_sharding(mesh, batch_axis(arg_shapes[0].sharding))
+
+  def partition(mesh, arg_shapes, result_shape):
+    axis = batch_axis(arg_shapes[0].sharding)
+    batch = NamedSharding(mesh, P(axis))
+    args = (batch, batch) if kind == 2 else (batch, NamedSharding(mesh, P()))
+
+    def lower(a, b):
+      out = plain(a, b)
+      return jax.lax.psum(out, axis) if kind == 2 and axis is not None else out
+    return mesh, lower, out_sharding(mesh, axis), args
+
+  partitioned = custom_partitioning(plain)
+  rule, reduction, replicated = _RULES[kind]
+  partitioned.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                            reduction_factors=reduction, need_replication_factors=replicated)
+
+  @jax.custom_batching.custom_vmap
+  def op(a, b):
+    return partitioned(a, b)
+
+  @op.def_vmap
+  def _(axis_size, in_batched, a, b):
+    del axis_size
+    return jax.vmap(plain, in_axes=tuple(0 if x else None for x in in_batched))(a, b), True
+  return op
+
+
+def _cfg(out_tail, strides, pads, dilation, groups):
+  return (tuple(int(v) for v in out_tail), tuple(int(v) for v in strides),
+          tuple((int(lo), int(hi)) for lo, hi in pads), tuple(int(v) for v in dilation), int(groups))
+
+
+def conv_forward(x, kernel, out_hw, strides, pads, dilation, groups):
+  """y = conv(x, kernel): x [N, H, W, C], kernel HWIO, explicit pads ((t, b), (l, r))."""
+  cfg = _cfg(tuple(out_hw) + kernel.shape[-1:], strides, pads, dilation, groups)
+  return _op(0, cfg)(x, kernel)
+
+
+def conv_backward_data(dy, kernel, in_hw, in_channels, strides, pads, dilation, groups):
+  """dL/dx from dL/dy."""
+  cfg = _cfg(tuple(in_hw) + (in_channels,), strides, pads, dilation, groups)
+  return _op(1, cfg)(dy, kernel)
+
+
+def conv_backward_weights(x, dy, kernel_shape, strides, pads, dilation, groups):
+  """dL/dkernel (HWIO) from the input and dL/dy."""
+  return _op(2, _cfg(kernel_shape, strides, pads, dilation, groups))(x, dy)
+
+
+def use_onednn(x, kernel, strides, pads, dilation, groups) -> bool:
+  """Whether oneDNN beats the "cpu" rewrites for this layer.
+
+  Measured with ``benchmarks/layers.py --batch 32`` (forward + backward, 2-core EPYC, see
+  docs/benchmarks.md): oneDNN wins on depthwise (1.6-8.7x), 224 px stems (1.7-2.3x) and
+  general 3x3 convolutions down to 4x4 maps (1.1-2.0x), and its 1x1 forward beats the matmul
+  (1.3-1.4x); the rewrites win on the 2x2 whitening layer (5x) and outputs of at most 2x2
+  pixels (1.7x); XLA's own conv wins on a stem at 32x32 (2-3x, up to 64x64 pixels here). 1x1
+  gradients per layer were as fast as the matmul's, but whole MobileNetV2 training steps
+  (160 px, one device, with jcv's native BatchNorm) ran 12-15 % faster with oneDNN's.
+  """
+  if x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
+    return False
+  if any(lo < 0 or hi < 0 for lo, hi in pads):
+    return False
+  kh, kw, kin, _ = kernel.shape
+  if groups > 1 or kh == kw == 1:  # 1x1: forward and gradients (whole MobileNetV2 steps, below)
+    return True
+  if kh * kw * kin <= 16:
+    return False
+  if kin <= 4 and x.shape[1] * x.shape[2] <= 64 * 64:  # a small stem: XLA's conv (below)
+    return False
+  out_pixels = (out_size(x.shape[1], kh, strides[0], dilation[0], pads[0])
+                * out_size(x.shape[2], kw, strides[1], dilation[1], pads[1]))
+  return out_pixels > 4
+
+
+def conv(x, kernel, strides, pads, dilation, groups):
+  """oneDNN's convolution (any layer; shard_map-typed operands matched first), differentiable."""
+  x, kernel = match_vma(x, kernel)
+  return _conv(x, kernel, strides, pads, dilation, groups)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, kernel, strides, pads, dilation, groups):
+  return conv_forward(x, kernel, conv_out_hw(x.shape, kernel.shape, strides, pads, dilation),
+                      strides, pads, dilation, groups)
+
+
+def _conv_fwd(x, kernel, strides, pads, dilation, groups):
+  return _conv(x, kernel, strides, pads, dilation, groups), (x, kernel)
+
+
+def _conv_bwd(strides, pads, dilation, groups, residuals, g):
+  x, kernel = residuals
+  g = g.astype(x.dtype)
+  dx = conv_backward_data(g, kernel, x.shape[1:3], x.shape[3], strides, pads, dilation, groups)
+  if x.dtype == jnp.bfloat16:
+    # oneDNN 3.2's bfloat16 kernel gradient (AVX512-BF16, no AMX) ran 6x slower than its float32
+    # one in a cifar_cnn step (1140 vs 179 CPU ms, 2-core EPYC): compute it from float32 copies.
+    dk = conv_backward_weights(x.astype(jnp.float32), g.astype(jnp.float32), kernel.shape,
+                               strides, pads, dilation, groups).astype(kernel.dtype)
+  else:
+    dk = conv_backward_weights(x, g, kernel.shape, strides, pads, dilation, groups)
+  return dx, dk
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
