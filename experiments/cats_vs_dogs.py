@@ -33,7 +33,7 @@ import pathlib
 import platform
 import sys
 
-from jcv import plots
+from jcv import plots, safefile
 from jcv.train import Config, build, cli, evaluation, fit, log
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def run(config: Config, folder: pathlib.Path, limit: int | None, *, restart: boo
   result = {"variant": folder.name, "val_top1": (results["final"]["eval"] or {}).get("top1"),
             "test_top1": test["top1"], "test_loss": test["loss"], "epochs": results["epochs"],
             "wall_time_s": results["wall_time_s"], "image_size": config.image_size, "config": config.to_dict()}
-  (folder / "result.json").write_text(json.dumps(result, indent=1, default=float))
+  safefile.write_json(folder / "result.json", result, indent=1, default=float)
   print(f"{result['variant']}: val top-1 {result['val_top1']:.4f}, test top-1 {result['test_top1']:.4f}, "
         f"{result['wall_time_s']:.0f}s")
   return result
@@ -113,9 +113,9 @@ def compare(workdir: pathlib.Path):
   lines += [f"| {r['variant']} | {r['image_size']} | {r['epochs']:g} | {r['val_top1']:.4f} | "
             f"{r['test_top1']:.4f} | {r['wall_time_s']:.0f} |" for r in results]
   lines.append(f"\nMachine: {platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}.")
-  (workdir / "comparison.md").write_text("\n".join(lines) + "\n")
-  (workdir / "comparison.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "config"}
-                                                       for r in results], indent=1))
+  safefile.write_atomic(workdir / "comparison.md", "\n".join(lines) + "\n")
+  safefile.write_json(workdir / "comparison.json", [{k: v for k, v in r.items() if k != "config"}
+                                                    for r in results], indent=1)
   plots.curves_by_run({r["variant"]: log.read_jsonl(workdir / r["variant"] / "metrics.jsonl") for r in results},
                       workdir / "comparison.png", title="cats vs dogs: validation accuracy")
   print("\n".join(lines))

@@ -29,14 +29,13 @@ test split's top-1/top-5 and per-class accuracy, with confusion.png and predicti
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import sys
 
 import numpy as np
 
-from jcv import plots
+from jcv import plots, safefile
 from jcv.train import Config, build, cli, evaluation, fit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -95,7 +94,7 @@ def report(config: Config, workdir: pathlib.Path, fit_results: dict) -> dict:
   results = {**evaluation.test_metrics(logits, labels, class_names), "val": fit_results["final"]["eval"],
              "wall_time_s": fit_results["wall_time_s"], "phases": fit_results.get("phases"),
              "config": run_config.to_dict(), "machine": f"{os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f}"}
-  (workdir / "results.json").write_text(json.dumps(results, indent=1, default=float))
+  safefile.write_json(workdir / "results.json", results, indent=1, default=float)
   predictions = logits.argmax(-1)
   plots.confusion_matrix(labels, predictions, class_names, workdir / "confusion.png")
   pick = np.random.default_rng(config.seed).permutation(len(labels))[:16]

@@ -241,3 +241,67 @@ def test_curves_have_train_and_eval_on_one_axis_and_no_empty_panel(tmp_path):
     assert [a[:2] for a in seen["axes"]] == [("loss", "epoch"), ("top-1 accuracy", "epoch")]
   finally:
     plt.Figure.savefig = original
+
+
+# ------------------------------------------------------------------ run files, --restart (issue #29)
+
+
+def test_symlinked_run_files_are_refused_and_their_targets_untouched(tmp_path):
+  from jcv import safefile
+  from jcv.train import log as log_lib
+  victim = tmp_path / "thesis.tex"
+  victim.write_text("precious\n")
+  work = tmp_path / "w"
+  work.mkdir()
+  (work / ".lock").symlink_to(victim)
+  with pytest.raises(safefile.UnsafeFileError, match=r"\.lock: it is a symbolic link"):
+    rundir.WorkdirLock(work).acquire()
+  (work / ".lock").unlink()
+  (work / "metrics.jsonl").symlink_to(victim)
+  with pytest.raises(safefile.UnsafeFileError, match=r"metrics\.jsonl: it is a symbolic link"):
+    log_lib.MetricLogger(work)
+  (work / "config.json").symlink_to(victim)
+  with pytest.raises(safefile.UnsafeFileError, match=r"config\.json: it is a symbolic link"):
+    log_lib.write_json(work / "config.json", {"a": 1})
+  assert victim.read_text() == "precious\n"
+
+
+def _tiny_run_cmd(workdir, *args):
+  script = os.path.join(os.path.dirname(__file__), "train", "run_tiny.py")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+  return subprocess.run([sys.executable, script, "--workdir", str(workdir), *args], capture_output=True,
+                        text=True, env=env, timeout=600)
+
+
+def test_restart_refuses_a_folder_that_is_not_a_jcv_run_and_moves_nothing(tmp_path):
+  thesis = tmp_path / "thesis"
+  (thesis / "src").mkdir(parents=True)
+  (thesis / "thesis.tex").write_text("\\chapter{}")
+  out = _tiny_run_cmd(thesis, "--restart", "--steps", "2")
+  assert out.returncode == 2, out.stderr[-2000:]
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "is not a jcv run folder" in errors[0] and "Traceback" not in out.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis"]
+  assert sorted(p.name for p in thesis.iterdir()) == ["src", "thesis.tex"]
+
+
+def test_restart_moves_a_run_only_after_the_other_arguments_are_checked(tmp_path):
+  from jcv import safefile
+  from jcv.train import loop
+  run = tmp_path / "run"
+  run.mkdir()
+  safefile.mark_run_folder(run)
+  (run / "config.json").write_text("{}")
+  with pytest.raises(ValueError, match="does not exist"):
+    loop.fit(Config(data_dir=str(tmp_path / "nonexistent"), image_size=8), workdir=run, restart=True)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+  assert (run / "config.json").exists()
+
+
+def test_a_workdir_inside_the_data_folder_is_no_class(tmp_path):
+  from jcv import safefile
+  root = _folder(tmp_path / "d")
+  (root / "train" / "runs" / "checkpoints").mkdir(parents=True)
+  safefile.mark_run_folder(root / "train" / "runs")
+  src = sources.image_folder(root, split="train", cache=False)
+  assert src.class_names == ["a", "b"] and len(src) == 6

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jcv import safefile
 from jcv.data import decode as decode_lib
 from jcv.data.decode import IMAGE_EXTENSIONS, CorruptImageError, decode_image
 
@@ -115,7 +116,9 @@ def _resolve_bound(bound: str | None, n: int) -> int | None:
 
 
 def _list_classes(folder: pathlib.Path) -> list[str]:
-  return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+  """Sub-folder names, sorted; hidden folders and jcv run folders (a workdir inside) are no classes."""
+  return sorted(p.name for p in folder.iterdir()
+                if p.is_dir() and not p.name.startswith(".") and not safefile.is_run_folder(p))
 
 
 def _list_files(folder: pathlib.Path, class_names: list[str]) -> tuple[list[str], list[int]]:

@@ -12,15 +12,14 @@ import time
 
 import numpy as np
 
+from jcv import safefile
+
 __all__ = ["MetricLogger", "Progress", "write_json", "read_jsonl", "image_grid", "format_duration"]
 
 
 def write_json(path, obj):
-  """Writes ``obj`` as indented JSON atomically (temp file + rename)."""
-  path = pathlib.Path(path)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
-  tmp.replace(path)
+  """Writes ``obj`` as indented JSON atomically (temp file + rename; links refused)."""
+  safefile.write_json(path, obj, indent=2, default=_jsonable)
 
 
 def read_jsonl(path) -> list[dict]:
@@ -85,7 +84,7 @@ class MetricLogger:
       SummaryWriter = _summary_writer_class()
       self.workdir.mkdir(parents=True, exist_ok=True)
       self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
-      self._jsonl = open(self.workdir / "metrics.jsonl", "a")
+      self._jsonl = safefile.open_append(self.workdir / "metrics.jsonl")
 
   def scalars(self, step: int, metrics: dict, *, split: str = "train"):
     """Logs ``{name: number}`` at ``step`` under ``split/name``."""

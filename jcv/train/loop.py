@@ -46,7 +46,8 @@ class NonFiniteLossError(FloatingPointError):
 
 @rundir.owns_workdir  # locks the workdir for the call; restart=True moves an old run aside
 def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=None,
-        augment_fn="auto", resume: bool = True, init_variables: dict | None = None) -> dict:
+        augment_fn="auto", resume: bool = True, init_variables: dict | None = None,
+        restart: bool = False) -> dict:
   """Trains per ``config`` in ``workdir`` and returns the results dict (also results.json).
 
   Every regime is a config: from scratch; from ``config.init_from`` (pretrained weights, a
@@ -57,7 +58,8 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
   class_names.json). Re-running with the same ``workdir`` resumes bitwise-identically.
   Sources, model, augmentation and initial variables can be passed instead of being built
   from the config. Raises NonFiniteLossError naming the step if the loss becomes NaN/inf (the
-  last good checkpoint stays); SIGINT/SIGTERM save a checkpoint and return early with
+  last good checkpoint stays); ``restart=True`` moves an old run aside once data, model and
+  initial weights are built (rundir.restart_run); SIGINT/SIGTERM save a checkpoint and return early with
   ``results["stopped_by"]`` set.
   """
   config = init_from.resolve_preprocessing(config).validate()
@@ -77,6 +79,8 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
     init_variables = init_from.initial_variables(config, model, train_src)
   if isinstance(augment_fn, str) and augment_fn == "auto":
     augment_fn = build_augment(config, num_classes)
+  if restart:
+    rundir.restart_run(workdir)
   if len(config.phase_configs()) > 1 or config.feature_cache is not None:
     from jcv.train import phases
     return phases.run(config, workdir, model=model, variables=init_variables, train_src=train_src,

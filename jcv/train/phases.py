@@ -11,11 +11,13 @@ config, so WORKDIR is a run folder like any other; metrics.jsonl joins the phase
 """
 from __future__ import annotations
 
+import json
 import pathlib
 import time
 
 import jax
 
+from jcv import safefile
 from jcv.train import build, evaluation, features as feat, log as log_lib, loop, parallel
 from jcv.train.config import Config
 from jcv.train.state import create_train_state, init_variables
@@ -126,9 +128,7 @@ def _finish(config, workdir, model, variables, class_names, records, summaries, 
   steps = summaries[-1]["steps"] if len(summaries) == 1 else sum(s["steps"] for s in summaries)
   evaluation.save_run(workdir, config, model, variables, class_names=class_names,
                       metrics=metrics or None, step=max(steps, 1))
-  with open(workdir / "metrics.jsonl", "w") as f:
-    import json
-    f.writelines(json.dumps(r) + "\n" for r in records)
+  safefile.write_atomic(workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
   results = {"final": final, "best": loop._best_eval(workdir / "metrics.jsonl", config.best_metric),
              "steps": steps, "epochs": sum(s["epochs"] for s in summaries), "phases": summaries,
              "wall_time_s": time.time() - started, "stopped_by": summaries[-1]["stopped_by"],
