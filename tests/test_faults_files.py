@@ -305,3 +305,45 @@ def test_a_workdir_inside_the_data_folder_is_no_class(tmp_path):
   safefile.mark_run_folder(root / "train" / "runs")
   src = sources.image_folder(root, split="train", cache=False)
   assert src.class_names == ["a", "b"] and len(src) == 6
+
+
+def test_metrics_jsonl_after_a_resume_holds_no_rerun_steps_torn_lines_or_undecodable_text(tmp_path):
+  from jcv.train import log as log_lib
+  path = tmp_path / "metrics.jsonl"
+  records = b"".join(json.dumps({"step": s, "split": "train", "loss": 1.0}).encode() + b"\n" for s in range(1, 9))
+  path.write_bytes(records + b'{"step": 3, "spl\xff\xfe"}\n' + b'{"step": 9, "split": "tr')  # bad UTF-8, torn
+  with pytest.warns(UserWarning, match=rf"{path}: skipped 1 line\(s\) that are not UTF-8"):
+    logger = log_lib.MetricLogger(tmp_path, keep_until=5)  # resumed from step 5
+  logger.scalars(6, {"loss": 0.5})
+  logger.close()
+  assert [(r["step"], r["loss"]) for r in log_lib.read_jsonl(path)] == [(s, 1.0) for s in range(1, 6)] + [(6, 0.5)]
+
+
+def test_a_pth_with_a_pickle_payload_is_refused_in_one_line_naming_it(tmp_path):
+  import pickle
+  from jcv.weights import read_arrays
+  path = tmp_path / "evil.pth"
+  path.write_bytes(pickle.dumps({"w": (os.system, ("echo pwned",))}))
+  with pytest.raises(ValueError) as info:
+    read_arrays(path)
+  assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_garbage_class_names_json_is_named(tmp_path):
+  from jcv.train import evaluation
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "class_names.json").write_bytes(b"\x00garbage{")
+  with pytest.raises(ValueError, match=r"class_names\.json \(the run's class names\) is damaged"):
+    evaluation.load_run(tmp_path)
+
+
+@pytest.mark.parametrize("argv,env", [(["-m", "jcv", "summary", "cifar_cnn", "--input-size", "-5"], {}),
+                                      (["tests/train/run_tiny.py", "--workdir", "W", "--steps", "1"],
+                                       {"JCV_NUM_PROCESSES": "abc"})])
+def test_bad_numbers_in_flags_and_environment_are_one_line_exit_2(tmp_path, argv, env):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  argv = [str(tmp_path / "w") if a == "W" else a for a in argv]
+  out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=root, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root, **env})
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error:"), out.stderr[-2000:]

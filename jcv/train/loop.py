@@ -171,7 +171,7 @@ def train(config: Config, workdir, *, model, train_ld, eval_ld, input_shape, var
   if is_main:
     log_lib.write_json(workdir / "config.json", config.to_dict())
     log_lib.write_json(workdir / "class_names.json", list(class_names))
-  logger = log_lib.MetricLogger(workdir, enabled=is_main)
+  logger = log_lib.MetricLogger(workdir, enabled=is_main, keep_until=start_step)
   train_fn, eval_fn = _compiled_steps(config, tconfig, state, mesh, train_ld=train_ld, eval_ld=eval_ld,
                                       input_shape=input_shape, num_classes=num_classes,
                                       augment_fn=augment_fn, schedule=schedule, features=features)
@@ -266,7 +266,7 @@ class _Run:
                      or (signals and pcount == 1))
         stop = False
         if drain_now:
-          _drain(pending, self.running, step, self.timer)
+          _drain(pending, self.running, step, self.timer, self.checkpointer.latest_step())
           self.progress.show(step, self.running.last, self.timer.rate())  # bar on a terminal, else lines
           stop = _any_process(bool(signals)) if pcount > 1 else bool(signals)
         if log_now:
@@ -400,16 +400,18 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def _drain(pending, running, step, timer):
-  """Waits for the pending steps' metrics (bounding steps in flight) and checks the loss."""
+def _drain(pending, running, step, timer, saved_step=None):
+  """Waits for the pending steps' metrics (bounding steps in flight) and checks the loss
+  (``saved_step``: the newest checkpoint, named in the error)."""
   host = parallel.fetch(pending)
   first = step - len(pending) + 1
   for i, m in enumerate(host):
     if not np.isfinite(m["loss"]):
       pending.clear()
       raise NonFiniteLossError(
-          f"training loss is {float(m['loss'])} at step {first + i}; stopping (the last good "
-          "checkpoint is kept). Lower the learning rate, add warmup or gradient clipping.")
+          f"training loss is {float(m['loss'])} at step {first + i}; stopping ("
+          + (f"the last good checkpoint, step {saved_step}, is kept" if saved_step is not None else
+             "no checkpoint had been saved yet") + "). Lower the learning rate, add warmup or gradient clipping.")
     running.add(m)
   pending.clear()
   timer.mark(step)

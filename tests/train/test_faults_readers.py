@@ -103,3 +103,14 @@ def test_a_phase_folder_names_the_run_folder_in_one_line(finished, tmp_path):
   out = _jcv("evaluate", "--workdir", run / "phases" / "0")
   assert out.returncode == 2
   assert out.stderr.count("\n") == 1 and f"use --workdir {run}" in out.stderr, out.stderr[-2000:]
+
+
+def test_evaluate_caps_the_batch_and_predict_reports_an_unreadable_file(finished, tmp_path):
+  from jcv.train import evaluation
+  _, eval_src = array_sources(256, 80)
+  assert evaluation.evaluate(finished, source=eval_src, batch_size=100000, which="latest")["n"] == 80
+  good, bad = _image(tmp_path / "good.png"), tmp_path / "bad.png"
+  bad.write_bytes(b"not an image")
+  with pytest.warns(UserWarning, match="cannot predict .*bad.png"):
+    rows = evaluation.predict(finished, [bad, good], which="latest")
+  assert "error" in rows[0] and rows[0]["file"] == str(bad) and len(rows[1]["top"]) == 5
