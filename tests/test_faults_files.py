@@ -347,3 +347,18 @@ def test_bad_numbers_in_flags_and_environment_are_one_line_exit_2(tmp_path, argv
                        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root, **env})
   assert out.returncode == 2, out.stderr[-2000:]
   assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error:"), out.stderr[-2000:]
+
+
+def test_whitening_init_reads_mixed_sizes_and_skips_a_corrupt_file_like_the_loaders(tmp_path):
+  from jcv.train import build, init_from
+  rng = np.random.default_rng(0)
+  for i, (h, w) in enumerate([(8, 8), (12, 10), (16, 16), (9, 14)]):
+    cls = tmp_path / "d" / "train" / "ab"[i % 2]
+    cls.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(cls / f"{i}.png")
+  (tmp_path / "d" / "train" / "a" / "corrupt.png").write_bytes(b"\x89PNG not really")
+  src = sources.image_folder(tmp_path / "d", split="train", cache=False)
+  config = Config(model="cifar_cnn", image_size=32, init_from={"whiten": {"num_images": 10}})
+  with pytest.warns(UserWarning, match="whitening initialisation: skipped 1 corrupt image"):
+    variables = init_from.initial_variables(config, build.build_model(config, 2), src)
+  assert np.all(np.isfinite(variables["params"]["whiten"]["kernel"]))

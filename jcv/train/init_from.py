@@ -13,7 +13,10 @@ normalisation the pretrained weights were trained with (:func:`pretrained_prepro
 """
 from __future__ import annotations
 
+import warnings
+
 import jax
+import numpy as np
 
 from jcv.train.config import Config
 
@@ -81,9 +84,24 @@ def _whiten(variables, config, *, model, train_source, options):
   unknown = set(options) - {"num_images", "eps"}
   if unknown:
     raise ValueError(f'init_from["whiten"]: unknown option(s) {sorted(unknown)}; expected num_images, eps')
+  from jcv.data import pipeline
+  from jcv.data.sources import ArraySource
+  # The training source through the loaders' transforms: any image sizes, corrupt files skipped.
+  n = min(int(options.pop("num_images", 5000)), len(train_source))
+  it = iter(pipeline.eval_loader(train_source, batch_size=max(1, min(256, n)), image_size=config.image_size,
+                                 crop_fraction=1.0, process_index=0, process_count=1))
+  images = []
+  for batch in it:
+    images.extend(np.asarray(batch["image"])[np.asarray(batch["mask"], bool)])
+    if len(images) >= n:
+      break
+  if it.num_skipped:
+    warnings.warn(f"whitening initialisation: skipped {it.num_skipped} corrupt image file(s)")
   kernel = variables["params"]["whiten"]["kernel"]
-  init = whitening_init_from_source(train_source, mean=config.mean, std=config.std,
-                                    kernel_size=kernel.shape[0], **options)
+  size = (0, config.image_size, config.image_size, 3)
+  images = np.stack(images[:n]) if images else np.zeros(size, np.uint8)  # none: the error names it
+  init = whitening_init_from_source(ArraySource(images, np.zeros(len(images), np.int32)), mean=config.mean,
+                                    std=config.std, kernel_size=kernel.shape[0], num_images=n, **options)
   params = dict(variables["params"])
   params["whiten"] = dict(params["whiten"], kernel=init(None, kernel.shape, kernel.dtype))
   return {**variables, "params": params}
