@@ -76,10 +76,13 @@ def _read_json(path, what: str):
     raise ValueError(f"{path} ({what}) is damaged: {e}; it is written by the training run") from None
 
 
+def _phase_of(workdir: pathlib.Path) -> pathlib.Path | None:
+  """The run folder of which ``workdir`` is a phase folder (``RUN/phases/<i>``), or None."""
+  run = workdir.absolute().parent.parent
+  return run if workdir.absolute().parent.name == "phases" and (run / "checkpoints").is_dir() else None
+
+
 def _check_run_folder(workdir: pathlib.Path) -> None:
-  if workdir.parent.name == "phases" and (workdir.parent.parent / "checkpoints").is_dir():
-    raise ValueError(f"{workdir} is phase {workdir.name} of the run {workdir.parent.parent}, which holds "
-                     f"the whole model: use --workdir {workdir.parent.parent}")
   if not (workdir / "checkpoints").is_dir():
     raise ValueError(f"{workdir} has no checkpoints/ folder; expected the --workdir of a training run")
 
@@ -107,6 +110,12 @@ def load_run(workdir, *, which: str = "best"):
   checkpointer = ckpt_lib.RunCheckpointer(workdir / "checkpoints", read_only=True)
   try:
     state, config_dict, _ = checkpointer.read(make_state, which=which)
+  except ValueError:
+    run = _phase_of(workdir)
+    if run is None:
+      raise
+    raise ValueError(f"{workdir} is phase {workdir.name} of the run {run}, whose checkpoints hold only "
+                     f"the part that phase trained: use --workdir {run}") from None
   finally:
     checkpointer.close()
   return Config.from_dict(config_dict), class_names, state, mesh
