@@ -115,9 +115,13 @@ def worst_mistakes(logits, labels, index, source, class_names, path, *, count: i
 
 
 def _save(fig, path) -> pathlib.Path:
+  import io
+  from jcv import safefile
   path = pathlib.Path(path)
-  fig.savefig(path, dpi=100)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, dpi=100, format=path.suffix[1:] or "png")
   _plt().close(fig)
+  safefile.write_atomic(path, buffer.getvalue())
   return path
 
 

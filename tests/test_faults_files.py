@@ -241,3 +241,124 @@ def test_curves_have_train_and_eval_on_one_axis_and_no_empty_panel(tmp_path):
     assert [a[:2] for a in seen["axes"]] == [("loss", "epoch"), ("top-1 accuracy", "epoch")]
   finally:
     plt.Figure.savefig = original
+
+
+# ------------------------------------------------------------------ run files, --restart (issue #29)
+
+
+def test_symlinked_run_files_are_refused_and_their_targets_untouched(tmp_path):
+  from jcv import safefile
+  from jcv.train import log as log_lib
+  victim = tmp_path / "thesis.tex"
+  victim.write_text("precious\n")
+  work = tmp_path / "w"
+  work.mkdir()
+  (work / ".lock").symlink_to(victim)
+  with pytest.raises(safefile.UnsafeFileError, match=r"\.lock: it is a symbolic link"):
+    rundir.WorkdirLock(work).acquire()
+  (work / ".lock").unlink()
+  (work / "metrics.jsonl").symlink_to(victim)
+  with pytest.raises(safefile.UnsafeFileError, match=r"metrics\.jsonl: it is a symbolic link"):
+    log_lib.MetricLogger(work)
+  (work / "config.json").symlink_to(victim)
+  with pytest.raises(safefile.UnsafeFileError, match=r"config\.json: it is a symbolic link"):
+    log_lib.write_json(work / "config.json", {"a": 1})
+  assert victim.read_text() == "precious\n"
+
+
+def _tiny_run_cmd(workdir, *args):
+  script = os.path.join(os.path.dirname(__file__), "train", "run_tiny.py")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+  return subprocess.run([sys.executable, script, "--workdir", str(workdir), *args], capture_output=True,
+                        text=True, env=env, timeout=600)
+
+
+def test_restart_refuses_a_folder_that_is_not_a_jcv_run_and_moves_nothing(tmp_path):
+  thesis = tmp_path / "thesis"
+  (thesis / "src").mkdir(parents=True)
+  (thesis / "thesis.tex").write_text("\\chapter{}")
+  out = _tiny_run_cmd(thesis, "--restart", "--steps", "2")
+  assert out.returncode == 2, out.stderr[-2000:]
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "is not a jcv run folder" in errors[0] and "Traceback" not in out.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis"]
+  assert sorted(p.name for p in thesis.iterdir()) == ["src", "thesis.tex"]
+
+
+def test_restart_moves_a_run_only_after_the_other_arguments_are_checked(tmp_path):
+  from jcv import safefile
+  from jcv.train import loop
+  run = tmp_path / "run"
+  run.mkdir()
+  safefile.mark_run_folder(run)
+  (run / "config.json").write_text("{}")
+  with pytest.raises(ValueError, match="does not exist"):
+    loop.fit(Config(data_dir=str(tmp_path / "nonexistent"), image_size=8), workdir=run, restart=True)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+  assert (run / "config.json").exists()
+
+
+def test_a_workdir_inside_the_data_folder_is_no_class(tmp_path):
+  from jcv import safefile
+  root = _folder(tmp_path / "d")
+  (root / "train" / "runs" / "checkpoints").mkdir(parents=True)
+  safefile.mark_run_folder(root / "train" / "runs")
+  src = sources.image_folder(root, split="train", cache=False)
+  assert src.class_names == ["a", "b"] and len(src) == 6
+
+
+def test_metrics_jsonl_after_a_resume_holds_no_rerun_steps_torn_lines_or_undecodable_text(tmp_path):
+  from jcv.train import log as log_lib
+  path = tmp_path / "metrics.jsonl"
+  records = b"".join(json.dumps({"step": s, "split": "train", "loss": 1.0}).encode() + b"\n" for s in range(1, 9))
+  path.write_bytes(records + b'{"step": 3, "spl\xff\xfe"}\n' + b'{"step": 9, "split": "tr')  # bad UTF-8, torn
+  with pytest.warns(UserWarning, match=rf"{path}: skipped 1 line\(s\) that are not UTF-8"):
+    logger = log_lib.MetricLogger(tmp_path, keep_until=5)  # resumed from step 5
+  logger.scalars(6, {"loss": 0.5})
+  logger.close()
+  assert [(r["step"], r["loss"]) for r in log_lib.read_jsonl(path)] == [(s, 1.0) for s in range(1, 6)] + [(6, 0.5)]
+
+
+def test_a_pth_with_a_pickle_payload_is_refused_in_one_line_naming_it(tmp_path):
+  import pickle
+  from jcv.weights import read_arrays
+  path = tmp_path / "evil.pth"
+  path.write_bytes(pickle.dumps({"w": (os.system, ("echo pwned",))}))
+  with pytest.raises(ValueError) as info:
+    read_arrays(path)
+  assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_garbage_class_names_json_is_named(tmp_path):
+  from jcv.train import evaluation
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "class_names.json").write_bytes(b"\x00garbage{")
+  with pytest.raises(ValueError, match=r"class_names\.json \(the run's class names\) is damaged"):
+    evaluation.load_run(tmp_path)
+
+
+@pytest.mark.parametrize("argv,env", [(["-m", "jcv", "summary", "cifar_cnn", "--input-size", "-5"], {}),
+                                      (["tests/train/run_tiny.py", "--workdir", "W", "--steps", "1"],
+                                       {"JCV_NUM_PROCESSES": "abc"})])
+def test_bad_numbers_in_flags_and_environment_are_one_line_exit_2(tmp_path, argv, env):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  argv = [str(tmp_path / "w") if a == "W" else a for a in argv]
+  out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=root, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root, **env})
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error:"), out.stderr[-2000:]
+
+
+def test_whitening_init_reads_mixed_sizes_and_skips_a_corrupt_file_like_the_loaders(tmp_path):
+  from jcv.train import build, init_from
+  rng = np.random.default_rng(0)
+  for i, (h, w) in enumerate([(8, 8), (12, 10), (16, 16), (9, 14)]):
+    cls = tmp_path / "d" / "train" / "ab"[i % 2]
+    cls.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(cls / f"{i}.png")
+  (tmp_path / "d" / "train" / "a" / "corrupt.png").write_bytes(b"\x89PNG not really")
+  src = sources.image_folder(tmp_path / "d", split="train", cache=False)
+  config = Config(model="cifar_cnn", image_size=32, init_from={"whiten": {"num_images": 10}})
+  with pytest.warns(UserWarning, match="whitening initialisation: skipped 1 corrupt image"):
+    variables = init_from.initial_variables(config, build.build_model(config, 2), src)
+  assert np.all(np.isfinite(variables["params"]["whiten"]["kernel"]))

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jcv import cachefile, safefile
 from jcv.data import decode as decode_lib
 from jcv.data.decode import IMAGE_EXTENSIONS, CorruptImageError, decode_image
 
@@ -115,7 +116,9 @@ def _resolve_bound(bound: str | None, n: int) -> int | None:
 
 
 def _list_classes(folder: pathlib.Path) -> list[str]:
-  return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+  """Sub-folder names, sorted; hidden folders and jcv run folders (a workdir inside) are no classes."""
+  return sorted(p.name for p in folder.iterdir()
+                if p.is_dir() and not p.name.startswith(".") and not safefile.is_run_folder(p))
 
 
 def _list_files(folder: pathlib.Path, class_names: list[str]) -> tuple[list[str], list[int]]:
@@ -307,13 +310,11 @@ def to_memory(
   if paths is not None and cache_dir is not False:
     cdir = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     stem = cdir / f"{pathlib.Path(getattr(src, 'root', 'data')).name or 'data'}-{_fingerprint(src)}"
-    if stem.with_suffix(".json").exists():
-      meta = json.loads(stem.with_suffix(".json").read_text())
-      if meta["skipped"] and strict:
-        raise CorruptImageError(meta["skipped"][0], "recorded as corrupt in the cache")
-      return ArraySource(
-        np.load(f"{stem}.images.npy"), np.load(f"{stem}.labels.npy"),
-        class_names=meta["class_names"], skipped=meta["skipped"])
+    cached = cachefile.load(lambda: _read_cache(stem), _cache_files(stem), what="decoded-image")
+    if cached is not None:
+      if cached.skipped and strict:
+        raise CorruptImageError(cached.skipped[0], "recorded as corrupt in the cache")
+      return cached
 
   budget = _ByteBudget(DECODE_BYTES_IN_FLIGHT)
 
@@ -344,15 +345,25 @@ def to_memory(
   if skipped:
     log.warning("skipped %d corrupt image file(s) of %d", len(skipped), len(src))
   if stem is not None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{stem}.{os.getpid()}.tmp"
-    np.save(f"{tmp}.images.npy", images)
-    np.save(f"{tmp}.labels.npy", labels)
-    os.replace(f"{tmp}.images.npy", f"{stem}.images.npy")
-    os.replace(f"{tmp}.labels.npy", f"{stem}.labels.npy")
     meta = {"class_names": src.class_names, "skipped": skipped, "root": getattr(src, "root", ""), "count": len(good)}
-    stem.with_suffix(".json").write_text(json.dumps(meta))  # written last: marks the cache complete
+    cachefile.save(lambda tmp: (np.save(tmp[0], images), np.save(tmp[1], labels),
+                                tmp[2].write_text(json.dumps(meta))),
+                   _cache_files(stem), what="decoded-image")  # the .json last: marks it complete
   return ArraySource(images, labels, class_names=src.class_names, skipped=skipped)
+
+
+def _cache_files(stem: pathlib.Path) -> list[pathlib.Path]:
+  return [pathlib.Path(f"{stem}.images.npy"), pathlib.Path(f"{stem}.labels.npy"), stem.with_suffix(".json")]
+
+
+def _read_cache(stem: pathlib.Path) -> ArraySource:
+  """The cached arrays, checked against their .json record (a mismatch is a ValueError)."""
+  images_path, labels_path, meta_path = _cache_files(stem)
+  meta = json.loads(meta_path.read_text())
+  images, labels = np.load(images_path, allow_pickle=False), np.load(labels_path, allow_pickle=False)
+  if not (isinstance(meta, dict) and len(images) == len(labels) == meta["count"]):
+    raise ValueError(f"{len(images)} images, {len(labels)} labels for a record of {meta!r:.80}")
+  return ArraySource(images, labels, class_names=meta["class_names"], skipped=meta["skipped"])
 
 
 class _ByteBudget:

@@ -179,6 +179,8 @@ def summary(name: str, *, input_size: int | None = None, print_fn=print, **optio
   ``options`` go to :func:`jcv.models.create` (e.g. ``num_classes``); ``print_fn=None``
   only returns the text.
   """
+  if input_size is not None and input_size < 1:
+    raise ValueError(f"input size must be a positive number of pixels, got {input_size}")
   card = get_card(name)
   model, size = _resolve(name, input_size, options)
   rows = layer_table(model, input_size=size)

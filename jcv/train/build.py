@@ -33,7 +33,14 @@ def enable_compilation_cache(config: Config, workdir) -> str | None:
   if jax.config.jax_compilation_cache_dir:  # already chosen by the user or an earlier run
     return jax.config.jax_compilation_cache_dir
   from jcv import perf
-  return perf.enable_compilation_cache(None if where == "auto" else where, min_compile_time_s=0.5)
+  try:
+    return perf.enable_compilation_cache(None if where == "auto" else where, min_compile_time_s=0.5)
+  except OSError as e:
+    if e.errno is None:  # a folder others can write to: refused, not skipped
+      raise
+    warnings.warn(f"cannot use the compilation cache {e.filename or where} ({e.strerror}); "
+                  "going on without it")
+    return None
 
 
 def is_image_folder(path, split: str = "train") -> bool:

@@ -3,13 +3,18 @@
 Uses ``orbax.checkpoint.CheckpointManager`` with a preservation policy (keep the last k and
 the best by an eval metric) and asynchronous saves. Orbax writes each step to a temporary
 folder and renames it when complete, so a run killed mid-save leaves a temporary folder
-that is ignored (with a warning); a step that fails to restore is skipped for the previous one.
+that is ignored (with a warning); a step that fails to restore is skipped for the previous one,
+and a writer sets such damaged steps aside (``checkpoints.damaged/``) so that retention never
+counts them as the newest. Readers (``read_only=True``: evaluate, predict, load_run) never
+write, clean, lock or delete anything: a run may be writing the folder while they read it.
 """
 from __future__ import annotations
 
 import base64
 import logging
+import os
 import pathlib
+import time
 import warnings
 
 import jax
@@ -26,7 +31,9 @@ class _QuietMissingMetrics(logging.Filter):
   """Orbax warns on every save without metrics; mid-epoch saves have none by design."""
 
   def filter(self, record):
-    return "did not provide metrics" not in record.getMessage()
+    text = record.getMessage()
+    return not any(quiet in text for quiet in (
+        "did not provide metrics", "Given directory is read only", "Metadata file does not exist"))
 
 
 logging.getLogger("absl").addFilter(_QuietMissingMetrics())
@@ -49,20 +56,31 @@ def _decode(data):
   return data
 
 
+def _short(e: Exception) -> str:
+  """The first line of an exception, at most 160 characters."""
+  text = (str(e).strip().splitlines() or [""])[0]
+  text = f"{type(e).__name__}: {text}"
+  return text if len(text) <= 160 else text[:157] + "..."
+
+
 class RunCheckpointer:
   """Saves and restores a run's checkpoints under ``directory``.
 
   ``keep`` most recent steps are kept, plus the best one by ``best_metric`` among steps
   saved with metrics (``best_mode`` "max" or "min"). Saves are asynchronous; call ``wait()``
-  before reading them and ``close()`` at the end.
+  before reading them and ``close()`` at the end. ``read_only=True`` opens the folder of a
+  run that may be live for reading only (see :meth:`read`).
   """
 
   def __init__(self, directory, *, keep: int = 2, best_metric: str = "top1", best_mode: str = "max",
-               async_save: bool = True):
+               async_save: bool = True, read_only: bool = False):
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
     self.directory = pathlib.Path(directory).absolute()
-    self.best_metric, self.best_mode = best_metric, best_mode
+    self.best_metric, self.best_mode, self.read_only = best_metric, best_mode, read_only
+    if read_only:
+      self._mgr = self._open_read_only()
+      return
     self._warn_partial()
     policy = ocm.AnyPreservationPolicy([
         ocm.LatestN(n=keep),
@@ -73,15 +91,40 @@ class RunCheckpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, best_fn=lambda m: float(m[best_metric]), best_mode=best_mode, enable_async_checkpointing=async_save, create=True,
         cleanup_tmp_directories=True)
+    make = lambda: ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
     try:
-      self._mgr = ocp.CheckpointManager(self.directory, options=options,
-                                        item_names=("state", "data", "config"))
+      try:
+        self._mgr = make()
+      except ValueError:  # a step whose metadata does not parse: set it aside, keep the others
+        self._mgr = self._open_read_only()
+        self._set_aside([s for s in self.all_steps() if not self._metrics_parse(s)])
+        self._mgr.close()
+        self._mgr = make()
     except Exception as e:  # noqa: BLE001 - damaged metadata of a step: say where, never start over
       from jcv.train.rundir import ResumeError
       raise ResumeError(
           f"the checkpoints in {self.directory} cannot be read ({type(e).__name__}: {e}); they are "
           "damaged, so none can be restored. Use another --workdir, or --restart to move the run "
           "aside (nothing is deleted)") from e
+
+  def _open_read_only(self):
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
+                                           enable_async_checkpointing=False, save_interval_steps=0,
+                                           lightweight_initialize=True)
+    for attempt in range(5):  # a live run's retention may delete a step while it is listed
+      try:
+        return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
+      except FileNotFoundError:
+        if attempt == 4:
+          raise
+        time.sleep(0.1)
+
+  def _metrics_parse(self, step: int) -> bool:
+    try:
+      self._mgr.metrics(step)
+      return True
+    except ValueError:
+      return False
 
   def _warn_partial(self):
     if not self.directory.is_dir():
@@ -116,7 +159,10 @@ class RunCheckpointer:
     """The step with the best ``best_metric``; the latest step if none has metrics."""
     scored = []
     for s in self.all_steps():
-      m = self._mgr.metrics(s)
+      try:
+        m = self._mgr.metrics(s)
+      except Exception:  # noqa: BLE001 - a damaged step has no usable metrics
+        continue
       if m and self.best_metric in m:
         scored.append((float(m[self.best_metric]), s))
     if not scored:
@@ -131,6 +177,7 @@ class RunCheckpointer:
     """
     steps = [step] if step is not None else list(reversed(self.all_steps()))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
+    damaged = []
     for s in steps:
       try:
         out = self._mgr.restore(s, args=ocp.args.Composite(
@@ -139,11 +186,60 @@ class RunCheckpointer:
       except Exception as e:  # a damaged step: fall back to the previous one
         if step is not None:
           raise
-        warnings.warn(f"checkpoint step {s} in {self.directory} could not be restored ({e!r}); "
+        warnings.warn(f"checkpoint step {s} in {self.directory} could not be restored ({_short(e)}); "
                       "trying the previous one", stacklevel=2)
+        damaged.append(s)
         continue
+      if damaged and not self.read_only:
+        self._set_aside(damaged)
       return state.replace(**out["state"]), _decode(out["data"]), out["config"], s
     return None
+
+  def _set_aside(self, steps):
+    """Moves damaged step folders to ``<directory>.damaged/`` (nothing is deleted), so that
+    the steps are saved anew and retention keeps the newest good one."""
+    if not steps:
+      return
+    aside = self.directory.with_name(self.directory.name + ".damaged")
+    aside.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for s in steps:
+      os.replace(self.directory / str(s), aside / f"{s}-{stamp}")
+    warnings.warn(f"moved the damaged checkpoint step(s) {steps} of {self.directory} to {aside}",
+                  stacklevel=3)
+    self._mgr.reload()
+
+  def read(self, make_state, *, which: str = "best"):
+    """(state, config dict, step) of the ``which`` ("best" or "latest") step for a reader.
+
+    ``make_state(config_dict)`` gives the state to restore into. A step that does not read
+    (damaged, or deleted by the live run's retention meanwhile) is passed over for the newest
+    one that does, with one warning naming both; none: ValueError naming the folder."""
+    failed, tried = [], set()
+    for _ in range(5):  # a live run may have replaced every listed step: list them again
+      steps = [s for s in self.all_steps() if s not in tried]
+      if not steps:
+        break
+      first = self.best_step() if which == "best" else max(steps)
+      first = first if first in steps else max(steps)
+      for s in [first] + [t for t in reversed(steps) if t != first]:
+        tried.add(s)
+        try:
+          config = self.restore_config(step=s)
+          state = self.restore(make_state(config), step=s)[0]
+        except Exception as e:  # noqa: BLE001 - any step that does not read: try the next newest
+          failed.append((s, _short(e), os.path.isdir(self.directory / str(s))))
+          continue
+        damaged = [f for f in failed if f[2]]  # steps deleted meanwhile are no news
+        if damaged:
+          warnings.warn(f"checkpoint step {damaged[0][0]} in {self.directory} could not be read "
+                        f"({damaged[0][1]}); using step {s}, the newest that reads")
+        return state, config, s
+      self._mgr.reload()
+    if not failed:
+      raise ValueError(f"no complete checkpoint in {self.directory}")
+    raise ValueError(f"no checkpoint in {self.directory} can be read: "
+                     + "; ".join(f"step {s} ({why})" for s, why, _ in failed[:3]))
 
   def restore_config(self, *, step: int | None = None) -> dict | None:
     """Only the saved config dict of ``step`` (default latest)."""

@@ -222,7 +222,8 @@ def run(argv=None, *, presets=None, default_preset: str | None = None, base: Con
   parser = make_parser(description, presets=presets, default_preset=default_preset,
                        default_workdir=default_workdir)
   args = parser.parse_args(argv)
-  start(args, host_devices=host_devices, devices_per_core=devices_per_core)
+  with user_errors(debug=args.debug):  # a bad $JCV_NUM_PROCESSES etc.: one line
+    start(args, host_devices=host_devices, devices_per_core=devices_per_core)
   try:
     config = config_from_args(args, presets=presets, base=base)
   except ValueError as e:  # a bad --set: usage and the message, exit status 2

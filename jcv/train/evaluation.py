@@ -67,27 +67,57 @@ def test_metrics(logits, labels, class_names=()) -> dict:
           "n": int(len(labels)), "per_class_top1": per_class}
 
 
-def load_run(workdir, *, which: str = "best"):
-  """(config, class_names, state, mesh) of a run's ``best`` or ``latest`` checkpoint."""
-  workdir = pathlib.Path(workdir)
+def _read_json(path, what: str):
+  """The JSON in ``path``; a damaged file is a ValueError naming it."""
+  try:
+    return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} ({what}) is damaged: {e}; it is written by the training run") from None
+
+
+def _phase_of(workdir: pathlib.Path) -> pathlib.Path | None:
+  """The run folder of which ``workdir`` is a phase folder (``RUN/phases/<i>``), or None."""
+  run = workdir.absolute().parent.parent
+  return run if workdir.absolute().parent.name == "phases" and (run / "checkpoints").is_dir() else None
+
+
+def _check_run_folder(workdir: pathlib.Path) -> None:
   if not (workdir / "checkpoints").is_dir():
     raise ValueError(f"{workdir} has no checkpoints/ folder; expected the --workdir of a training run")
-  checkpointer = ckpt_lib.RunCheckpointer(workdir / "checkpoints")
-  step = checkpointer.best_step() if which == "best" else checkpointer.latest_step()
-  if step is None:
-    raise ValueError(f"no complete checkpoint in {workdir / 'checkpoints'}")
-  config = Config.from_dict(checkpointer.restore_config(step=step))
+
+
+def load_run(workdir, *, which: str = "best"):
+  """(config, class_names, state, mesh) of a run's ``best`` or ``latest`` checkpoint.
+
+  Reads only (the run may be live): a step that does not read gives way to the newest that
+  does, with a warning."""
+  workdir = pathlib.Path(workdir)
+  _check_run_folder(workdir)
   names_file = workdir / "class_names.json"
-  class_names = json.loads(names_file.read_text()) if names_file.exists() else []
-  num_classes = config.model.num_classes or len(class_names)
-  model = build.build_model(config, num_classes)
-  tx = build.checkpoint_optimizer(config, model)
-  state = create_train_state(jax.random.key(0), model, tx, (1,) + build.example_shape(config))
+  class_names = _read_json(names_file, "the run's class names") if names_file.exists() else []
+  if not (isinstance(class_names, list) and all(isinstance(n, str) for n in class_names)):
+    raise ValueError(f"{names_file} (the run's class names) is damaged: expected a list of names")
   mesh = parallel.make_mesh()
-  state = parallel.replicate(state, mesh)
-  state = checkpointer.restore(state, step=step)[0]
-  checkpointer.close()
-  return config, class_names, state, mesh
+
+  def make_state(config_dict):
+    config = Config.from_dict(config_dict)
+    model = build.build_model(config, config.model.num_classes or len(class_names))
+    tx = build.checkpoint_optimizer(config, model)
+    state = create_train_state(jax.random.key(0), model, tx, (1,) + build.example_shape(config))
+    return parallel.replicate(state, mesh)
+
+  checkpointer = ckpt_lib.RunCheckpointer(workdir / "checkpoints", read_only=True)
+  try:
+    state, config_dict, _ = checkpointer.read(make_state, which=which)
+  except ValueError:
+    run = _phase_of(workdir)
+    if run is None:
+      raise
+    raise ValueError(f"{workdir} is phase {workdir.name} of the run {run}, whose checkpoints hold only "
+                     f"the part that phase trained: use --workdir {run}") from None
+  finally:
+    checkpointer.close()
+  return Config.from_dict(config_dict), class_names, state, mesh
 
 
 def evaluate(workdir, *, data_dir=None, split: str = "test", which: str = "best",
@@ -95,7 +125,7 @@ def evaluate(workdir, *, data_dir=None, split: str = "test", which: str = "best"
   """Evaluates a run's checkpoint on ``split`` of its dataset (or ``data_dir``) -> {top1, top5, loss, n}.
 
   The data's class names must be the run's (class_names.json), or a subset mapped by name;
-  other classes raise ValueError."""
+  other classes raise ValueError. The batch size is capped at the data's size."""
   from jcv.data import pipeline
   from jcv.train.classmap import align_classes
   config, class_names, state, mesh = load_run(workdir, which=which)
@@ -103,7 +133,9 @@ def evaluate(workdir, *, data_dir=None, split: str = "test", which: str = "best"
     config = config.replace(data={"data_dir": str(data_dir)})
   src = source if source is not None else build.build_source(config, split)
   src = align_classes(src, class_names, what=f"split {split!r}")  # by name; refuses unknown classes
-  bs = batch_size or config.evaluation.batch_size or config.data.batch_size
+  if batch_size is not None and batch_size < 1:
+    raise ValueError(f"--batch-size must be positive, got {batch_size}")
+  bs = min(batch_size or config.evaluation.batch_size or config.data.batch_size, max(len(src), 1))
   bs = max(jax.device_count(), bs - bs % jax.device_count()) // jax.process_count()
   loader = pipeline.eval_loader(src, batch_size=bs, **build.eval_view(config))
   fn = parallel.compile_eval_step(build.eval_fn(config), mesh, mode="jit")
@@ -114,20 +146,42 @@ def evaluate(workdir, *, data_dir=None, split: str = "test", which: str = "best"
   return {"top1": out["top1"], "top5": out["top5"], "loss": out["loss"], "n": out["n"]}
 
 
-def predict(workdir, files, *, top_k: int = 5, which: str = "best") -> list[dict]:
-  """Top-k (class name, probability) for each image file, from a run's checkpoint."""
+def _decode_views(files, image_size: int, crop_fraction: float):
+  """(images [M, S, S, 3] of the files that decode, their files, {file: reason} of the others)."""
   from jcv.data import decode, transforms
+  images, good, bad = [], [], {}
+  for f in files:
+    try:
+      images.append(transforms.eval_resize_crop(decode.decode_image(f), image_size,
+                                                crop_fraction=crop_fraction))
+      good.append(f)
+    except decode.CorruptImageError as e:
+      bad[str(f)] = e.reason
+  return images, good, bad
+
+
+def predict(workdir, files, *, top_k: int = 5, which: str = "best") -> list[dict]:
+  """Top-k (class name, probability) for each image file, from a run's checkpoint.
+
+  A file that does not decode gets ``{"file", "error"}`` (and a warning); the others are predicted."""
+  from jcv.data import decode
   decode.require_files(files)
   config, class_names, state, _ = load_run(workdir, which=which)
   view = build.eval_view(config)
-  images = np.stack([transforms.eval_resize_crop(decode.decode_image(f), view["image_size"],
-                                                 crop_fraction=view["crop_fraction"]) for f in files])
-  logits = jax.jit(lambda s, x: step_lib.predict_logits(s, x, **build.tta_options(config)))(state, images)
-  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+  images, good, bad = _decode_views(files, view["image_size"], view["crop_fraction"])
+  for f, reason in bad.items():
+    warnings.warn(f"cannot predict {f}: {reason}")
+  if not images:
+    raise ValueError(f"none of the {len(files)} image file(s) could be decoded")
+  logits = jax.jit(lambda s, x: step_lib.predict_logits(s, x, **build.tta_options(config)))(state, np.stack(images))
+  probs = dict(zip(map(str, good), np.asarray(jax.nn.softmax(logits, axis=-1))))
   out = []
-  for f, p in zip(files, probs):
-    top = np.argsort(-p)[:top_k]
-    out.append({"file": str(f), "top": [[class_names[i] if class_names else int(i), float(p[i])] for i in top]})
+  for f in map(str, files):
+    if f in bad:
+      out.append({"file": f, "error": bad[f]})
+      continue
+    top = np.argsort(-probs[f])[:top_k]
+    out.append({"file": f, "top": [[class_names[i] if class_names else int(i), float(probs[f][i])] for i in top]})
   return out
 
 

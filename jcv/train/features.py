@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jcv import cachefile
 from jcv.train import step as step_lib
 
 __all__ = [
@@ -187,9 +188,9 @@ def cache_features(model, variables: dict, sources: dict, *, stage: int, image_s
                       crop_fraction=crop_fraction, mean=mean, std=std, views=views, crops=crops,
                       seed=seed, split=split, data=source_fingerprint(source))
       path = pathlib.Path(directory) / f"{split}-{key}.npz"
-    if path is not None and path.is_file():
-      with np.load(path, allow_pickle=False) as data:
-        cached[split] = (data["features"], data["labels"])
+    hit = None if path is None else cachefile.load(lambda: _read_npz(path), [path], what="feature")
+    if hit is not None:
+      cached[split] = hit
       if log is not None:
         log(f"loaded cached {split} features from {path}")
       continue
@@ -203,13 +204,19 @@ def cache_features(model, variables: dict, sources: dict, *, stage: int, image_s
       extra = compute_features(apply, bottom_vars, batches, mean=mean, std=std)
       cached[split] = tuple(np.concatenate([a, b]) for a, b in zip(cached[split], extra))
     if path is not None:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.with_name(path.stem + ".tmp.npz")
-      np.savez(tmp, features=cached[split][0], labels=cached[split][1])
-      tmp.replace(path)  # a killed run leaves no half-written cache file under the real name
+      x, y = cached[split]
+      cachefile.save(lambda tmp: np.savez(tmp[0], features=x, labels=y), [path], what="feature")
     if log is not None:
       log(f"cached {split}: features {cached[split][0].shape}, {time.time() - started:.1f}s so far")
   return cached
+
+
+def _read_npz(path) -> tuple[np.ndarray, np.ndarray]:
+  with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:  # closed even when damaged
+    features, labels = data["features"], data["labels"]
+  if len(features) != len(labels):
+    raise ValueError(f"{len(features)} features for {len(labels)} labels")
+  return features, labels
 
 
 def pool_cached(model, variables: dict, cached: dict, *, stage: int, batch_size: int = 128) -> dict:

@@ -12,7 +12,10 @@ trained with, declared once with the weights (``jcv.weights.pretrained_info``).
 """
 from __future__ import annotations
 
+import warnings
+
 import jax
+import numpy as np
 
 from jcv.train import build
 from jcv.train.config import Config
@@ -46,13 +49,27 @@ def _pretrained(config: Config, model) -> dict:
 
 
 def _whiten(variables, config: Config, train_source) -> dict:
-  """The ``whiten`` layer's kernel from the first training images, normalised as the train step
-  normalises them (jcv.models.cifar, airbench)."""
+  """The ``whiten`` layer's kernel from the first training images, read through the loaders'
+  transforms (any image sizes; corrupt files skipped and counted) and normalised as the train
+  step normalises them (jcv.models.cifar, airbench)."""
+  from jcv.data import pipeline
+  from jcv.data.sources import ArraySource
   from jcv.models.cifar import whitening_init_from_source
-  w = config.init.whiten
+  w, size = config.init.whiten, config.data.image_size
+  n = min(w.num_images, len(train_source))
+  it = iter(pipeline.eval_loader(train_source, batch_size=max(1, min(256, n)), image_size=size,
+                                 crop_fraction=1.0, process_index=0, process_count=1))
+  images = []
+  for batch in it:
+    images.extend(np.asarray(batch["image"])[np.asarray(batch["mask"], bool)])
+    if len(images) >= n:
+      break
+  if it.num_skipped:
+    warnings.warn(f"whitening initialisation: skipped {it.num_skipped} corrupt image file(s)")
+  images = np.stack(images[:n]) if images else np.zeros((0, size, size, 3), np.uint8)  # none: the error names it
   kernel = variables["params"]["whiten"]["kernel"]
-  init = whitening_init_from_source(train_source, mean=config.data.mean, std=config.data.std,
-                                    kernel_size=kernel.shape[0], num_images=w.num_images, eps=w.eps)
+  init = whitening_init_from_source(ArraySource(images, np.zeros(len(images), np.int32)), mean=config.data.mean,
+                                    std=config.data.std, kernel_size=kernel.shape[0], num_images=n, eps=w.eps)
   params = dict(variables["params"])
   params["whiten"] = dict(params["whiten"], kernel=init(None, kernel.shape, kernel.dtype))
   return {**variables, "params": params}

@@ -9,28 +9,36 @@ import math
 import pathlib
 import sys
 import time
+import warnings
 
 import numpy as np
+
+from jcv import safefile
 
 __all__ = ["MetricLogger", "Progress", "write_json", "read_jsonl", "image_grid", "format_duration"]
 
 
 def write_json(path, obj):
-  """Writes ``obj`` as indented JSON atomically (temp file + rename)."""
-  path = pathlib.Path(path)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
-  tmp.replace(path)
+  """Writes ``obj`` as indented JSON atomically (temp file + rename; links refused)."""
+  safefile.write_json(path, obj, indent=2, default=_jsonable)
 
 
 def read_jsonl(path) -> list[dict]:
-  """All records of a JSONL file (a truncated last line, from a killed run, is skipped)."""
-  out = []
-  for line in pathlib.Path(path).read_text().splitlines():
+  """All records of a JSONL file. A torn line (from a killed run) is skipped; lines that are
+  not UTF-8 are skipped with one warning naming the file."""
+  out, not_text = [], 0
+  for raw in pathlib.Path(path).read_bytes().splitlines():
     try:
-      out.append(json.loads(line))
+      record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+      not_text += 1
+      continue
     except json.JSONDecodeError:
       continue
+    if isinstance(record, dict):
+      out.append(record)
+  if not_text:
+    warnings.warn(f"{path}: skipped {not_text} line(s) that are not UTF-8 text")
   return out
 
 
@@ -74,9 +82,12 @@ def _summary_writer_class():
 
 
 class MetricLogger:
-  """Scalars to TensorBoard and ``metrics.jsonl`` (one record per call, with step and split)."""
+  """Scalars to TensorBoard and ``metrics.jsonl`` (one record per call, with step and split).
 
-  def __init__(self, workdir, *, enabled: bool = True):
+  ``keep_until``: the step a resumed run starts from; the records of later steps (logged
+  before the run stopped, and about to be logged again) and torn lines are dropped first."""
+
+  def __init__(self, workdir, *, enabled: bool = True, keep_until: int | None = None):
     self.workdir = pathlib.Path(workdir)
     self.enabled = enabled
     self._tb = None
@@ -85,7 +96,11 @@ class MetricLogger:
       SummaryWriter = _summary_writer_class()
       self.workdir.mkdir(parents=True, exist_ok=True)
       self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
-      self._jsonl = open(self.workdir / "metrics.jsonl", "a")
+      path = self.workdir / "metrics.jsonl"
+      if keep_until is not None and path.exists():
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= keep_until]
+        safefile.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+      self._jsonl = safefile.open_append(path)
 
   def scalars(self, step: int, metrics: dict, *, split: str = "train"):
     """Logs ``{name: number}`` at ``step`` under ``split/name``."""

@@ -103,7 +103,8 @@ def train(config: Config, workdir, *, model, train_ld, eval_ld, input_shape, var
       config, tconfig, state, mesh, train_ld=train_ld, eval_ld=eval_ld, input_shape=input_shape,
       num_classes=config.model.num_classes or len(class_names), augment_fn=augment_fn, schedule=schedule,
       features=features)
-  run = _Run(config, state, checkpointer, iterator, log_lib.MetricLogger(workdir, enabled=is_main),
+  logger = log_lib.MetricLogger(workdir, enabled=is_main, keep_until=int(parallel.fetch(state.step)))
+  run = _Run(config, state, checkpointer, iterator, logger,
              (train_fn, eval_fn), eval_ld, mesh, steps_per_epoch=train_ld.steps_per_epoch, total_steps=total)
   run.watch = EvalWatch(config, workdir, run.start_step, callbacks)
   try:
@@ -196,7 +197,7 @@ class _Run:
 
   def _drain_and_watch(self, pending, signals, step) -> bool:
     """Waits for the pending steps, shows progress; True if the run is asked to stop."""
-    _drain(pending, self.running, step, self.timer)
+    _drain(pending, self.running, step, self.timer, self.checkpointer.latest_step())
     self.progress.show(step, self.running.last, self.timer.rate())  # bar on a terminal, else lines
     return _any_process(bool(signals)) if jax.process_count() > 1 else bool(signals)
 
@@ -311,16 +312,18 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def _drain(pending, running, step, timer):
-  """Waits for the pending steps' metrics (bounding steps in flight) and checks the loss."""
+def _drain(pending, running, step, timer, saved_step=None):
+  """Waits for the pending steps' metrics (bounding steps in flight) and checks the loss
+  (``saved_step``: the newest checkpoint, named in the error)."""
   host = parallel.fetch(pending)
   first = step - len(pending) + 1
   for i, m in enumerate(host):
     if not np.isfinite(m["loss"]):
       pending.clear()
-      raise NonFiniteLossError(
-          f"training loss is {float(m['loss'])} at step {first + i}; stopping (the last good "
-          "checkpoint is kept). Lower the learning rate, add warmup or gradient clipping.")
+      kept = (f"the last good checkpoint, step {saved_step}, is kept" if saved_step is not None
+              else "no checkpoint had been saved yet")
+      raise NonFiniteLossError(f"training loss is {float(m['loss'])} at step {first + i}; stopping ({kept}). "
+                               "Lower the learning rate, add warmup or gradient clipping.")
     running.add(m)
   pending.clear()
   timer.mark(step)

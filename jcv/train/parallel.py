@@ -37,6 +37,16 @@ __all__ = [
 DATA_AXIS = "data"
 
 
+def _env_int(name: str) -> int | None:
+  text = os.environ.get(name)
+  if not text:
+    return None
+  try:
+    return int(text)
+  except ValueError:
+    raise ValueError(f"${name} must be a whole number, got {text!r}") from None
+
+
 def initialize_distributed(*, coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> bool:
   """Starts multi-process JAX when asked (arguments, else $JCV_COORDINATOR_ADDRESS,
@@ -45,10 +55,10 @@ def initialize_distributed(*, coordinator_address: str | None = None, num_proces
   Must run before any other JAX call. CPU collectives use gloo.
   """
   coordinator_address = coordinator_address or os.environ.get("JCV_COORDINATOR_ADDRESS")
-  if num_processes is None and os.environ.get("JCV_NUM_PROCESSES"):
-    num_processes = int(os.environ["JCV_NUM_PROCESSES"])
-  if process_id is None and os.environ.get("JCV_PROCESS_ID"):
-    process_id = int(os.environ["JCV_PROCESS_ID"])
+  if num_processes is None:
+    num_processes = _env_int("JCV_NUM_PROCESSES")
+  if process_id is None:
+    process_id = _env_int("JCV_PROCESS_ID")
   if not coordinator_address:
     if num_processes not in (None, 1):
       raise ValueError("num_processes > 1 needs a coordinator_address (host:port of process 0)")

@@ -13,6 +13,7 @@ import platform
 
 import numpy as np
 
+from jcv import safefile
 from jcv.train import build, evaluation, log as log_lib
 
 __all__ = ["test_split", "test_report", "fit_and_test", "compare_runs", "read_rows", "machine"]
@@ -95,7 +96,7 @@ def compare_runs(workdir, rows: list[dict], *, columns: dict, title: str, curves
   lines += ["| " + " | ".join(_cell(r.get(k)) for k in columns) + " |" for r in rows]
   lines.append(f"\nMachine: {machine()}.")
   table = "\n".join(lines) + "\n"
-  (workdir / "comparison.md").write_text(table)
+  safefile.write_atomic(workdir / "comparison.md", table)
   log_lib.write_json(workdir / "comparison.json", [{k: v for k, v in r.items() if k != "config"} for r in rows])
   if curves:
     plots.curves_by_run({r["run"]: log_lib.read_jsonl(workdir / r["run"] / "metrics.jsonl") for r in rows},

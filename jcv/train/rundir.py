@@ -27,8 +27,10 @@ import sys
 import time
 import warnings
 
+from jcv import safefile
+
 __all__ = ["RunDirError", "WorkdirLockedError", "ResumeError", "WorkdirLock", "owns_workdir",
-           "move_aside", "describe", "resume", "structural_differences"]
+           "move_aside", "restart_run", "describe", "resume", "structural_differences"]
 
 LOCK_NAME = ".lock"
 RUN_FILE = "run.json"
@@ -99,7 +101,7 @@ class WorkdirLock:
 
   def acquire(self) -> "WorkdirLock":
     self.workdir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = safefile.open_fd(self.path, os.O_RDWR | os.O_CREAT)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -150,18 +152,30 @@ class WorkdirLock:
     self.release()
 
 
+def _entries(workdir: pathlib.Path) -> list[pathlib.Path]:
+  return [p for p in workdir.iterdir() if p.name != LOCK_NAME] if workdir.is_dir() else []
+
+
 def move_aside(workdir) -> pathlib.Path | None:
-  """Moves everything in ``workdir`` but the lock to a new ``<workdir>.old-<time>`` folder."""
+  """Moves everything in the jcv run folder ``workdir`` but the lock to a new
+  ``<workdir>.old-<time>`` folder; a folder that is not a jcv run is refused, untouched."""
   workdir = pathlib.Path(workdir).absolute()
-  entries = [p for p in workdir.iterdir() if p.name != LOCK_NAME] if workdir.is_dir() else []
+  entries = _entries(workdir)
   if not entries:
     return None
+  _check_restartable(workdir)
   aside = _aside_name(workdir)
   aside.mkdir(parents=True)
   for p in entries:
     os.replace(p, aside / p.name)
   print(f"--restart: moved the previous run in {workdir} to {aside}", file=sys.stderr)
   return aside
+
+
+def _check_restartable(workdir: pathlib.Path) -> None:
+  if _entries(workdir) and not safefile.is_run_folder(workdir):
+    raise RunDirError(f"--restart: {workdir} is not a jcv run folder (it has no {safefile.RUN_MARKER} "
+                      "file), so nothing was moved; pass the --workdir of a jcv run, or a new folder")
 
 
 def _aside_name(workdir: pathlib.Path) -> pathlib.Path:
@@ -173,23 +187,37 @@ def _aside_name(workdir: pathlib.Path) -> pathlib.Path:
   return aside
 
 
+def restart_run(workdir) -> None:
+  """``--restart`` once every argument has been checked: process 0 moves the old run aside
+  (:func:`move_aside`) and marks the folder a new run; the other processes wait for it."""
+  import jax
+  workdir = pathlib.Path(workdir).absolute()
+  if jax.process_index() == 0:
+    move_aside(workdir)
+    safefile.mark_run_folder(workdir)
+  if jax.process_count() > 1:
+    import orbax.checkpoint as ocp
+    ocp.multihost.sync_global_processes("jcv_restart", timeout=600)
+
+
 def owns_workdir(fit):
-  """Decorates ``fit(config, *, workdir, ...)``: the workdir is locked for the call (process
-  0 of a multi-host run holds it) and ``restart=True`` first moves an old run aside."""
+  """Decorates ``fit(config, *, workdir, restart, ...)``: the workdir is locked for the call
+  (process 0 of a multi-host run holds it). A new or empty folder is marked a jcv run
+  (:data:`jcv.safefile.RUN_MARKER`); ``restart=True`` on a folder that is not a jcv run is
+  refused before anything else, and ``fit`` calls :func:`restart_run` once its arguments
+  are checked."""
 
   @functools.wraps(fit)
   def wrapper(config, *, workdir, restart: bool = False, **kwargs):
     import jax
     workdir = pathlib.Path(workdir).absolute()
     main = jax.process_index() == 0
+    if main and restart:  # before the lock: nothing is created in a folder that is not a run
+      _check_restartable(workdir)
     with WorkdirLock(workdir) if main else contextlib.nullcontext():
-      if restart:
-        if main:
-          move_aside(workdir)
-        if jax.process_count() > 1:  # the others wait until process 0 has moved the run
-          import orbax.checkpoint as ocp
-          ocp.multihost.sync_global_processes("jcv_restart", timeout=600)
-      return fit(config, workdir=workdir, **kwargs)
+      if main and not _entries(workdir):
+        safefile.mark_run_folder(workdir)
+      return fit(config, workdir=workdir, restart=restart, **kwargs)
 
   return wrapper
 
@@ -329,6 +357,4 @@ def resume(checkpointer, state, *, workdir, current: dict, is_main: bool = True)
 
 
 def _write_json(path, obj):
-  tmp = pathlib.Path(f"{path}.tmp")
-  tmp.write_text(json.dumps(obj, indent=1) + "\n")
-  tmp.replace(path)
+  safefile.write_json(path, obj, indent=1)

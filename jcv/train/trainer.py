@@ -16,6 +16,7 @@ import time
 
 import jax
 
+from jcv import safefile
 from jcv.train import build, durations, features as feat, init_from, log as log_lib, loop, parallel, rundir
 from jcv.train.config import Config
 from jcv.train.evaluation import save_run
@@ -26,7 +27,8 @@ __all__ = ["fit"]
 
 @rundir.owns_workdir  # locks the workdir for the call; restart=True moves an old run aside
 def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=None,
-        augment_fn="auto", resume: bool = True, init_variables: dict | None = None, callbacks=()) -> dict:
+        augment_fn="auto", resume: bool = True, init_variables: dict | None = None, callbacks=(),
+        restart: bool = False) -> dict:
   """Trains per ``config`` in ``workdir`` and returns the results dict (also results.json).
 
   Every regime is a config: from scratch; from ``init.pretrained``/``init.whiten``;
@@ -34,7 +36,8 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
   ``workdir`` resumes bitwise-identically. Sources, model, augmentation and initial variables
   can be passed instead of being built from the config. ``callbacks``: functions called after
   each evaluation with ``{"step", "epoch", "metrics", "state", "workdir"}``; one returning True
-  stops the run (jcv.train.watch). Raises
+  stops the run (jcv.train.watch). ``restart=True`` moves an old run aside once data, model and
+  initial weights are built (jcv.train.rundir.restart_run). Raises
   jcv.train.loop.NonFiniteLossError naming the step if the loss becomes NaN/inf;
   SIGINT/SIGTERM save a checkpoint and return early with ``results["stopped_by"]`` set.
   """
@@ -53,6 +56,8 @@ def fit(config: Config, *, workdir, train_source=None, eval_source=None, model=N
     init_variables = init_from.initial_variables(config, model, train_src)
   if isinstance(augment_fn, str) and augment_fn == "auto":
     augment_fn = build.build_augment(config, num_classes)
+  if restart:  # every argument checked: now an old run may move aside
+    rundir.restart_run(workdir)
   # ---------------------------------------------------------------- the loop, or phases in turn
   parts = {"model": model, "class_names": class_names, "augment_fn": augment_fn, "eval_src": eval_src,
            "resume": resume, "callbacks": callbacks}
@@ -136,8 +141,7 @@ def _report_phases(config, workdir, model, variables, class_names, records, summ
   metrics = {k: v for k, v in (final["eval"] or {}).items() if k in ("loss", "top1", "top5")}
   steps = sum(s["steps"] for s in summaries)
   save_run(workdir, config, model, variables, class_names=class_names, metrics=metrics or None, step=max(steps, 1))
-  with open(workdir / "metrics.jsonl", "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in records)
+  safefile.write_atomic(workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
   results = {"final": final, "best": loop.best_eval(workdir / "metrics.jsonl", config.evaluation.best_metric),
              "steps": steps, "epochs": sum(s["epochs"] for s in summaries), "phases": summaries,
              "wall_time_s": time.time() - started, "stopped_by": summaries[-1]["stopped_by"],

@@ -81,10 +81,15 @@ def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError as e:
-    raise ImportError(f"reading {path.name} needs PyTorch (pip install torch); or convert it once "
+    raise ValueError(f"reading {path} needs PyTorch (pip install torch); or convert it once "
                       "where torch is installed: numpy.savez('file.npz', **{k: v.numpy() for k, v "
                       "in torch.load('file.pth', weights_only=True).items()})") from e
-  state = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001 - a pickle payload, a damaged or foreign file: one line
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise ValueError(f"weight file {path} cannot be read as PyTorch tensors ({reason}); jcv loads .pth "
+                     "files with weights_only=True and never runs code they hold") from None
   for key in ("state_dict", "model"):  # training checkpoints nest the state dict
     if isinstance(state, dict) and isinstance(state.get(key), dict):
       state = state[key]
