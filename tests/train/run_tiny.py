@@ -11,22 +11,24 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from jcv.train import Config, cli  # noqa: E402
+from jcv.train import Augment, Config, Data, Model, Optim, Run, Schedule, cli  # noqa: E402
 from tiny import array_sources  # noqa: E402
 
 BASE = Config(
-    model="advanced_cnn", model_options={"widths": (8,), "convs_per_stage": 1, "hidden": 16,
-                                         "dropout_rate": 0.2},
-    image_size=8, batch_size=16, epochs=2, optimizer="sgd", learning_rate=0.05, schedule="cosine",
-    augment=("flip", ("pad_crop", {"padding": 1})), mean=(0.3, 0.3, 0.3), std=(0.2, 0.2, 0.2),
-    log_every=5, progress=False, plots=False, compilation_cache=None, keep_checkpoints=2)
+    data=Data(image_size=8, batch_size=16, mean=(0.3, 0.3, 0.3), std=(0.2, 0.2, 0.2)),
+    augment=Augment(ops=("flip", ("pad_crop", {"padding": 1}))),
+    model=Model(name="advanced_cnn", options={"widths": (8,), "convs_per_stage": 1, "hidden": 16,
+                                              "dropout_rate": 0.2}),
+    optim=Optim(name="sgd", learning_rate=0.05), schedule=Schedule(name="cosine"),
+    run=Run(length="2 epochs", log_every="5 steps", progress=False, plots=False, compilation_cache=None,
+            keep_checkpoints=2))
 
 
 def dump_params(workdir):
   import jax
-  from jcv.train import loop, parallel
+  from jcv.train import evaluation, parallel
   from jcv.train.optim import param_paths
-  _, _, state, _ = loop.load_run(workdir, which="latest")
+  _, _, state, _ = evaluation.load_run(workdir, which="latest")
   params = parallel.fetch(state.params)
   flat = dict(zip(jax.tree.leaves(param_paths(params)), jax.tree.leaves(params)))
   np.savez(pathlib.Path(workdir) / f"params_p{jax.process_index()}.npz", step=int(parallel.fetch(state.step)), **flat)
