@@ -55,8 +55,10 @@ def _conforms(t, value) -> tuple[bool, typing.Any]:
     return ok, float(value) if ok else value
   if origin is str:
     return isinstance(value, str), value
-  if origin in (tuple, list):  # a bare string/number is a 1-tuple (Config.__post_init__)
-    return isinstance(value, (tuple, list, str, int, float)) and not isinstance(value, bool), value
+  if origin in (tuple, list):  # a bare string/number is a 1-tuple (--set optim.freeze=head)
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+      return True, (value,)
+    return isinstance(value, (tuple, list)), value
   if origin is dict:
     return isinstance(value, dict), value
   if dataclasses.is_dataclass(origin):
@@ -68,7 +70,8 @@ def check_field_value(cls, name: str, value):
   """``value`` (converted: an int for a float field becomes a float) if it fits the declared
   type of field ``name`` of dataclass ``cls``; else ValueError naming field, type and value."""
   tp = _field_type(cls, name)
-  for option in _options(tp):
+  is_sequence = lambda t: (typing.get_origin(t) or t) in (tuple, list)
+  for option in sorted(_options(tp), key=is_sequence):  # "pretrained" is the literal, not a 1-tuple
     ok, converted = _conforms(option, value)
     if ok:
       return converted
