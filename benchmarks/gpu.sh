@@ -39,7 +39,7 @@ if [[ -n "$CIFAR_DIR" ]]; then
   rm -rf "$WORK"
   T0=$(date +%s)
   timeout 240 "$PY" experiments/cifar10.py --preset gpu --data-dir "$CIFAR_DIR" --workdir "$WORK" \
-    --set eval_every=1 --set plots=false || echo "cifar10 run failed or timed out (rc=$?)"
+    --set "evaluation.every=1 epochs" --set run.plots=false || echo "cifar10 run failed or timed out (rc=$?)"
   T1=$(date +%s)
   "$PY" - "$WORK" "$((T1 - T0))" <<'EOF' | tee "$OUT_DIR/cifar10_summary.txt"
 import json, pathlib, sys

@@ -41,7 +41,8 @@ def main(argv=None):
 
   import cifar10
   from benchmarks.common import interleaved_times, machine_info, median, step_runner, write_json
-  from jcv.train import create_train_state, loop, optim, parallel
+  from jcv.train import build, optax_extras, optim, parallel
+  from jcv.train.state import create_train_state
 
   mesh = parallel.make_mesh()
   rng = np.random.default_rng(0)
@@ -49,12 +50,12 @@ def main(argv=None):
            "label": rng.integers(0, 10, args.batch_size).astype(np.int32)}
 
   def runner(config):
-    config = config.replace(batch_size=args.batch_size, model_options=cifar10.CPU.model_options)
-    model = loop.build_model(config, 10)
-    tx, schedule = optim.make_optimizer(config, steps_per_epoch=390, total_steps=390 * config.epochs)
+    config = config.replace(data={"batch_size": args.batch_size}, model={"options": cifar10.CPU.model.options})
+    model = build.build_model(config, 10)
+    tx, schedule = optim.make_optimizer(config, steps_per_epoch=390, total_steps=build.total_steps(config, 390))
     state = parallel.replicate(create_train_state(jax.random.key(0), model, tx, (1, 32, 32, 3)), mesh)
     step = parallel.compile_train_step(
-        loop._train_fn(config, num_classes=10, augment_fn=loop.build_augment(config, 10), schedule=schedule),
+        build.train_fn(config, num_classes=10, augment_fn=build.build_augment(config, 10), schedule=schedule),
         mesh, mode="jit")
     return step_runner(step, state, batch, mesh, args.steps_per_call)
 
@@ -69,23 +70,23 @@ def main(argv=None):
   # Newton-Schulz alone: one update's worth, for the Muon preset's conv kernels (cout x 9 cin).
   import flax
   import jax.numpy as jnp
-  model = loop.build_model(cifar10.CPU, 10)
+  model = build.build_model(cifar10.CPU, 10)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
   shapes = [leaf.shape for path, leaf in flax.traverse_util.flatten_dict(params, sep="/").items()
             if leaf.ndim == 4 and not path.startswith("whiten")]
   mats = [jnp.asarray(rng.normal(size=(s[-1], int(np.prod(s[:-1])))), jnp.float32) for s in shapes]
-  ns = jax.jit(lambda ms: [optim.newton_schulz(m, cifar10.CPU.muon_ns_steps) for m in ms])
+  ns = jax.jit(lambda ms: [optax_extras.newton_schulz(m, cifar10.CPU.optim.muon.ns_steps) for m in ms])
   ns_times = interleaved_times({"ns": lambda: jax.block_until_ready(ns(mats))}, rounds=args.rounds,
                                iters_per_round=5, warmup=2)["ns"]
 
   base = rows[0]["img_per_s"]
-  print(f"cifar_cnn {cifar10.CPU.model_options}, batch {args.batch_size}, {jax.device_count()} XLA CPU device(s)")
+  print(f"cifar_cnn {cifar10.CPU.model.options}, batch {args.batch_size}, {jax.device_count()} XLA CPU device(s)")
   for r in rows:
     r["vs_sgd"] = r["img_per_s"] / base
     print(f"  {r['optimizer']:>24s}: {r['ms_per_step']:7.1f} ms/step  {r['img_per_s']:6.0f} img/s  "
           f"{r['vs_sgd']:.3f}x")
   ns_ms = 1e3 * median(ns_times)
-  print(f"  Newton-Schulz ({cifar10.CPU.muon_ns_steps} steps) for {len(shapes)} kernels "
+  print(f"  Newton-Schulz ({cifar10.CPU.optim.muon.ns_steps} steps) for {len(shapes)} kernels "
         f"{[tuple(m.shape) for m in mats]}: {ns_ms:.1f} ms on one device")
   write_json(args.out + ".json", {"machine": machine_info(), "batch_size": args.batch_size,
                                   "devices": jax.device_count(), "rows": rows,

@@ -42,12 +42,14 @@ def main(argv=None):
   import numpy as np
 
   from benchmarks.common import interleaved_times, machine_info, median, step_runner, write_json
-  from jcv.train import Config, create_train_state, loop, optim, parallel, train_step
+  from jcv.train import Config, Data, Model, build, optim, parallel
+  from jcv.train.state import create_train_state
+  from jcv.train.step import train_step
 
-  cfg = Config(model=args.model, image_size=args.image_size, batch_size=args.batch_size)
-  model = loop.build_model(cfg, 10)
+  cfg = Config(model=Model(name=args.model), data=Data(image_size=args.image_size, batch_size=args.batch_size))
+  model = build.build_model(cfg, 10)
   tx, sched = optim.make_optimizer(cfg, steps_per_epoch=100, total_steps=1000)
-  fn = functools.partial(train_step, num_classes=10, mean=cfg.mean, std=cfg.std, schedule=sched)
+  fn = functools.partial(train_step, num_classes=10, mean=cfg.data.mean, std=cfg.data.std, schedule=sched)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (args.batch_size, args.image_size, args.image_size, 3), np.uint8)
   batch = {"image": images, "label": rng.integers(0, 10, args.batch_size).astype(np.int32)}

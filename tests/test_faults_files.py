@@ -27,7 +27,9 @@ def test_topk_nan_logits_and_out_of_range_labels_are_misses():
 
 
 def test_eval_step_with_nan_logits_counts_no_hit():
-  from jcv.train import create_train_state, eval_step, optim
+  from jcv.train import optim
+  from jcv.train.state import create_train_state
+  from jcv.train.step import eval_step
   import sys as _sys
   _sys.path.insert(0, os.path.join(os.path.dirname(__file__), "train"))
   from tiny import TinyCNN, random_images
@@ -123,12 +125,13 @@ def test_bad_weight_files_raise_one_clear_error_naming_the_file(tmp_path, kind, 
 
 
 def test_set_values_are_type_checked_against_the_field_type():
-  with pytest.raises(ValueError, match="learning_rate must be float, got the text 'abc'"):
-    Config().set(["learning_rate=abc"])
-  with pytest.raises(ValueError, match="steps must be int or None"):
-    Config().set(["steps=2.5"])
-  assert Config().set(["learning_rate=1"]).learning_rate == 1.0
-  assert Config().set(["freeze=head"]).freeze == ("head",)
+  with pytest.raises(ValueError, match="optim.learning_rate must be float, got the text 'abc'"):
+    Config().set(["optim.learning_rate=abc"])
+  with pytest.raises(ValueError, match="evaluation.batch_size must be int or None"):
+    Config().set(["evaluation.batch_size=2.5"])
+  assert Config().set(["optim.learning_rate=1"]).optim.learning_rate == 1.0
+  assert Config().set(["optim.freeze=head"]).optim.freeze == ("head",)
+  assert Config().set(["data.mean=pretrained"]).data.mean == "pretrained"
 
 
 def test_set_type_check_follows_nested_dataclass_fields():
@@ -172,7 +175,8 @@ def test_lock_is_exclusive_names_the_holder_and_detects_a_stale_one(tmp_path):
 
 
 def test_structural_differences_refuse_and_safe_changes_warn():
-  base = {"config": {"model": "m", "learning_rate": 0.1, "eval_every": 1, "progress": True, "steps": 10},
+  base = {"config": {"model": {"name": "m"}, "optim": {"learning_rate": 0.1}, "evaluation": {"every": "1 epochs"},
+                     "run": {"progress": True, "length": "10 steps"}},
           "class_names": ["a", "b"], "num_classes": 2, "total_steps": 10,
           "state": {"['params']['head']['kernel']": "float32[8, 2]"}}
   same = json.loads(json.dumps(base))
@@ -181,15 +185,17 @@ def test_structural_differences_refuse_and_safe_changes_warn():
   other.update(class_names=["a", "c"], total_steps=20, state={"['params']['head']['kernel']": "float32[8, 3]"},
                steps_per_epoch=5)
   base["steps_per_epoch"] = 4
-  other["config"].update(model="n", learning_rate=0.2, eval_every=2, progress=False, steps=20)
+  other["config"].update(model={"name": "n"}, optim={"learning_rate": 0.2}, evaluation={"every": "2 epochs"},
+                         run={"progress": False, "length": "20 steps"})
   refuse, warn = rundir.structural_differences(base, other)
   text = " ".join(refuse)
-  assert "schedule length 10 -> 20" in text and "classes" in text and "model 'm' -> 'n'" in text
+  assert "schedule length 10 -> 20" in text and "classes" in text and "model.name 'm' -> 'n'" in text
   assert "float32[8, 2] -> float32[8, 3]" in text and "steps per epoch 4 -> 5" in text
-  assert warn == ["eval_every 1 -> 2", "learning_rate 0.1 -> 0.2"]
-  # Regrouped configs: fields are matched by their last name.
-  nested = {**base, "config": {"model_cfg": {"model": "m"}}}
-  assert rundir.structural_differences(nested, {**base, "config": {"model_cfg": {"model": "n"}}})[0]
+  assert warn == ["evaluation.every '1 epochs' -> '2 epochs'", "optim.learning_rate 0.1 -> 0.2"]
+  # Fields of nested sections are matched by their dotted path.
+  nested = {**base, "config": {"optim": {"lookahead": {"every": 5}}}}
+  refuse, _ = rundir.structural_differences(nested, {**base, "config": {"optim": {"lookahead": {"every": 3}}}})
+  assert refuse == ["optim.lookahead.every 5 -> 3"]
 
 
 def test_compilation_cache_is_in_the_users_cache_dir(tmp_path, monkeypatch):

@@ -44,9 +44,9 @@ class PretrainedInfo:
   preprocessing: str = ""
 
   def config_fields(self) -> dict:
-    """``jcv.train.Config`` fields for this backbone: ``config.replace(**info.config_fields())``."""
-    return {"model": self.name, "image_size": self.input_size, "mean": self.mean, "std": self.std,
-            "eval_crop_fraction": self.crop_fraction}
+    """``jcv.train.Config`` section fields for this backbone: ``config.replace(**info.config_fields())``."""
+    return {"model": {"name": self.name}, "data": {"image_size": self.input_size, "mean": self.mean, "std": self.std},
+            "evaluation": {"crop_fraction": self.crop_fraction}}
 
   def normalize(self, images) -> np.ndarray:
     """uint8 NHWC images -> float32 model inputs, as the weights were trained."""

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 
-from jcv.train import cli
+from jcv.train import Pretrained, cli
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPTS = {name: REPO / "experiments" / f"{name}.py" for name in ("cifar10", "cats_vs_dogs", "food101")}
@@ -50,37 +50,43 @@ def test_every_script_has_the_shared_flags_in_its_help(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     text = " ".join(out.stdout.split())
     assert SHARED_FLAGS <= set(re.findall(r"--[a-z][a-z-]*", out.stdout)), name
-    assert "stop after N optimizer steps in total" in text and " min" in text, name  # what, and how long
+    assert "train N optimizer steps in total" in text and " min" in text, name  # what, and how long
     assert "presets:" in text, name                                                  # the defaults
 
 
 def test_epochs_flag_scales_the_phases():
   cats, food = _load("cats_vs_dogs"), _load("food101")
-  assert [p["epochs"] for p in cats.FINETUNE.with_epochs(12).phases] == [10, 2]
-  assert [p["epochs"] for p in cats.FINETUNE.phases] == [20, 4]
-  assert [p["epochs"] for p in food.CACHED.with_epochs(8).phases] == [6, 2]
-  assert [p["epochs"] for p in food.CACHED.with_epochs(2).phases] == [2]  # no fine-tuning left
+  assert [p.length for p in cats.FINETUNE.with_length("12 epochs").phases] == ["10 epochs", "2 epochs"]
+  assert [p.length for p in cats.FINETUNE.phases] == ["20 epochs", "4 epochs"]
+  assert [p.length for p in food.CACHED.with_length("8 epochs").phases] == ["6 epochs", "2 epochs"]
+  assert [p.length for p in food.CACHED.with_length("2 epochs").phases] == ["2 epochs"]  # no fine-tuning left
   for preset in (*cats.PRESETS.values(), *food.PRESETS.values()):
+    if preset.init.pretrained is not None and not preset.init.pretrained.weights:  # food101: --weights FILE
+      preset = preset.replace(init={"pretrained": Pretrained(weights="w.npz")})
     preset.validate()
 
 
 def test_print_config_shows_what_a_command_runs(tmp_path):
   (cpu,) = _printed("food101", ["--weights", "w.npz"], tmp_path)
-  assert cpu["init_from"] == {"pretrained": {"weights": "w.npz"}} and cpu["model"] == "efficientnet_lite2"
-  assert (cpu["trainable"], cpu["image_size"], cpu["eval_image_size"]) == ("backbone", 176, 208)
+  assert cpu["format"] == 2 and cpu["init"]["pretrained"] == {"weights": "w.npz", "head": None}
+  assert cpu["init"]["whiten"] is None and cpu["model"]["name"] == "efficientnet_lite2"
+  assert (cpu["init"]["trainable"], cpu["data"]["image_size"], cpu["evaluation"]["image_size"]) == ("backbone", 176, 208)
   (mnv2,) = _printed("food101", ["--backbone", "mobilenet_v2"], tmp_path)  # its download name by default
-  assert mnv2["init_from"] == {"pretrained": {"weights": "mobilenet_v2_1.0_224_no_top"}}
+  assert mnv2["init"]["pretrained"] == {"weights": "mobilenet_v2_1.0_224_no_top", "head": None}
   no_file = _run([SCRIPTS["food101"], "--print-config"], tmp_path, timeout=120)
   assert no_file.returncode == 2 and "efficientnet_lite2 has no download name: pass --weights FILE" in no_file.stderr
   (cached,) = _printed("food101", ["--mode", "cached", "--weights", "w.npz", "--epochs", "8", "--batch-size", "16"], tmp_path)
-  assert [p["epochs"] for p in cached["phases"]] == [6, 2] and cached["batch_size"] == 16
-  assert cached["feature_cache"] == {"flip": True} and cached["phases"][0]["trainable"] == "head"
+  assert [p["length"] for p in cached["phases"]] == ["6 epochs", "2 epochs"] and cached["data"]["batch_size"] == 16
+  assert cached["init"]["feature_cache"] == {"flip": True, "crop_views": 0, "stage": None, "directory": None}
+  assert cached["phases"][0]["trainable"] == "head"
   ft, scratch = _printed("cats_vs_dogs", ["--variant", "finetune", "--epochs", "12"], tmp_path) + \
-      _printed("cats_vs_dogs", ["--variant", "scratch", "--steps", "3", "--set", "label_smoothing=0.1"], tmp_path)
-  assert [p["epochs"] for p in ft["phases"]] == [10, 2] and ft["val_fraction"] == 0.1
-  assert (scratch["model"], scratch["epochs"], scratch["steps"], scratch["label_smoothing"]) == ("mobilenet_v2", 2, 3, 0.1)
-  bad = _run([SCRIPTS["food101"], "--weights", "w.npz", "--set", "learning_rat=1", "--print-config"], tmp_path, timeout=120)
-  assert bad.returncode == 2 and "unknown config field" in bad.stderr
+      _printed("cats_vs_dogs", ["--variant", "scratch", "--steps", "3", "--set", "augment.label_smoothing=0.1"], tmp_path)
+  assert [p["length"] for p in ft["phases"]] == ["10 epochs", "2 epochs"] and ft["data"]["val_fraction"] == 0.1
+  assert (scratch["model"]["name"], scratch["run"]["length"], scratch["augment"]["label_smoothing"]) == (
+      "mobilenet_v2", "3 steps", 0.1)
+  bad = _run([SCRIPTS["food101"], "--weights", "w.npz", "--set", "optim.learning_rat=1", "--print-config"], tmp_path,
+             timeout=120)
+  assert bad.returncode == 2 and "unknown field 'learning_rat' (did you mean 'learning_rate'?)" in bad.stderr
 
 
 def _tiny_folder(src: pathlib.Path, dst: pathlib.Path, classes, per_split):
@@ -99,18 +105,20 @@ def test_food101_smoke_run(shared_dir, tmp_path):
   workdir = tmp_path / "run"
   proc = _run([SCRIPTS["food101"], "--data-dir", data, "--workdir", workdir, "--backbone", "mobilenet_v2",
                "--weights", shared_dir / "weights" / "mobilenet_v2_1.0_224_backbone.npz",
-               "--steps", "2", "--batch-size", "8", "--image-size", "48", "--set", "plots=False",
-               "--set", "label_smoothing=0.2"], tmp_path)
+               "--steps", "2", "--batch-size", "8", "--image-size", "48", "--set", "run.plots=False",
+               "--set", "augment.label_smoothing=0.2"], tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((workdir / "results.json").read_text())
   assert results["n"] == 12 and 0 <= results["top1"] <= 1 and set(results["per_class_top1"]) == {"pizza", "ramen", "sushi"}
   config = results["config"]
-  assert (config["steps"], config["batch_size"], config["image_size"], config["label_smoothing"]) == (2, 8, 48, 0.2)
-  assert config["trainable"] == "backbone" and config["model"] == "mobilenet_v2"  # the cpu recipe, every stage
-  assert tuple(config["crop_scale"]) == (0.25, 1.0) and config["tta_flip"]
-  assert config["init_from"]["pretrained"]["weights"].endswith("mobilenet_v2_1.0_224_backbone.npz")
+  data, run, evaluation = config["data"], config["run"], config["evaluation"]
+  assert (run["length"], data["batch_size"], data["image_size"], config["augment"]["label_smoothing"]) == (
+      "2 steps", 8, 48, 0.2)
+  assert config["init"]["trainable"] == "backbone" and config["model"]["name"] == "mobilenet_v2"  # the cpu recipe, every stage
+  assert tuple(data["crop_scale"]) == (0.25, 1.0) and evaluation["tta_flip"]
+  assert config["init"]["pretrained"]["weights"].endswith("mobilenet_v2_1.0_224_backbone.npz")
   # evaluated on the whole image at 208/176 of the training size
-  assert (config["eval_image_size"], config["eval_crop_fraction"]) == (round(48 * 208 / 176), 1.0)
+  assert (evaluation["image_size"], evaluation["crop_fraction"]) == (round(48 * 208 / 176), 1.0)
   for name in ("confusion.png", "predictions.png", "config.json", "class_names.json"):
     assert (workdir / name).is_file(), name
 
@@ -121,7 +129,7 @@ def test_cats_vs_dogs_finetune_run_folder_is_usable(shared_dir, tmp_path):
   workdir = tmp_path / "run"
   # The head alone for 1 epoch (2 x 10 images with their mirror images, batch 8: 5 steps),
   # then fine-tuning the top 3 stages for the 2 steps left of --steps 7.
-  phases = ('phases=({"epochs": 1, "trainable": "head"}, {"epochs": 1, "trainable": 3, '
+  phases = ('phases=({"length": "1 epochs", "trainable": "head"}, {"length": "1 epochs", "trainable": 3, '
             '"learning_rate": 1e-4, "backbone_lr_multiplier": 0.3})')
   proc = _run([SCRIPTS["cats_vs_dogs"], "--variant", "finetune", "--data-dir", data, "--workdir", workdir,
                "--steps", "7", "--batch-size", "8", "--image-size", "48", "--set", phases], tmp_path)

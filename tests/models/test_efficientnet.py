@@ -8,7 +8,7 @@ import pytest
 import jcv.models as M
 from jcv import kernels
 from jcv.models import efficientnet, layers, mobilenet
-from jcv.train import Config, optim, transfer
+from jcv.train import Config, Data, Init, Model, Optim, Schedule, build, optim
 from jcv.train import step as step_lib
 from jcv.train.state import TrainState, raw_key
 
@@ -113,20 +113,22 @@ def _block_flags(model):
 
 def test_regimes_keep_drop_connect_in_trained_stages():
   names = M.create("efficientnet_lite0").stage_names()
-  options = transfer.regime_options("finetune", stage_names=names, trainable_stages=4)["model_options"]
+  options = build.regime_options("finetune", stage_names=names, trainable_stages=4)["model_options"]
   flags = _block_flags(M.create("efficientnet_lite0", **options))
   frozen = {f"block_{i}" for i in range(len(names) - 4 - 1)}  # stem + blocks below the top 4 stages
   assert {n for n, (train, _) in flags.items() if not train} == frozen
   assert all(bn_frozen for _, bn_frozen in flags.values())  # BN in inference mode everywhere
-  frozen_all = transfer.regime_options("frozen", stage_names=names)["model_options"]
+  frozen_all = build.regime_options("frozen", stage_names=names)["model_options"]
   assert not any(train for train, _ in _block_flags(M.create("efficientnet_lite0", **frozen_all)).values())
 
 
 # ----------------------------------------------------------------------------- train steps
 
 SIZE, CLASSES = 64, 3
-SGD = Config(optimizer="sgd", momentum=0.0, learning_rate=0.1, weight_decay=0.0, schedule="constant",
-             num_classes=CLASSES, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+SGD = Config(optim=Optim(name="sgd", momentum=0.0, learning_rate=0.1, weight_decay=0.0),
+             schedule=Schedule(name="constant"), model=Model(name="efficientnet_lite0", num_classes=CLASSES),
+             data=Data(mean=(127 / 255,) * 3, std=(128 / 255,) * 3))
+TRAINABLE = {"frozen": "head", "finetune": None}  # finetune: the top trainable_stages
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +141,11 @@ def lite0_variables():
   return out
 
 
-def _step(regime, variables, **options):
+def _step(regime, variables, trainable_stages=None, backbone_lr_multiplier=1.0):
   names = M.create("efficientnet_lite0").stage_names()
-  config = transfer.transfer_config(SGD, regime, stage_names=names, **options)
-  model = M.create("efficientnet_lite0", num_classes=CLASSES, **config.model_options)
+  init = Init(trainable=TRAINABLE[regime] or trainable_stages, backbone_lr_multiplier=backbone_lr_multiplier)
+  config = build.train_config(SGD.replace(init=init), M.create("efficientnet_lite0"))  # freeze, groups, stages
+  model = M.create("efficientnet_lite0", num_classes=CLASSES, **config.model.options)
   tx, _ = optim.make_optimizer(config, steps_per_epoch=1, total_steps=10)
   params = jax.tree.map(jnp.asarray, variables["params"])
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -152,7 +155,7 @@ def _step(regime, variables, **options):
   batch = {"image": rng.integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8),
            "label": np.array([0, 2], np.int32)}
   new, metrics = jax.jit(lambda s, b: step_lib.train_step(
-      s, b, num_classes=CLASSES, freeze=config.freeze, mean=config.mean, std=config.std))(state, batch)
+      s, b, num_classes=CLASSES, freeze=config.optim.freeze, mean=config.data.mean, std=config.data.std))(state, batch)
   assert np.isfinite(float(metrics["loss"]))
   return names, jax.device_get(new.params), jax.device_get(new.batch_stats)
 

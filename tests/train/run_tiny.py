@@ -7,7 +7,8 @@ writes its parameters to ``<workdir>/params_p<process>.npz``.
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # tiny.py, and the jcv of this checkout (not an installed one)
 
 import numpy as np  # noqa: E402
 

@@ -66,19 +66,19 @@ def test_kill_9_at_random_points_and_during_a_save_then_resume_is_bitwise_equal(
 
 
 def test_second_run_on_a_workdir_fails_at_once_naming_the_holder(tmp_path):
-  first = subprocs.launch(tmp_path / "w", "--steps", 5000, "--set", "seed=1")
+  first = subprocs.launch(tmp_path / "w", "--steps", 5000, "--set", "run.seed=1")
   lock = tmp_path / "w" / ".lock"
   end = time.monotonic() + 300
   while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < end:
     time.sleep(0.05)
-  second = subprocs.launch(tmp_path / "w", "--steps", 5000, "--set", "seed=2")
+  second = subprocs.launch(tmp_path / "w", "--steps", 5000, "--set", "run.seed=2")
   assert subprocs.finish(second) == 2
   out = subprocs.output(second)
   assert "in use by another run" in out and f"pid {first.pid}" in out, out[-2000:]
   subprocs.wait_for_step(first, tmp_path / "w", 16)  # past start-up: SIGTERM saves and exits
   first.send_signal(signal.SIGTERM)
   assert subprocs.finish(first) == 128 + signal.SIGTERM, subprocs.output(first)[-2000:]
-  assert json.loads((tmp_path / "w" / "config.json").read_text())["seed"] == 1
+  assert json.loads((tmp_path / "w" / "config.json").read_text())["run"]["seed"] == 1
   assert not lock.read_text().strip()  # released on the way out
 
 
@@ -98,14 +98,14 @@ def test_every_checkpoint_truncated_refuses_to_start_over(finished, tmp_path):
 def test_structural_change_on_resume_refuses_and_restart_moves_the_run_aside(finished, tmp_path):
   run = _copy(finished, tmp_path / "run")
   proc = subprocs.launch(run, "--steps", STEPS + 6, "--checkpoint-every", 3,
-                         "--set", "model_options={'widths': (16,), 'convs_per_stage': 1, 'hidden': 16}")
+                         "--set", "model.options={'widths': (16,), 'convs_per_stage': 1, 'hidden': 16}")
   assert subprocs.finish(proc) == 2
   out = subprocs.output(proc)
-  assert "schedule length 24 -> 30" in out and "model_options" in out and "another --workdir" in out, out[-2000:]
+  assert "schedule length 24 -> 30" in out and "model.options" in out and "another --workdir" in out, out[-2000:]
   # A safe change (logging, evaluation) only warns, and the finished run is left as it was.
-  proc = subprocs.launch(run, *ARGS, "--set", "log_every=7", "--set", "eval_every=2")
+  proc = subprocs.launch(run, *ARGS, "--set", "run.log_every=7 steps", "--set", "evaluation.every=2 epochs")
   assert subprocs.finish(proc) == 0, subprocs.output(proc)[-2000:]
-  assert "log_every 5 -> 7" in subprocs.output(proc)
+  assert "run.log_every '5 steps' -> '7 steps'" in subprocs.output(proc)
   # --restart: the old run moves to run.old-<time>, intact; the new one starts at step 0.
   proc = subprocs.launch(run, "--steps", 6, "--restart")
   assert subprocs.finish(proc) == 0, subprocs.output(proc)[-2000:]
@@ -116,9 +116,9 @@ def test_structural_change_on_resume_refuses_and_restart_moves_the_run_aside(fin
 
 def test_evaluate_refuses_data_whose_classes_the_run_does_not_know(finished):
   from jcv.data.sources import ArraySource
-  from jcv.train import loop
+  from jcv.train import evaluation
   images = np.zeros((4, 8, 8, 3), np.uint8)
   with pytest.raises(ValueError, match=r"\['zebra'\] are not among the run's 10 classes"):
-    loop.evaluate(finished, source=ArraySource(images, [0, 1, 0, 1], class_names=["class3", "zebra"]))
+    evaluation.evaluate(finished, source=ArraySource(images, [0, 1, 0, 1], class_names=["class3", "zebra"]))
   subset = ArraySource(images, [0, 1, 0, 1], class_names=["class3", "class1"])  # mapped by name
-  assert loop.evaluate(finished, source=subset)["n"] == 4
+  assert evaluation.evaluate(finished, source=subset)["n"] == 4

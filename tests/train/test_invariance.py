@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from jcv.data.augment import make_augment
-from jcv.train import Config, create_train_state, optim, parallel, train_step
+from jcv.train import Config, Optim, optim, parallel
+from jcv.train.state import create_train_state
+from jcv.train.step import train_step
 from tiny import TinyCNN, random_images
 
 # Same global batch, same random bits per example; only float32 reduction orders differ
@@ -18,7 +20,7 @@ ATOL = 5e-6
 def _run(mode, ndev, *, steps=3, sync=True):
   model = TinyCNN(use_bn=True, dropout_rate=0.3)
   augment = make_augment(["flip", ("pad_crop", {"padding": 2})], num_classes=10)
-  cfg = Config(optimizer="sgd", learning_rate=0.1, weight_decay=5e-4)
+  cfg = Config(optim=Optim(name="sgd", learning_rate=0.1, weight_decay=5e-4))
   tx, sched = optim.make_optimizer(cfg, steps_per_epoch=10, total_steps=100)
   mesh = parallel.make_mesh(jax.devices()[:ndev])
   state = parallel.replicate(create_train_state(jax.random.key(3), model, tx, (1, 8, 8, 3)), mesh)

@@ -7,7 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from jcv.train import Config, checkpoint, create_train_state, loop, optim, parallel, predict_logits
+from jcv.train import Config, Evaluation, checkpoint, evaluation as evaluation_lib, fit, loop, optim, parallel, precise_bn
+from jcv.train.state import create_train_state
+from jcv.train.step import predict_logits
 from run_tiny import BASE
 from tiny import TinyCNN, array_sources, read_tensorboard
 
@@ -17,9 +19,10 @@ def test_few_hundred_steps_on_8_devices_do_not_hang(tmp_path):
   # blocks on metrics every max_steps_in_flight steps.
   assert jax.device_count() == 8
   train, _ = array_sources(64, 0)
-  cfg = BASE.replace(batch_size=8, steps=300, eval_split="", log_every=100, max_steps_in_flight=16,
-                     augment=(), checkpoint_every=None, epochs=1)
-  results = loop.fit(cfg, workdir=tmp_path, train_source=train, model=TinyCNN(use_bn=False))
+  cfg = BASE.replace(data={"batch_size": 8, "eval_split": ""}, augment={"ops": ()},
+                     run={"length": "300 steps", "log_every": "100 steps", "max_steps_in_flight": 16,
+                          "checkpoint_every": None})
+  results = fit(cfg, workdir=tmp_path, train_source=train, model=TinyCNN(use_bn=False))
   assert results["steps"] == 300
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records if r["split"] == "train"] == [100, 200, 300]
@@ -28,10 +31,11 @@ def test_few_hundred_steps_on_8_devices_do_not_hang(tmp_path):
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
   train, evaluation = array_sources(64, 16)
-  cfg = BASE.replace(learning_rate=1e30, schedule="constant", steps=6, checkpoint_every=1, augment=(),
-                     momentum=0.0, weight_decay=0.0)
+  cfg = BASE.replace(optim={"learning_rate": 1e30, "momentum": 0.0, "weight_decay": 0.0},
+                     schedule={"name": "constant"}, run={"length": "6 steps", "checkpoint_every": "1 steps"},
+                     augment={"ops": ()})
   with pytest.raises(loop.NonFiniteLossError, match=r"at step (\d+)") as err:
-    loop.fit(cfg, workdir=tmp_path, train_source=train, eval_source=evaluation, model=TinyCNN())
+    fit(cfg, workdir=tmp_path, train_source=train, eval_source=evaluation, model=TinyCNN())
   bad_step = int(err.value.args[0].split("at step ")[1].split(";")[0])
   ck = checkpoint.RunCheckpointer(tmp_path / "checkpoints")
   assert ck.all_steps() and max(ck.all_steps()) < bad_step  # only good states were saved
@@ -44,15 +48,15 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
 
 def test_evaluate_counts_every_example_once_with_padded_last_batch(tmp_path):
   train, evaluation = array_sources(64, 37)  # 37 = 2 batches of 16 + 5 real + 11 padding
-  cfg = BASE.replace(steps=4, eval_batch_size=16, plots=True)
-  loop.fit(cfg, workdir=tmp_path, train_source=train, eval_source=evaluation)
-  got = loop.evaluate(tmp_path, source=evaluation, which="latest", batch_size=16)
+  cfg = BASE.replace(run={"length": "4 steps", "plots": True}, evaluation={"batch_size": 16})
+  fit(cfg, workdir=tmp_path, train_source=train, eval_source=evaluation)
+  got = evaluation_lib.evaluate(tmp_path, source=evaluation, which="latest", batch_size=16)
   assert got["n"] == 37
   # Reference: the same checkpoint's logits over all 37 images in one unpadded batch, numpy metrics.
-  config, _, state, _ = loop.load_run(tmp_path, which="latest")
+  config, _, state, _ = evaluation_lib.load_run(tmp_path, which="latest")
   images = np.stack([evaluation[i]["image"] for i in range(37)])
   labels = np.array([evaluation[i]["label"] for i in range(37)])
-  logits = np.asarray(predict_logits(state, images, mean=config.mean, std=config.std), np.float64)
+  logits = np.asarray(predict_logits(state, images, mean=config.data.mean, std=config.data.std), np.float64)
   logp = logits - logits.max(1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(1, keepdims=True))
   ranks = (logits > logits[np.arange(37), labels][:, None]).sum(1)
@@ -144,7 +148,7 @@ def test_recompute_batch_stats_averages_each_batch_statistics():
   state = parallel.replicate(create_train_state(jax.random.key(0), model, tx, (1, 8, 8, 3)), mesh)
   images, labels = random_images(48)
   batches = [{"image": images[i:i + 16], "label": labels[i:i + 16]} for i in (0, 16, 32)]
-  got = loop.recompute_batch_stats(state, batches, mesh, mean=mean, std=std)
+  got = precise_bn.recompute_batch_stats(state, batches, mesh, mean=mean, std=std)
   kernel = np.asarray(state.params["Conv_0"]["kernel"], np.float64)
   feats = [_conv3x3_same((b["image"] / 255.0 - 0.3) / 0.2, kernel) for b in batches]
   want_mean = np.mean([f.mean(axis=(0, 1, 2)) for f in feats], axis=0)
@@ -152,26 +156,27 @@ def test_recompute_batch_stats_averages_each_batch_statistics():
   bn = parallel.fetch(got.batch_stats)["BatchNorm_0"]
   np.testing.assert_allclose(bn["mean"], want_mean, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(bn["var"], want_var, rtol=1e-4)
-  frozen = loop.recompute_batch_stats(state, batches, mesh, mean=mean, std=std,
-                                      freeze=("BatchNorm_0",))
+  frozen = precise_bn.recompute_batch_stats(state, batches, mesh, mean=mean, std=std,
+                                            freeze=("BatchNorm_0",))
   np.testing.assert_array_equal(parallel.fetch(frozen.batch_stats)["BatchNorm_0"]["var"], np.ones(8))
 
 
 def test_fit_stores_the_recomputed_batch_stats(tmp_path):
   from jcv.data import pipeline
   train, _ = array_sources(64, 0)
-  cfg = BASE.replace(steps=4, eval_split="", augment=(), bn_recompute_images=40)
-  results = loop.fit(cfg, workdir=tmp_path, train_source=train)
+  cfg = BASE.replace(run={"length": "4 steps"}, data={"eval_split": ""}, augment={"ops": ()},
+                     evaluation={"bn_recompute": "40 examples"})
+  results = fit(cfg, workdir=tmp_path, train_source=train)
   assert results["bn_recomputed_images"] == 40
-  config, _, state, mesh = loop.load_run(tmp_path, which="latest")
+  config, _, state, mesh = evaluation_lib.load_run(tmp_path, which="latest")
   # Recomputing from the checkpoint's weights on the same first 3 batches of 16 gives the
   # checkpoint's statistics back (the running averages of training would not).
-  ld = pipeline.train_loader(train, batch_size=16, image_size=8, seed=0, crop=config.crop,
-                             scale=tuple(config.crop_scale), flip=False)
-  again = loop.recompute_batch_stats(state, loop._first_batches(ld, 40, 16), mesh,
-                                     mean=config.mean, std=config.std)
+  ld = pipeline.train_loader(train, batch_size=16, image_size=8, seed=0, crop=config.data.crop,
+                             scale=tuple(config.data.crop_scale), flip=False)
+  again = precise_bn.recompute_batch_stats(state, precise_bn.first_batches(ld, 40, 16), mesh,
+                                           mean=config.data.mean, std=config.data.std)
   for a, b in zip(jax.tree.leaves(parallel.fetch(state.batch_stats)),
                   jax.tree.leaves(parallel.fetch(again.batch_stats))):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  with pytest.raises(ValueError, match="bn_recompute_images"):
-    Config(bn_recompute_images=-1).validate()
+  with pytest.raises(ValueError, match="evaluation.bn_recompute"):
+    Config(evaluation=Evaluation(bn_recompute="-1 examples")).validate()

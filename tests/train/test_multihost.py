@@ -6,7 +6,7 @@ import numpy as np
 
 import subprocs
 
-ARGS = ("--steps", 6, "--batch-size", 16, "--set", "eval_batch_size=8")
+ARGS = ("--steps", 6, "--batch-size", 16, "--set", "evaluation.batch_size=8")
 # Same global batches and math; only the cross-process reduction order of float32 sums differs.
 ATOL = 2e-6
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from jcv.data.augment import make_augment
-from jcv.train import Config, create_train_state, optim, parallel, train_step
+from jcv.train import Config, Optim, optim, parallel
+from jcv.train.state import create_train_state
+from jcv.train.step import train_step
 from tiny import TinyCNN, random_images
 
 # Same global batch, same math; only the reduction order of float32 sums differs.
@@ -14,7 +16,7 @@ ATOL = 2e-6
 
 
 def _run(model, mode, ndev, *, steps=3, augment=None):
-  cfg = Config(optimizer="sgd", learning_rate=0.1, weight_decay=5e-4)
+  cfg = Config(optim=Optim(name="sgd", learning_rate=0.1, weight_decay=5e-4))
   tx, sched = optim.make_optimizer(cfg, steps_per_epoch=10, total_steps=100)
   mesh = parallel.make_mesh(jax.devices()[:ndev])
   state = parallel.replicate(create_train_state(jax.random.key(0), model, tx, (1, 8, 8, 3)), mesh)
@@ -69,7 +71,7 @@ def test_shard_batch_rejects_indivisible_batch():
 
 
 def test_eval_sums_equal_in_both_modes_with_padding():
-  from jcv.train import eval_step
+  from jcv.train.step import eval_step
   cfg = Config()
   tx, _ = optim.make_optimizer(cfg, steps_per_epoch=1, total_steps=1)
   images, labels = random_images(16)

@@ -11,7 +11,7 @@ ARGS = ("--steps", 40, "--checkpoint-every", 4)
 
 
 def test_sigterm_then_sigkill_then_resume_is_bitwise_equal(tmp_path):
-  cache = ("--set", f"compilation_cache={tmp_path / 'jax_cache'}")
+  cache = ("--set", f"run.compilation_cache={tmp_path / 'jax_cache'}")
   ref = subprocs.launch(tmp_path / "ref", *ARGS, *cache)
   run = subprocs.launch(tmp_path / "run", *ARGS, *cache)
 

@@ -66,8 +66,9 @@ def test_info_and_fresh_head(files):
   assert W.pretrained_info("mobilenet_v2").mean == (0.5,) * 3
   from jcv.train import Config
   config = Config().replace(**info.config_fields())
-  assert (config.model, config.image_size, config.mean, config.std) == (
+  assert (config.model.name, config.data.image_size, config.data.mean, config.data.std) == (
       "efficientnet_lite2", 260, (127 / 255,) * 3, (128 / 255,) * 3)
+  assert config.evaluation.crop_fraction == pytest.approx(260 / 292)
   assert [W.pretrained_info(f"efficientnet_lite{i}").input_size for i in range(5)] == [224, 240, 260, 280, 300]
   with pytest.raises(ValueError, match="no pretrained weights known for 'resnet50'"):
     W.pretrained_info("resnet50")
