@@ -293,13 +293,13 @@ def test_restart_refuses_a_folder_that_is_not_a_jcv_run_and_moves_nothing(tmp_pa
 
 def test_restart_moves_a_run_only_after_the_other_arguments_are_checked(tmp_path):
   from jcv import safefile
-  from jcv.train import loop
+  from jcv.train import Data, fit
   run = tmp_path / "run"
   run.mkdir()
   safefile.mark_run_folder(run)
   (run / "config.json").write_text("{}")
   with pytest.raises(ValueError, match="does not exist"):
-    loop.fit(Config(data_dir=str(tmp_path / "nonexistent"), image_size=8), workdir=run, restart=True)
+    fit(Config(data=Data(data_dir=str(tmp_path / "nonexistent"), image_size=8)), workdir=run, restart=True)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
   assert (run / "config.json").exists()
 
@@ -364,7 +364,8 @@ def test_whitening_init_reads_mixed_sizes_and_skips_a_corrupt_file_like_the_load
     Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(cls / f"{i}.png")
   (tmp_path / "d" / "train" / "a" / "corrupt.png").write_bytes(b"\x89PNG not really")
   src = sources.image_folder(tmp_path / "d", split="train", cache=False)
-  config = Config(model="cifar_cnn", image_size=32, init_from={"whiten": {"num_images": 10}})
+  from jcv.train import Data, Init, Model, Whiten
+  config = Config(model=Model(name="cifar_cnn"), data=Data(image_size=32), init=Init(whiten=Whiten(num_images=10)))
   with pytest.warns(UserWarning, match="whitening initialisation: skipped 1 corrupt image"):
     variables = init_from.initial_variables(config, build.build_model(config, 2), src)
   assert np.all(np.isfinite(variables["params"]["whiten"]["kernel"]))

@@ -113,7 +113,7 @@ def test_unwritable_home_and_caches_are_a_warning_and_the_run_goes_on(tmp_path):
             "print('decoded', len(s))")
   run_tiny = os.path.join(REPO, "tests", "train", "run_tiny.py")
   command = (f"{prefix}{sys.executable} -c \"{script}\" && {sys.executable} {run_tiny} --workdir {tmp_path / 'w'} "
-             "--steps 2 --set compilation_cache=auto")
+             "--steps 2 --set run.compilation_cache=auto")
   env = {**os.environ, "HOME": str(ro / "home"), "JCV_CACHE_DIR": str(ro / "cache"), "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": REPO}
   env.pop("XDG_CACHE_HOME", None)

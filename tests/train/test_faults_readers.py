@@ -102,7 +102,7 @@ def test_a_phase_folder_names_the_run_folder_in_one_line(finished, tmp_path):
   shutil.copytree(finished / "checkpoints", run / "checkpoints")
   config, names, state, _ = evaluation.load_run(finished, which="latest")
   # A phase trained on cached features saves the top only: its config's model is not its state's.
-  top = config.replace(model_options={**config.model_options, "widths": (4,)})
+  top = config.replace(model={"options": {**config.model.options, "widths": (4,)}})
   evaluation.save_run(run / "phases" / "0", top, build.build_model(top, 10),
                       {"params": state.params, "batch_stats": state.batch_stats}, class_names=names)
   out = _jcv("evaluate", "--workdir", run / "phases" / "0")
