@@ -1,6 +1,6 @@
 """Cats vs dogs: lecture 3_1's advanced CNN and notebook 3_2's three MobileNetV2 regimes.
 
-  python experiments/cats_vs_dogs.py                      # every variant + comparison (about 70 min)
+  python experiments/cats_vs_dogs.py                      # every variant + comparison
   python experiments/cats_vs_dogs.py --variant finetune --image-size 224
   python experiments/cats_vs_dogs.py --variant frozen --steps 2 --limit 64 --workdir /tmp/c   # smoke test
   python experiments/cats_vs_dogs.py --variant finetune --print-config
@@ -11,15 +11,12 @@ Variants (each a Config preset and a run folder WORKDIR/<variant> that ``python 
 evaluate|predict`` accept; ``all``, the default, runs every one and compares them):
 - ``frozen``: ImageNet MobileNetV2, only a new head trains, on features of the frozen backbone
   computed once (below the top 3 stages, in WORKDIR/features, shared with ``finetune``, then pooled).
-  98.1 % test top-1 (17 min on a 2-core CPU).
 - ``finetune``: the frozen run's 20 epochs, then 4 more with the top 3 stages training at a
-  lower rate (BatchNorm in inference mode). 98.4 % (28 min).
-- ``scratch``: MobileNetV2 from a random init, 96 px, 2 epochs. 63.2 % (6 min).
+  lower rate (BatchNorm in inference mode).
+- ``scratch``: MobileNetV2 from a random init, 96 px, 2 epochs.
 - ``advanced_cnn``: the lecture's CNN (ConvBNAct blocks, dropout, BN, L2 weight decay) from
-  scratch, 96 px, 2 epochs. 64.9 % (37 min).
-With ``--backbone efficientnet_lite2 --weights ../shared/weights/efficientnet_lite2.npz``, frozen
-98.7 % and finetune 98.9 % (about a minute each on a quiet 2-core AMD EPYC, 2026-11-30).
-Hyperparameters were chosen on a validation split carved from train; the test split gives the
+  scratch, 96 px, 2 epochs.
+Measured accuracy and time of each: README.md. Hyperparameters were chosen on a validation split carved from train; the test split gives the
 final numbers. ``--data-dir``: an image folder root/{train,test}/{cat,dog} (default
 ../shared/data/cats_vs_dogs) or a tfds data_dir holding ``cats_vs_dogs``. A variant with a
 WORKDIR/<variant>/result.json is skipped (``--force`` reruns it); ``all`` then writes

@@ -13,16 +13,14 @@ is the ``cached`` preset). ``--backbone``: ``efficientnet_lite2`` (default; ``--
 e.g. ../shared/weights/efficientnet_lite2.npz) or ``mobilenet_v2``; each brings its preprocessing.
 - ``cpu``: every stage of the backbone (0.3x the head's rate, BatchNorm in inference mode),
   176 px, 7 epochs, random-resized crops (area 0.25-1), flip and colour jitter, AdamW 1e-3,
-  label smoothing 0.1; evaluated on the whole image at 208 px with flip TTA.
-  food101_10: test top-1 93.5 % (val 90.7 %) in 25.6 min on a quiet 2-core AMD EPYC (2026-11-30).
-- ``gpu`` (unmeasured): the cpu recipe at 260 px (evaluated at 304), 10 epochs, bfloat16,
+  label smoothing 0.1; evaluated on the whole image at 208 px with flip TTA (jcv.train.recipes.FINETUNE).
+- ``gpu``: the cpu recipe at 260 px (evaluated at 304), 10 epochs, bfloat16,
   batch 64 per device.
 - ``cached``: the frozen bottom runs once over every image and its mirror image at 224 px; the
   head trains alone for 15 epochs, then with the top 3 stages for 5 at a lower rate (phases).
-  food101_10: test top-1 90.6 % (val 86.3 %) in 9.1 min on the same machine.
-Choices and evidence: docs/transfer.md ("food101_10").
+Measured accuracy and time: README.md; choices and evidence: docs/transfer.md ("food101_10").
 
-``--weights`` (a local .npz/.h5/.pth or a jcv.weights download name) becomes ``init_from``, so
+``--weights`` (a local .npz/.h5/.pth or a jcv.weights download name) becomes ``init.pretrained``, so
 WORKDIR/config.json alone reproduces the run. After training, WORKDIR/results.json gets the
 test split's top-1/top-5 and per-class accuracy, with confusion.png and predictions.png;
 ``python -m jcv predict --workdir WORKDIR IMAGE...`` uses the run.
