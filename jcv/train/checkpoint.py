@@ -7,10 +7,14 @@ that is ignored (with a warning); a step that fails to restore is skipped for th
 and a writer sets such damaged steps aside (``checkpoints.damaged/``) so that retention never
 counts them as the newest. Readers (``read_only=True``: evaluate, predict, load_run) never
 write, clean, lock or delete anything: a run may be writing the folder while they read it.
+A save that fails because the device is full (when it is written, or surfacing at the next
+save, ``wait()`` or ``close()``) raises one :class:`~jcv.train.diskfull.DiskFullError`; the
+previous checkpoint stays the newest on disk.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import pathlib
@@ -21,9 +25,12 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from jcv.train import diskfull
+
 __all__ = ["RunCheckpointer"]
 
 _STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "key")
+_STEP_FILES_BYTES = 256 * 1024  # a step folder's metadata files, beside the arrays (about 40 files)
 log = logging.getLogger(__name__)
 
 
@@ -78,9 +85,11 @@ class RunCheckpointer:
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
     self.directory = pathlib.Path(directory).absolute()
     self.best_metric, self.best_mode, self.read_only = best_metric, best_mode, read_only
+    self._state_bytes = 0
     if read_only:
       self._mgr = self._open_read_only()
       return
+    diskfull.quiet_background_errors()
     self._warn_partial()
     policy = ocm.AnyPreservationPolicy([
         ocm.LatestN(n=keep),
@@ -140,12 +149,40 @@ class RunCheckpointer:
     step = int(jax.device_get(state.step))
     if step in self._mgr.all_steps():
       return False
+    self._state_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(_state_tree(state)) if hasattr(x, "nbytes"))
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(_state_tree(state)),
         data=ocp.args.JsonSave(_encode(data_state)),
         config=ocp.args.JsonSave(config or {}))
     clean = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-    return self._mgr.save(step, args=args, metrics=clean, force=force)
+    with self.full_disk_as_error():  # also the previous save's failure, which surfaces here
+      return self._mgr.save(step, args=args, metrics=clean, force=force)
+
+  def committed_step(self) -> int | None:
+    """The newest step whose folder is complete on disk (a failed save is not one)."""
+    steps = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit()] if self.directory.is_dir() else []
+    return max(steps, default=None)
+
+  def disk_full_error(self, folder=None) -> diskfull.DiskFullError:
+    """The error of a full device holding ``folder`` (default: the checkpoint folder): the space
+    a checkpoint takes (the newest one on disk, else the state's bytes and the metadata files)
+    and the step kept."""
+    kept = self.committed_step()
+    needed = (diskfull.folder_bytes(self.directory / str(kept)) if kept is not None
+              else self._state_bytes + _STEP_FILES_BYTES)
+    return diskfull.disk_full_error(folder or self.directory, needed=needed, kept_step=kept)
+
+  @contextlib.contextmanager
+  def full_disk_as_error(self, folder=None):
+    """Turns an error caused by a full device into :meth:`disk_full_error` (others pass)."""
+    try:
+      yield
+    except diskfull.DiskFullError:
+      raise
+    except Exception as e:
+      if not diskfull.is_disk_full(e):
+        raise
+      raise self.disk_full_error(folder) from e
 
   def all_steps(self) -> list[int]:
     """Completed checkpoint steps, ascending."""
@@ -251,9 +288,13 @@ class RunCheckpointer:
 
   def wait(self):
     """Blocks until pending asynchronous saves are on disk."""
-    self._mgr.wait_until_finished()
+    with self.full_disk_as_error():
+      self._mgr.wait_until_finished()
 
   def close(self):
-    """Waits for pending saves and releases Orbax's resources."""
-    self._mgr.wait_until_finished()
-    self._mgr.close()
+    """Waits for pending saves and releases Orbax's resources (also when a save failed)."""
+    try:
+      self.wait()
+    finally:
+      with self.full_disk_as_error():
+        self._mgr.close()

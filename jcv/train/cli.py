@@ -261,8 +261,9 @@ USAGE_ERRORS = "ValueError, missing files, unavailable data or weights"  # what 
 @contextlib.contextmanager
 def user_errors(*, debug: bool = False):
   """Turns the errors a user can cause into one ``error: ...`` line on stderr and exit status
-  2 (a non-finite loss: 1), with no traceback unless ``debug``. Warnings print as one
-  ``warning: ...`` line. Scripts wrap their main work in it (``cli.run`` does)."""
+  2 (a non-finite loss: 1; a full disk: 2, also where a run did not name it), with no
+  traceback unless ``debug``. Warnings print as one ``warning: ...`` line. Scripts wrap
+  their main work in it (``cli.run`` does)."""
   from jcv.train.loop import NonFiniteLossError
   if not debug:
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
@@ -277,6 +278,12 @@ def user_errors(*, debug: bool = False):
     if debug:
       raise
     print(f"error: {e} (--debug shows the traceback)", file=sys.stderr)
+    sys.exit(2)
+  except OSError as e:  # a full disk outside a run's own handling (which names the space needed)
+    from jcv.train.diskfull import is_disk_full
+    if debug or not is_disk_full(e):
+      raise
+    print(f"error: no space left on the device: {e} (free some space and re-run the command)", file=sys.stderr)
     sys.exit(2)
 
 

@@ -107,10 +107,11 @@ class MetricLogger:
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in metrics.items()}
-    for k, v in clean.items():
-      self._tb.add_scalar(f"{split}/{k}", v, step)
+    # metrics.jsonl first: it is flushed here, so a full disk shows in the caller's thread
     self._jsonl.write(json.dumps({"step": int(step), "split": split, "time": time.time(), **clean}) + "\n")
     self._jsonl.flush()
+    for k, v in clean.items():
+      self._tb.add_scalar(f"{split}/{k}", v, step)
 
   def images(self, step: int, name: str, images):
     """A grid of NHWC images (e.g. one augmented training batch)."""

@@ -96,6 +96,37 @@ def train(config: Config, workdir, *, model, train_ld, eval_ld, input_shape, var
   tconfig, state, checkpointer, iterator, total, schedule = _setup(
       config, workdir, model=model, train_ld=train_ld, input_shape=input_shape, variables=variables,
       class_names=class_names, resume=resume, features=features)
+  with checkpointer.full_disk_as_error(workdir):  # metrics, TensorBoard, results: one line too
+    run = _start(config, tconfig, workdir, state, checkpointer, iterator, total, schedule, mesh,
+                 train_ld=train_ld, eval_ld=eval_ld, input_shape=input_shape, augment_fn=augment_fn,
+                 class_names=class_names, features=features, callbacks=callbacks)
+    try:
+      run.loop(augment_fn, train_ld)
+      if run.finished_cleanly() and config.evaluation.bn_recompute and run.state.batch_stats:
+        run.recompute_bn(train_ld, augment_fn, freeze=tconfig.optim.freeze, features=features)
+      if run.stopped_by == "early_stopping" and config.evaluation.early_stopping.restore_best:
+        run.restore_best()
+    except BaseException:
+      run.close(iterator, quiet=True)  # the error on its way out is the one to report
+      raise
+    run.close(iterator)
+    if run.last_eval is None and eval_ld is not None and run.step >= total:  # re-run of a finished run
+      run.last_eval = run_eval(run.state, eval_ld, run.eval_fn, mesh, max_in_flight=config.run.max_steps_in_flight)
+      run.last_eval["epoch"] = run.step / train_ld.steps_per_epoch
+    results = run.results(workdir, started)
+    if is_main:
+      log_lib.write_json(workdir / "results.json", results)
+      run.logger.hparams(config.to_dict(), {k: v for k, v in (run.last_eval or {}).items() if k != "n"})
+      if config.run.plots and not str(run.stopped_by).startswith("SIG") and not features:
+        draw_figures(workdir, run.state, eval_ld, config, mesh, class_names, eval_src)
+    run.logger.close()
+  return results, run.state
+
+
+def _start(config, tconfig, workdir, state, checkpointer, iterator, total, schedule, mesh, *, train_ld, eval_ld,
+           input_shape, augment_fn, class_names, features, callbacks) -> "_Run":
+  """Writes the run's config files, compiles the steps and opens the logs: the loop's state."""
+  is_main = jax.process_index() == 0
   if is_main:
     log_lib.write_json(workdir / "config.json", config.to_dict())
     log_lib.write_json(workdir / "class_names.json", list(class_names))
@@ -107,25 +138,7 @@ def train(config: Config, workdir, *, model, train_ld, eval_ld, input_shape, var
   run = _Run(config, state, checkpointer, iterator, logger,
              (train_fn, eval_fn), eval_ld, mesh, steps_per_epoch=train_ld.steps_per_epoch, total_steps=total)
   run.watch = EvalWatch(config, workdir, run.start_step, callbacks)
-  try:
-    run.loop(augment_fn, train_ld)
-    if run.finished_cleanly() and config.evaluation.bn_recompute and run.state.batch_stats:
-      run.recompute_bn(train_ld, augment_fn, freeze=tconfig.optim.freeze, features=features)
-    if run.stopped_by == "early_stopping" and config.evaluation.early_stopping.restore_best:
-      run.restore_best()
-  finally:
-    run.close(iterator)
-  if run.last_eval is None and eval_ld is not None and run.step >= total:  # re-run of a finished run
-    run.last_eval = run_eval(run.state, eval_ld, eval_fn, mesh, max_in_flight=config.run.max_steps_in_flight)
-    run.last_eval["epoch"] = run.step / train_ld.steps_per_epoch
-  results = run.results(workdir, started)
-  if is_main:
-    log_lib.write_json(workdir / "results.json", results)
-    run.logger.hparams(config.to_dict(), {k: v for k, v in (run.last_eval or {}).items() if k != "n"})
-    if config.run.plots and not str(run.stopped_by).startswith("SIG") and not features:
-      draw_figures(workdir, run.state, eval_ld, config, mesh, class_names, eval_src)
-  run.logger.close()
-  return results, run.state
+  return run
 
 
 class _Run:
@@ -244,13 +257,19 @@ class _Run:
           self.stopped_by = ended
           break
 
-  def close(self, iterator):
-    self.progress.close()
-    if hasattr(iterator, "close"):
-      iterator.close()
-    self.checkpointer.wait()
-    self.logger.flush()
-    self.checkpointer.close()
+  def close(self, iterator, *, quiet: bool = False):
+    """Ends the progress, the iterator, pending saves and the logs, trying each; the first error
+    is raised after all of them, unless ``quiet`` (another error is already on its way out)."""
+    errors = []
+    for end in (self.progress.close, getattr(iterator, "close", None), self.checkpointer.wait,
+                self.logger.flush, self.checkpointer.close):
+      try:
+        if end is not None:
+          end()
+      except Exception as e:  # noqa: BLE001 - raised below, after the others have run
+        errors.append(e)
+    if errors and not quiet:
+      raise errors[0]
 
   def results(self, workdir, started) -> dict:
     """The results dict of the run (results.json)."""

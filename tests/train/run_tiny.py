@@ -53,10 +53,55 @@ def kill_during_save(step: int):
   checkpoint.RunCheckpointer.save = save
 
 
+def disk_full_from_step(step: int):
+  """Fault injection: the background write of every checkpoint from ``step`` on fails with ENOSPC
+  (Orbax's JSON item writer, run in Orbax's save threads like the array writes)."""
+  import errno
+  import os
+
+  import orbax.checkpoint as ocp
+  original = ocp.handlers.JsonCheckpointHandler._save_fn
+
+  async def save_fn(self, x, directory):
+    if int(directory.parent.name.split(".")[0]) >= step:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "metadata"))
+    return await original(self, x, directory)
+
+  ocp.handlers.JsonCheckpointHandler._save_fn = save_fn
+
+
+def logs_full_from_step(step: int):
+  """Fault injection: appending a metrics.jsonl record of ``step`` or later fails with ENOSPC."""
+  import errno
+  import json
+  import os
+
+  from jcv import safefile
+  original = safefile.open_append
+
+  class FullFrom:
+    def __init__(self, f):
+      self._f = f
+
+    def write(self, text):
+      if json.loads(text).get("step", 0) >= step:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      return self._f.write(text)
+
+    def __getattr__(self, name):
+      return getattr(self._f, name)
+
+  safefile.open_append = lambda path, **kw: FullFrom(original(path, **kw))
+
+
 if __name__ == "__main__":
   import os
   if os.environ.get("JCV_TEST_KILL_IN_SAVE"):
     kill_during_save(int(os.environ["JCV_TEST_KILL_IN_SAVE"]))
+  if os.environ.get("JCV_TEST_DISK_FULL_FROM"):
+    disk_full_from_step(int(os.environ["JCV_TEST_DISK_FULL_FROM"]))
+  if os.environ.get("JCV_TEST_LOGS_FULL_FROM"):
+    logs_full_from_step(int(os.environ["JCV_TEST_LOGS_FULL_FROM"]))
   train, evaluation = array_sources(256, 40)
   cli.run(sys.argv[1:], base=BASE, fit_kwargs={"train_source": train, "eval_source": evaluation})
   workdir = sys.argv[sys.argv.index("--workdir") + 1]
