@@ -113,8 +113,7 @@ def _torch_fns(x_np, w_np, stride, groups, pad, dtype="float32"):
   return fwd, train
 
 
-def main(argv=None):
-  """Runs the per-layer benchmark and writes JSON/CSV/markdown next to ``--out``."""
+def _parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--rounds", type=int, default=5)
@@ -122,54 +121,52 @@ def main(argv=None):
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--out", default="benchmarks/results/layers")
-  args = p.parse_args(argv)
+  return p.parse_args(argv)
+
+
+def _torch_available(args) -> bool:
   try:
     if args.no_torch:
       raise ImportError
     import torch  # noqa: F401
-    have_torch = True
+    return True
   except ImportError:
-    have_torch = False
-  lowerings = ("xla", "cpu") + (("onednn", "best") if kernels.native.available() else ())
-  info = machine_info()
-  info["onednn"] = kernels.native.status()
-  print(f"# {info['cpu']} x{info['cpu_count']}, load {info['load_avg_1_5_15']}, jax {info['jax']}, "
-        f"torch {info.get('torch')}", flush=True)
-  rows = []
-  rng = np.random.default_rng(0)
-  for name, (h, cin, cout, k, stride, groups) in LAYERS.items():
-    if args.only and args.only not in name:
-      continue
-    x_np = rng.normal(size=(args.batch, h, h, cin)).astype(np.float32)
-    w_np = (rng.normal(size=(k, k, cin // groups, cout)) / np.sqrt(k * k * cin / groups)).astype(np.float32)
-    x, w = jnp.asarray(x_np, args.dtype), jnp.asarray(w_np, args.dtype)
-    fns = {}
-    for lowering in lowerings:
-      f, t = _jax_fns(x, w, stride, groups, lowering)
-      fns[f"{lowering}_fwd"], fns[f"{lowering}_train"] = f, t
-    if have_torch:
-      # PyTorch's symmetric padding equals TF SAME for odd kernels at stride 1; for stride 2 on
-      # even sizes TF pads (0, 1) instead of (1, 1): same FLOPs, same output size.
-      f, t = _torch_fns(x_np, w_np, stride, groups, k // 2, args.dtype)
-      fns["torch_fwd"], fns["torch_train"] = f, t
-    times = interleaved_times(fns, rounds=args.rounds, iters_per_round=2, warmup=1)
-    flops = _flops(args.batch, h, cin, cout, k, stride, groups)
-    row = {"layer": name, "batch": args.batch, "dtype": args.dtype, "mflop_fwd": round(flops / 1e6, 1)}
-    for key, ts in times.items():
-      row[f"{key}_ms"] = round(1e3 * median(ts), 3)
-      row[f"{key}_gflops"] = round((flops if key.endswith("fwd") else 3 * flops) / median(ts) / 1e9, 2)
-    for mode in ("fwd", "train"):
-      row[f"speedup_{mode}_vs_xla"] = round(row[f"xla_{mode}_ms"] / row[f"cpu_{mode}_ms"], 2)
-      if "onednn" in lowerings:
-        row[f"onednn_vs_cpu_{mode}"] = round(row[f"cpu_{mode}_ms"] / row[f"onednn_{mode}_ms"], 2)
-      if have_torch:  # jcv = its best CPU lowering available here
-        best = "best" if "best" in lowerings else "cpu"
-        row[f"jcv_vs_torch_{mode}"] = round(row[f"torch_{mode}_ms"] / row[f"{best}_{mode}_ms"], 2)
-    rows.append(row)
-    print(" ".join(f"{k}={v}" for k, v in row.items() if not k.endswith("gflops")), flush=True)
-  info["load_avg_after"] = list(os.getloadavg())
-  write_json(args.out + ".json", {"machine": info, "rows": rows})
-  write_csv(args.out + ".csv", rows)
+    return False
+
+
+def _measure_layer(args, spec, rng, lowerings, have_torch) -> dict:
+  """One table row: ms and GFLOP/s of every implementation on one layer, and their ratios."""
+  h, cin, cout, k, stride, groups = spec
+  x_np = rng.normal(size=(args.batch, h, h, cin)).astype(np.float32)
+  w_np = (rng.normal(size=(k, k, cin // groups, cout)) / np.sqrt(k * k * cin / groups)).astype(np.float32)
+  x, w = jnp.asarray(x_np, args.dtype), jnp.asarray(w_np, args.dtype)
+  fns = {}
+  for lowering in lowerings:
+    f, t = _jax_fns(x, w, stride, groups, lowering)
+    fns[f"{lowering}_fwd"], fns[f"{lowering}_train"] = f, t
+  if have_torch:
+    # PyTorch's symmetric padding equals TF SAME for odd kernels at stride 1; for stride 2 on
+    # even sizes TF pads (0, 1) instead of (1, 1): same FLOPs, same output size.
+    f, t = _torch_fns(x_np, w_np, stride, groups, k // 2, args.dtype)
+    fns["torch_fwd"], fns["torch_train"] = f, t
+  times = interleaved_times(fns, rounds=args.rounds, iters_per_round=2, warmup=1)
+  flops = _flops(args.batch, h, cin, cout, k, stride, groups)
+  row = {"batch": args.batch, "dtype": args.dtype, "mflop_fwd": round(flops / 1e6, 1)}
+  for key, ts in times.items():
+    row[f"{key}_ms"] = round(1e3 * median(ts), 3)
+    row[f"{key}_gflops"] = round((flops if key.endswith("fwd") else 3 * flops) / median(ts) / 1e9, 2)
+  for mode in ("fwd", "train"):
+    row[f"speedup_{mode}_vs_xla"] = round(row[f"xla_{mode}_ms"] / row[f"cpu_{mode}_ms"], 2)
+    if "onednn" in lowerings:
+      row[f"onednn_vs_cpu_{mode}"] = round(row[f"cpu_{mode}_ms"] / row[f"onednn_{mode}_ms"], 2)
+    if have_torch:  # jcv = its best CPU lowering available here
+      best = "best" if "best" in lowerings else "cpu"
+      row[f"jcv_vs_torch_{mode}"] = round(row[f"torch_{mode}_ms"] / row[f"{best}_{mode}_ms"], 2)
+  return row
+
+
+def _write_markdown(path: str, rows: list[dict]) -> None:
+  """The ms (GFLOP/s) table, written to ``path`` and printed."""
   cols = ["xla_fwd", "cpu_fwd", "onednn_fwd", "best_fwd", "torch_fwd", "xla_train", "cpu_train",
           "onednn_train", "best_train", "torch_train"]
   cols = [c for c in cols if f"{c}_ms" in rows[0]] if rows else []
@@ -178,9 +175,32 @@ def main(argv=None):
   for r in rows:
     lines.append(f"| {r['layer']} | {r['mflop_fwd']} | " + " | ".join(
         f"{r[c + '_ms']} ({r[c + '_gflops']})" for c in cols) + " |")
-  with open(args.out + ".md", "w") as f:
+  with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
+
+
+def main(argv=None):
+  """Runs the per-layer benchmark and writes JSON/CSV/markdown next to ``--out``."""
+  args = _parse_args(argv)
+  have_torch = _torch_available(args)
+  lowerings = ("xla", "cpu") + (("onednn", "best") if kernels.native.available() else ())
+  info = machine_info()
+  info["onednn"] = kernels.native.status()
+  print(f"# {info['cpu']} x{info['cpu_count']}, load {info['load_avg_1_5_15']}, jax {info['jax']}, "
+        f"torch {info.get('torch')}", flush=True)
+  rows = []
+  rng = np.random.default_rng(0)
+  for name, spec in LAYERS.items():
+    if args.only and args.only not in name:
+      continue
+    row = {"layer": name, **_measure_layer(args, spec, rng, lowerings, have_torch)}
+    rows.append(row)
+    print(" ".join(f"{k}={v}" for k, v in row.items() if not k.endswith("gflops")), flush=True)
+  info["load_avg_after"] = list(os.getloadavg())
+  write_json(args.out + ".json", {"machine": info, "rows": rows})
+  write_csv(args.out + ".csv", rows)
+  _write_markdown(args.out + ".md", rows)
 
 
 if __name__ == "__main__":

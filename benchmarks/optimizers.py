@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 __all__ = ["main"]
 
 
-def main(argv=None):
+def _parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--batch-size", type=int, default=128, help="global batch (default: the presets')")
   p.add_argument("--host-devices", default="cores", help="XLA CPU devices: 'cores' or a number")
@@ -31,23 +31,18 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--steps-per-call", type=int, default=10)
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "optimizers"))
-  args = p.parse_args(argv)
+  return p.parse_args(argv)
 
-  from jcv import perf
-  perf.setup_cpu(host_devices=args.host_devices if args.host_devices == "cores" else int(args.host_devices),
-                 devices_per_core=args.devices_per_core)
-  import jax
-  import numpy as np
 
+def _time_presets(args, batch: dict) -> list[dict]:
+  """One row per preset: ms per step and img/s of its compiled data-parallel train step."""
   import cifar10
-  from benchmarks.common import interleaved_times, machine_info, median, step_runner, write_json
-  from jcv.train import build, optax_extras, optim, parallel
+  import jax
+  from benchmarks.common import interleaved_times, median, step_runner
+  from jcv.train import build, optim, parallel
   from jcv.train.state import create_train_state
 
   mesh = parallel.make_mesh()
-  rng = np.random.default_rng(0)
-  batch = {"image": rng.integers(0, 256, (args.batch_size, 32, 32, 3), dtype=np.uint8),
-           "label": rng.integers(0, 10, args.batch_size).astype(np.int32)}
 
   def runner(config):
     config = config.replace(data={"batch_size": args.batch_size}, model={"options": cifar10.CPU.model.options})
@@ -66,10 +61,20 @@ def main(argv=None):
   for name, ts in times.items():
     per_step = median(ts) / args.steps_per_call
     rows.append({"optimizer": name, "ms_per_step": 1e3 * per_step, "img_per_s": args.batch_size / per_step})
+  return rows
 
-  # Newton-Schulz alone: one update's worth, for the Muon preset's conv kernels (cout x 9 cin).
+
+def _time_newton_schulz(args, rng) -> tuple[list, list]:
+  """Newton-Schulz alone, one update's worth for the Muon preset's conv kernels (cout x 9 cin):
+  (the kernel matrices, the timings)."""
+  import cifar10
   import flax
+  import jax
   import jax.numpy as jnp
+  import numpy as np
+  from benchmarks.common import interleaved_times
+  from jcv.train import build, optax_extras
+
   model = build.build_model(cifar10.CPU, 10)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
   shapes = [leaf.shape for path, leaf in flax.traverse_util.flatten_dict(params, sep="/").items()
@@ -78,6 +83,14 @@ def main(argv=None):
   ns = jax.jit(lambda ms: [optax_extras.newton_schulz(m, cifar10.CPU.optim.muon.ns_steps) for m in ms])
   ns_times = interleaved_times({"ns": lambda: jax.block_until_ready(ns(mats))}, rounds=args.rounds,
                                iters_per_round=5, warmup=2)["ns"]
+  return mats, ns_times
+
+
+def _report(args, rows: list[dict], mats: list, ns_times: list) -> None:
+  """Adds each row's speed relative to SGD, prints the table and writes the JSON."""
+  import cifar10
+  import jax
+  from benchmarks.common import machine_info, median, write_json
 
   base = rows[0]["img_per_s"]
   print(f"cifar_cnn {cifar10.CPU.model.options}, batch {args.batch_size}, {jax.device_count()} XLA CPU device(s)")
@@ -86,11 +99,27 @@ def main(argv=None):
     print(f"  {r['optimizer']:>24s}: {r['ms_per_step']:7.1f} ms/step  {r['img_per_s']:6.0f} img/s  "
           f"{r['vs_sgd']:.3f}x")
   ns_ms = 1e3 * median(ns_times)
-  print(f"  Newton-Schulz ({cifar10.CPU.optim.muon.ns_steps} steps) for {len(shapes)} kernels "
+  print(f"  Newton-Schulz ({cifar10.CPU.optim.muon.ns_steps} steps) for {len(mats)} kernels "
         f"{[tuple(m.shape) for m in mats]}: {ns_ms:.1f} ms on one device")
   write_json(args.out + ".json", {"machine": machine_info(), "batch_size": args.batch_size,
                                   "devices": jax.device_count(), "rows": rows,
                                   "newton_schulz_ms": ns_ms, "kernel_matrices": [list(m.shape) for m in mats]})
+
+
+def main(argv=None):
+  """Parses the flags, sets up the XLA CPU devices, times both presets and Newton-Schulz, reports."""
+  args = _parse_args(argv)
+  from jcv import perf
+  perf.setup_cpu(host_devices=args.host_devices if args.host_devices == "cores" else int(args.host_devices),
+                 devices_per_core=args.devices_per_core)
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (args.batch_size, 32, 32, 3), dtype=np.uint8),
+           "label": rng.integers(0, 10, args.batch_size).astype(np.int32)}
+  rows = _time_presets(args, batch)
+  mats, ns_times = _time_newton_schulz(args, rng)
+  _report(args, rows, mats, ns_times)
   return rows
 
 

@@ -149,8 +149,20 @@ def _jcv_runner(name, size, batch, dtype, lowering, data, devices=1, parallel_mo
   def inference():
     compiled_infer(variables, x).block_until_ready()
 
-  # FLOPs of the architecture: XLA's count for the program with XLA's own convolutions (the
-  # CPU lowering's im2col on tiny maps also multiplies padding zeros, which would inflate it).
+  facts.update(_architecture_flops(model, num_classes, batch, state, variables, batch_arrays, x))
+  return {"train": train, "infer": inference}, facts
+
+
+def _architecture_flops(model, num_classes, batch, state, variables, batch_arrays, x) -> dict:
+  """GFLOP per image of train and infer: XLA's count for the program with XLA's own
+  convolutions (the CPU lowering's im2col on tiny maps also multiplies padding zeros, which
+  would inflate it). Empty where the count fails: the compiled program's count stands."""
+  import jax
+  import jax.numpy as jnp
+  from jcv import kernels
+  from jcv.train.step import train_step
+
+  facts = {}
   try:
     with kernels.lowering("xla"):
       ref_step = jax.jit(functools.partial(train_step, num_classes=num_classes))
@@ -166,7 +178,7 @@ def _jcv_runner(name, size, batch, dtype, lowering, data, devices=1, parallel_mo
           facts[f"{mode}_gflop_per_img"] = float(cost["flops"]) / batch / 1e9
   except Exception:  # keep the compiled program's count
     pass
-  return {"train": train, "infer": inference}, facts
+  return facts
 
 
 def _cost(compiled, batch, mode):
@@ -390,6 +402,72 @@ def _build(framework, name, size, batch, dtype, data, args=None):
   raise ValueError(f"unknown framework {framework!r}")
 
 
+def _build_all(build, frameworks, name, size, batch, dtype, data, args, log):
+  """(runners, facts, skipped) of every framework built at this batch; a missing or failing
+  peer is skipped with the reason, jcv failing or any out-of-memory error raises."""
+  runners, facts, skipped = {}, {}, {}
+  for fw in frameworks:
+    log(f"  building {fw}{' in its own process' if args.isolate else ''} ...")
+    try:
+      runners[fw], facts[fw] = build(fw, name, size, batch, dtype, data, args)
+    except Exception as err:  # a missing or failing peer is reported, not fatal
+      if _is_oom(err):
+        raise
+      if fw == "jcv":
+        raise
+      skipped[fw] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+      log(f"  {fw} skipped: {skipped[fw]}")
+  return runners, facts, skipped
+
+
+def _row(name, size, batch, dtype, mode, fw, ts, cpu_ts, facts, args, notes) -> dict:
+  """One result row: speed, CPU time, compile time, FLOPs (jcv's count) and the framework's facts."""
+  sec = median(ts)
+  row = {"model": name, "image_size": size, "batch": batch, "dtype": dtype, "mode": mode,
+         "framework": fw, "img_per_s": batch / sec, "ms_per_step": 1e3 * sec,
+         "cpu_ms_per_step": 1e3 * median(cpu_ts),
+         "n_timed": len(ts), "compile_s": facts[fw].get(f"{mode}_compile_s")}
+  jf = facts.get("jcv", {})
+  gflop = jf.get(f"{mode}_gflop_per_img")
+  if gflop:
+    row["gflop_per_img"] = gflop
+    row["achieved_tflops"] = gflop * batch / sec / 1e3
+    peak = peak_tflops(args.device_kind, dtype) if fw in ("jcv", "flax_xla") else None
+    if peak:
+      row["mfu"] = row["achieved_tflops"] / peak
+  if fw in ("jcv", "jcv_cpu", "flax_xla"):
+    row["xla_temp_mb"] = facts[fw].get(f"{mode}_xla_temp_mb")
+    row["xla_devices"] = facts[fw].get("xla_devices")
+  for k in ("torch_params", "keras_params", "keras_backend"):
+    if k in facts[fw]:
+      row[k] = facts[fw][k]
+  if notes:
+    row["note"] = "; ".join(notes)
+  return row
+
+
+def _time_mode(mode, runners, facts, rows, name, size, batch, dtype, args, notes, log) -> None:
+  """Times every framework's ``mode`` interleaved, appends a row each to ``rows`` with its
+  ratios to jcv, and logs them."""
+  fns = {fw: r[mode] for fw, r in runners.items()}
+  log(f"  timing {mode}: {', '.join(fns)} interleaved ...")
+  cpu = {}
+  times = interleaved_times(fns, rounds=args.rounds, iters_per_round=args.iters,
+                            warmup=args.warmup, budget_s=args.budget, cpu_times=cpu,
+                            settle_s=args.settle)
+  for fw, ts in times.items():
+    rows.append(_row(name, size, batch, dtype, mode, fw, ts, cpu[fw], facts, args, notes))
+  base = next((r for r in rows if r["mode"] == mode and r["framework"] == "jcv"), None)
+  for r in rows:
+    if r["mode"] == mode and base is not None:
+      r["jcv_ratio"] = base["img_per_s"] / r["img_per_s"]
+      r["jcv_cpu_ratio"] = r["cpu_ms_per_step"] / base["cpu_ms_per_step"]
+  log("  " + "  ".join(f"{r['framework']} {r['img_per_s']:.1f} img/s, {r['cpu_ms_per_step']:.0f} cpu-ms"
+                       + (f" (jcv x{r['jcv_ratio']:.2f}, cpu x{r['jcv_cpu_ratio']:.2f})"
+                          if r['framework'] != 'jcv' else "")
+                       for r in rows if r["mode"] == mode))
+
+
 def _run_config(name, size, batch, dtype, frameworks, args, log):
   """Builds every framework at this batch (halving on OOM), then times them interleaved."""
   import jcv.models
@@ -398,59 +476,11 @@ def _run_config(name, size, batch, dtype, frameworks, args, log):
   build = _spawn if args.isolate else _build
   while True:
     data = _make_data(batch, size, num_classes)
-    runners, facts, skipped = {}, {}, {}
     try:
-      for fw in frameworks:
-        log(f"  building {fw}{' in its own process' if args.isolate else ''} ...")
-        try:
-          runners[fw], facts[fw] = build(fw, name, size, batch, dtype, data, args)
-        except Exception as err:  # a missing or failing peer is reported, not fatal
-          if _is_oom(err):
-            raise
-          if fw == "jcv":
-            raise
-          skipped[fw] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-          log(f"  {fw} skipped: {skipped[fw]}")
+      runners, facts, skipped = _build_all(build, frameworks, name, size, batch, dtype, data, args, log)
       rows = []
       for mode in args.modes:
-        fns = {fw: r[mode] for fw, r in runners.items()}
-        log(f"  timing {mode}: {', '.join(fns)} interleaved ...")
-        cpu = {}
-        times = interleaved_times(fns, rounds=args.rounds, iters_per_round=args.iters,
-                                  warmup=args.warmup, budget_s=args.budget, cpu_times=cpu,
-                                  settle_s=args.settle)
-        for fw, ts in times.items():
-          sec = median(ts)
-          row = {"model": name, "image_size": size, "batch": batch, "dtype": dtype, "mode": mode,
-                 "framework": fw, "img_per_s": batch / sec, "ms_per_step": 1e3 * sec,
-                 "cpu_ms_per_step": 1e3 * median(cpu[fw]),
-                 "n_timed": len(ts), "compile_s": facts[fw].get(f"{mode}_compile_s")}
-          jf = facts.get("jcv", {})
-          gflop = jf.get(f"{mode}_gflop_per_img")
-          if gflop:
-            row["gflop_per_img"] = gflop
-            row["achieved_tflops"] = gflop * batch / sec / 1e3
-            peak = peak_tflops(args.device_kind, dtype) if fw in ("jcv", "flax_xla") else None
-            if peak:
-              row["mfu"] = row["achieved_tflops"] / peak
-          if fw in ("jcv", "jcv_cpu", "flax_xla"):
-            row["xla_temp_mb"] = facts[fw].get(f"{mode}_xla_temp_mb")
-            row["xla_devices"] = facts[fw].get("xla_devices")
-          for k in ("torch_params", "keras_params", "keras_backend"):
-            if k in facts[fw]:
-              row[k] = facts[fw][k]
-          if notes:
-            row["note"] = "; ".join(notes)
-          rows.append(row)
-        base = next((r for r in rows if r["mode"] == mode and r["framework"] == "jcv"), None)
-        for r in rows:
-          if r["mode"] == mode and base is not None:
-            r["jcv_ratio"] = base["img_per_s"] / r["img_per_s"]
-            r["jcv_cpu_ratio"] = r["cpu_ms_per_step"] / base["cpu_ms_per_step"]
-        log("  " + "  ".join(f"{r['framework']} {r['img_per_s']:.1f} img/s, {r['cpu_ms_per_step']:.0f} cpu-ms"
-                             + (f" (jcv x{r['jcv_ratio']:.2f}, cpu x{r['jcv_cpu_ratio']:.2f})"
-                                if r['framework'] != 'jcv' else "")
-                             for r in rows if r["mode"] == mode))
+        _time_mode(mode, runners, facts, rows, name, size, batch, dtype, args, notes, log)
       peak = None if args.isolate else _device_peak_mb()
       for r in rows:
         if peak is not None and r["framework"] in ("jcv", "flax_xla"):
@@ -575,48 +605,42 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def main(argv=None):
-  """Command-line entry point; returns the list of result rows."""
-  p = _parser()
+def _parse_args(p: argparse.ArgumentParser, argv):
+  """The parsed flags, with ``--settle``'s default resolved and no worker processes yet."""
   args = p.parse_args(argv)
   args.workers = []
   if args.settle is None:
     args.settle = 1.0 if args.isolate else 0.0
-  if not args.isolate:
-    _setup_host_devices(args)
-  if not (args.no_tune_malloc or args.isolate):
-    import jcv.perf
-    args.tune_malloc = jcv.perf.tune_malloc()
-  if args.worker:
-    return _serve(args)
-  args.modes = [m for m in args.modes.split(",") if m]
-  for m in args.modes:
-    if m not in ("train", "infer"):
-      p.error(f"--modes takes train and/or infer, got {m!r}")
+  return args
 
+
+def _machine(args) -> dict:
+  """:func:`machine_info` plus jcv's devices, conv lowering and oneDNN status; sets
+  ``args.device_kind`` and ``args.jcv_devices``."""
   import jax
-  import jcv.models
+  from jcv import kernels
   info = machine_info()
   args.device_kind = jax.devices()[0].device_kind
   args.jcv_devices = len(jax.devices()) if jax.default_backend() == "cpu" else 1
   info["jcv_devices"] = args.jcv_devices
   info["isolated"] = args.isolate
-  from jcv import kernels
   info["jcv_lowering"] = kernels.resolve(args.lowering)
   info["onednn"] = kernels.native.status()
+  return info
+
+
+def _peers(p: argparse.ArgumentParser, args) -> list[str]:
+  """The ``--compare`` peers, checked (an unknown one is a usage error)."""
   peers = [c for c in args.compare.split(",") if c]
   for c in peers:
     if c not in ("torch", "torch_compile", "keras", "jcv_cpu"):
       p.error(f"--compare takes torch, torch_compile, keras, jcv_cpu; got {c!r}")
-  frameworks = ["jcv"] + (["flax_xla"] if args.baseline else []) + peers
-  log = functools.partial(print, flush=True)
-  log(f"# {info['cpu']} x{info['cpu_count']} | devices {info['devices']} | load "
-      f"{['%.2f' % v for v in info['load_avg_1_5_15']]} | jax {info['jax']} | torch {info.get('torch')}")
-  if "torch" in "".join(peers):
-    try:
-      import torch  # noqa: F401
-    except ImportError:
-      log("torch is not installed: PyTorch peers will be reported missing (pip install jcv[bench])")
+  return peers
+
+
+def _run_all(args, frameworks, log):
+  """(rows, problems) over every model x batch size x dtype; a failing config is a problem."""
+  import jcv.models
   available = set(jcv.models.list_models())
   rows, problems = [], {}
   specs = [s for s in args.models.split(",") if s]
@@ -640,6 +664,37 @@ def main(argv=None):
       log(f"  failed: {type(err).__name__}: {str(err)[:300]}")
       traceback.print_exc()
     gc.collect()
+  return rows, problems
+
+
+def main(argv=None):
+  """Command-line entry point; returns the list of result rows."""
+  p = _parser()
+  args = _parse_args(p, argv)
+  if not args.isolate:
+    _setup_host_devices(args)
+  if not (args.no_tune_malloc or args.isolate):
+    import jcv.perf
+    args.tune_malloc = jcv.perf.tune_malloc()
+  if args.worker:
+    return _serve(args)
+  args.modes = [m for m in args.modes.split(",") if m]
+  for m in args.modes:
+    if m not in ("train", "infer"):
+      p.error(f"--modes takes train and/or infer, got {m!r}")
+
+  info = _machine(args)
+  peers = _peers(p, args)
+  frameworks = ["jcv"] + (["flax_xla"] if args.baseline else []) + peers
+  log = functools.partial(print, flush=True)
+  log(f"# {info['cpu']} x{info['cpu_count']} | devices {info['devices']} | load "
+      f"{['%.2f' % v for v in info['load_avg_1_5_15']]} | jax {info['jax']} | torch {info.get('torch')}")
+  if "torch" in "".join(peers):
+    try:
+      import torch  # noqa: F401
+    except ImportError:
+      log("torch is not installed: PyTorch peers will be reported missing (pip install jcv[bench])")
+  rows, problems = _run_all(args, frameworks, log)
   info["load_avg_after"] = list(os.getloadavg())
   if args.isolate:  # the parent only orchestrates: report the workers' device count
     info["jcv_devices"] = next((r["xla_devices"] for r in rows if r["framework"] == "jcv"), None)

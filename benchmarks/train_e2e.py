@@ -33,8 +33,7 @@ _DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.
                              "shared", "data", "cifar10")
 
 
-def main(argv=None):
-  """Runs the three measurements and prints/writes a summary dict."""
+def _parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--data-dir", default=_DEFAULT_DATA)
   p.add_argument("--split", default="train")
@@ -47,28 +46,13 @@ def main(argv=None):
   p.add_argument("--threads", type=int, default=None, help="loader decode threads")
   p.add_argument("--out", default="benchmarks/results/train_e2e.json")
   p.add_argument("--no-tune-malloc", action="store_true", help="skip jcv.perf.tune_malloc")
-  args = p.parse_args(argv)
-  if not args.no_tune_malloc:
-    import jcv.perf
-    jcv.perf.tune_malloc()
+  return p.parse_args(argv)
 
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  import optax
-  import jcv.models
-  from jcv.data import augment, pipeline, sources
-  from jcv.train.state import create_train_state
-  from jcv.train.step import train_step
 
-  info = machine_info()
-  log = functools.partial(print, flush=True)
-  log(f"# {info['cpu']} x{info['cpu_count']} | load {info['load_avg_1_5_15']} | jax {info['jax']}")
-  source = sources.image_folder(args.data_dir, split=args.split)
-  num_classes = len(source.class_names)
-  log(f"source: {args.data_dir} [{args.split}], {len(source)} images, {num_classes} classes")
+def _model_options(pairs) -> dict:
+  """``key=value`` strings to a dict, values cast to int or float where they parse as one."""
   options = {}
-  for kv in args.model_option:
+  for kv in pairs:
     k, _, v = kv.partition("=")
     for cast in (int, float):
       try:
@@ -77,7 +61,22 @@ def main(argv=None):
       except ValueError:
         pass
     options[k] = v
-  model = jcv.models.create(args.model, num_classes=num_classes, **options)
+  return options
+
+
+def _setup(args, log):
+  """(loader, jitted train step with on-device augmentation, initial state) on the image folder."""
+  import jax
+  import optax
+  import jcv.models
+  from jcv.data import augment, pipeline, sources
+  from jcv.train.state import create_train_state
+  from jcv.train.step import train_step
+
+  source = sources.image_folder(args.data_dir, split=args.split)
+  num_classes = len(source.class_names)
+  log(f"source: {args.data_dir} [{args.split}], {len(source)} images, {num_classes} classes")
+  model = jcv.models.create(args.model, num_classes=num_classes, **_model_options(args.model_option))
   loader = pipeline.train_loader(source, batch_size=args.batch_size, image_size=args.image_size,
                                  seed=0, crop=args.crop, num_threads=args.threads)
   aug = augment.make_augment(["flip", ("pad_crop", {"padding": 2})], num_classes=num_classes)
@@ -85,19 +84,22 @@ def main(argv=None):
                  donate_argnums=0)
   state = create_train_state(jax.random.key(0), model, optax.sgd(0.01, momentum=0.9),
                              (1, args.image_size, args.image_size, 3))
-  B, n = args.batch_size, args.steps
+  return loader, step, state
 
-  # 1. input pipeline alone
-  it = iter(loader)
+
+def _time_input(it, n: int):
+  """(the first batch, seconds per batch of the next ``n``): the input pipeline alone."""
   first = next(it)  # starts the workers, fills caches
   t0 = time.perf_counter()
   for _ in range(n):
     next(it)
-  input_s = (time.perf_counter() - t0) / n
-  log(f"input only: {B / input_s:.1f} img/s ({1e3 * input_s:.1f} ms/batch)")
+  return first, (time.perf_counter() - t0) / n
 
-  # 2. train step alone (compile first)
-  batch = jax.device_put({"image": first["image"], "label": first["label"]})
+
+def _time_step(step, state, batch, n: int):
+  """(state, median seconds per step over ``n``, compile seconds): the train step alone."""
+  import jax
+
   t0 = time.perf_counter()
   state, m = step(state, batch)
   jax.block_until_ready(m["loss"])
@@ -108,10 +110,14 @@ def main(argv=None):
     state, m = step(state, batch)
     jax.block_until_ready(m["loss"])
     times.append(time.perf_counter() - t0)
-  step_s = median(times)
-  log(f"step only: {B / step_s:.1f} img/s ({1e3 * step_s:.1f} ms/step, compile {compile_s:.1f} s)")
+  return state, median(times), compile_s
 
-  # 3. end to end, asynchronous dispatch: block only on the previous step's loss
+
+def _time_end_to_end(step, state, it, n: int):
+  """(state, last metrics, seconds per step): loader -> device -> step, blocking only on the
+  previous step's loss (asynchronous dispatch)."""
+  import jax
+
   t0 = time.perf_counter()
   pending = None
   for _ in range(n):
@@ -122,7 +128,30 @@ def main(argv=None):
       jax.block_until_ready(pending)
     pending = m["loss"]
   jax.block_until_ready(pending)
-  e2e_s = (time.perf_counter() - t0) / n
+  return state, m, (time.perf_counter() - t0) / n
+
+
+def main(argv=None):
+  """Runs the three measurements and prints/writes a summary dict."""
+  args = _parse_args(argv)
+  if not args.no_tune_malloc:
+    import jcv.perf
+    jcv.perf.tune_malloc()
+  import jax
+  import numpy as np
+
+  info = machine_info()
+  log = functools.partial(print, flush=True)
+  log(f"# {info['cpu']} x{info['cpu_count']} | load {info['load_avg_1_5_15']} | jax {info['jax']}")
+  loader, step, state = _setup(args, log)
+  B, n = args.batch_size, args.steps
+  it = iter(loader)
+  first, input_s = _time_input(it, n)
+  log(f"input only: {B / input_s:.1f} img/s ({1e3 * input_s:.1f} ms/batch)")
+  batch = jax.device_put({"image": first["image"], "label": first["label"]})
+  state, step_s, compile_s = _time_step(step, state, batch, n)
+  log(f"step only: {B / step_s:.1f} img/s ({1e3 * step_s:.1f} ms/step, compile {compile_s:.1f} s)")
+  state, m, e2e_s = _time_end_to_end(step, state, it, n)
   bottleneck = "input" if input_s > step_s else "step"
   result = {
       "machine": info, "args": vars(args),

@@ -22,7 +22,7 @@ import pathlib
 import sys
 
 
-def main(argv=None):
+def _parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default="resnet20")
   p.add_argument("--batch-size", type=int, default=64)
@@ -31,17 +31,17 @@ def main(argv=None):
   p.add_argument("--steps-per-call", type=int, default=4)
   p.add_argument("--rounds", type=int, default=4)
   p.add_argument("--out", default=None)
-  args = p.parse_args(argv)
-  if args.devices > 1:
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  return p.parse_args(argv)
 
+
+def _step_runners(args) -> dict:
+  """Name -> a closure running ``--steps-per-call`` train steps: ``bare``, ``jcv_jit``, ``jcv_pmap``."""
   import functools
 
   import jax
   import numpy as np
 
-  from benchmarks.common import interleaved_times, machine_info, median, step_runner, write_json
+  from benchmarks.common import step_runner
   from jcv.train import Config, Data, Model, build, optim, parallel
   from jcv.train.state import create_train_state
   from jcv.train.step import train_step
@@ -72,7 +72,13 @@ def main(argv=None):
     step = parallel.compile_train_step(fn, mesh, mode=mode)
     return step_runner(step, state, batch, mesh, args.steps_per_call)
 
-  fns = {"bare": make_bare(), "jcv_jit": make_jcv("jit"), "jcv_pmap": make_jcv("pmap")}
+  return {"bare": make_bare(), "jcv_jit": make_jcv("jit"), "jcv_pmap": make_jcv("pmap")}
+
+
+def _measure(args, fns: dict) -> dict:
+  """Name -> img/s, ms and CPU s per step, samples and ratio to ``bare``, over interleaved rounds."""
+  from benchmarks.common import interleaved_times, median
+
   cpu = {}
   times = interleaved_times(fns, rounds=args.rounds, iters_per_round=1, warmup=1, cpu_times=cpu)
   images_per_call = args.batch_size * args.steps_per_call
@@ -81,6 +87,15 @@ def main(argv=None):
           for name, t in times.items()}
   for name in rows:
     rows[name]["ratio_to_bare"] = rows[name]["img_per_s"] / rows["bare"]["img_per_s"]
+  return rows
+
+
+def _report(args, rows: dict) -> None:
+  """Writes the JSON result and prints one line per wrapper."""
+  import jax
+
+  from benchmarks.common import machine_info, write_json
+
   result = {"machine": machine_info(), "args": vars(args), "devices": jax.device_count(), "results": rows}
   out = args.out or str(pathlib.Path(__file__).parent / "results" /
                         ("train_loop.json" if args.devices == 1 else f"train_loop_{args.devices}dev.json"))
@@ -89,6 +104,15 @@ def main(argv=None):
         f"load {result['machine']['load_avg_1_5_15']}")
   for name, r in rows.items():
     print(f"  {name:9s} {r['img_per_s']:8.1f} img/s  {r['ms_per_step']:8.1f} ms/step  x{r['ratio_to_bare']:.2f} of bare")
+
+
+def main(argv=None):
+  """Parses the flags, sets the fake devices, then builds, times and reports the three wrappers."""
+  args = _parse_args(argv)
+  if args.devices > 1:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  _report(args, _measure(args, _step_runners(args)))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """Input pipeline: sources (image folders, tfds, arrays) → grain host transforms → uint8
 batches → on-device augmentation inside the jitted train step.
 
-Submodules: :mod:`jcv.data.sources`, :mod:`jcv.data.transforms`, :mod:`jcv.data.pipeline`,
+Submodules: :mod:`jcv.data.sources` (with :mod:`jcv.data.folders`),
+:mod:`jcv.data.transforms`, :mod:`jcv.data.pipeline` (with :mod:`jcv.data.batches`),
 :mod:`jcv.data.augment` (with :mod:`jcv.data.affine`), :mod:`jcv.data.decode`,
 :mod:`jcv.data.tfds_folder`.
 """
 import importlib
 
-__all__ = ["affine", "augment", "decode", "pipeline", "sources", "tfds_folder", "transforms"]
+__all__ = ["affine", "augment", "batches", "decode", "folders", "pipeline", "sources", "tfds_folder",
+           "transforms"]
 
 
 def __getattr__(name):

@@ -1,15 +1,25 @@
-"""Image file decoding to uint8 RGB arrays (PIL), with corrupt files reported by name."""
+"""Image file decoding to uint8 RGB arrays (PIL), with corrupt files reported by name.
+
+:func:`decode_image` decodes one file; :func:`decode_all` every example of a source, in
+threads, with the memory held by images being decoded at once bounded.
+"""
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import io
+import logging
 import os
+import threading
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["CorruptImageError", "IMAGE_EXTENSIONS", "MAX_PIXELS", "decode_image", "image_size",
+__all__ = ["CorruptImageError", "IMAGE_EXTENSIONS", "MAX_PIXELS", "decode_all", "decode_image", "image_size",
            "require_files"]
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -17,6 +27,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 # pixels (192 MB as RGB) passes any camera photo. ``max_pixels=`` (or image-folder
 # ``source_options={"max_pixels": N}``) changes it per call.
 MAX_PIXELS = 64_000_000
+# decode_all: at most this many bytes of images being decoded at once (plus one image).
+DECODE_BYTES_IN_FLIGHT = 512 << 20
 # PIL's own check warns above ~89 M pixels; MAX_PIXELS (or max_pixels=) decides here instead.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
@@ -97,3 +109,54 @@ def decode_image(source: str | os.PathLike | bytes, *, draft_size: int | None = 
     raise
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise CorruptImageError(name, f"{type(e).__name__}: {e}") from e
+
+
+def decode_all(src, *, strict: bool = False, num_threads: int | None = None) -> tuple[list[dict], list[str]]:
+  """Every example ``src[i]`` of a source, decoded in threads: (records in order, corrupt paths).
+
+  Corrupt files are skipped (logged, their paths returned) unless ``strict=True``, which
+  raises :class:`CorruptImageError`. When ``src`` lists its files (``src.paths``), the images
+  being decoded at once hold at most :data:`DECODE_BYTES_IN_FLIGHT` bytes (one image always
+  proceeds), read from the file headers.
+  """
+  paths = getattr(src, "paths", None)
+  budget = _ByteBudget(DECODE_BYTES_IN_FLIGHT)
+
+  def load(i):
+    size = image_size(paths[i]) if paths is not None else None
+    cost = size[0] * size[1] * 4 if size else 0
+    try:
+      with budget.hold(cost):
+        return src[i]
+    except CorruptImageError as e:
+      if strict:
+        raise
+      log.warning("skipping %s", e)
+      return e
+
+  workers = num_threads or min(8, (os.cpu_count() or 1) * 2)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    records = list(pool.map(load, range(len(src)), chunksize=64))
+  skipped = [r.path for r in records if isinstance(r, CorruptImageError)]
+  good = [r for r in records if not isinstance(r, CorruptImageError)]
+  return good, skipped
+
+
+class _ByteBudget:
+  """Bounds the bytes of images being decoded at once (one image may always proceed)."""
+
+  def __init__(self, limit: int):
+    self.limit, self.used = limit, 0
+    self.cond = threading.Condition()
+
+  @contextlib.contextmanager
+  def hold(self, cost: int):
+    with self.cond:
+      self.cond.wait_for(lambda: self.used == 0 or self.used + cost <= self.limit)
+      self.used += cost
+    try:
+      yield
+    finally:
+      with self.cond:
+        self.used -= cost
+        self.cond.notify_all()

@@ -5,22 +5,19 @@ Every source has ``len(src)``, ``src[i] -> {"image": uint8 [H, W, 3], "label": i
 """
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import pathlib
-import re
-import threading
 from typing import Any, Sequence
 
 import numpy as np
 
-from jcv import cachefile, safefile
+from jcv import cachefile
 from jcv.data import decode as decode_lib
-from jcv.data.decode import IMAGE_EXTENSIONS, CorruptImageError, decode_image
+from jcv.data import folders
+from jcv.data.decode import CorruptImageError, decode_image
 
 __all__ = [
   "ArraySource", "CorruptImageError", "DataUnavailableError", "ImageFolderSource", "TfdsSource", "default_cache_dir",
@@ -33,8 +30,6 @@ log = logging.getLogger(__name__)
 AUTO_CACHE_MAX_PIXELS = 64 * 64
 # Part of every .npy cache key: bump when decoding changes what a file decodes to.
 CACHE_VERSION = 2
-# to_memory: at most this many bytes of images being decoded at once (plus one image).
-DECODE_BYTES_IN_FLIGHT = 512 << 20
 
 
 class DataUnavailableError(RuntimeError):
@@ -93,65 +88,6 @@ class ArraySource:
 
 # --------------------------------------------------------------------------- image folders
 
-_SLICE_RE = re.compile(r"^(?P<name>[^\[\]]+)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
-
-
-def _parse_split(split: str) -> tuple[str, slice]:
-  """"train[:90%]" -> ("train", slice) over the example count (percent or absolute)."""
-  m = _SLICE_RE.match(split.strip())
-  if not m:
-    raise ValueError(f"bad split {split!r}: expected a name like 'train', 'train[:90%]' or 'test[100:]'")
-  return m.group("name"), slice(m.group("start"), m.group("stop"))
-
-
-def _resolve_bound(bound: str | None, n: int) -> int | None:
-  if bound is None:
-    return None
-  if bound.endswith("%"):
-    pct = int(bound[:-1])
-    if not -100 <= pct <= 100:
-      raise ValueError(f"split percentage {bound} out of [-100%, 100%]")
-    return int(round(n * pct / 100))
-  return int(bound)
-
-
-def _list_classes(folder: pathlib.Path) -> list[str]:
-  """Sub-folder names, sorted; hidden folders and jcv run folders (a workdir inside) are no classes."""
-  return sorted(p.name for p in folder.iterdir()
-                if p.is_dir() and not p.name.startswith(".") and not safefile.is_run_folder(p))
-
-
-def _list_files(folder: pathlib.Path, class_names: list[str]) -> tuple[list[str], list[int]]:
-  paths, labels, empty = [], [], []
-  for label, name in enumerate(class_names):
-    cdir = folder / name
-    if not cdir.is_dir():
-      continue
-    files = sorted(
-      f for f in os.listdir(cdir)
-      if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
-    )
-    if not files:
-      empty.append(name)
-    paths.extend(str(cdir / f) for f in files)
-    labels.extend([label] * len(files))
-  if empty and paths:
-    raise ValueError(f"class folder(s) {empty} under {str(folder)!r} hold no image files "
-                     f"({', '.join(IMAGE_EXTENSIONS)}): add images or remove the folder(s)")
-  return paths, labels
-
-
-def _carve(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
-  """Boolean mask of a stratified validation subset (``val_fraction`` of each class)."""
-  rng = np.random.default_rng(seed)
-  is_val = np.zeros(len(labels), bool)
-  for c in np.unique(labels):
-    idx = np.flatnonzero(labels == c)
-    k = int(round(len(idx) * val_fraction))
-    is_val[rng.permutation(idx)[:k]] = True
-  return is_val
-
-
 class ImageFolderSource:
   """Image files listed once; ``src[i]`` decodes file i (raises CorruptImageError naming it)."""
 
@@ -177,27 +113,6 @@ class ImageFolderSource:
 
   def __repr__(self):
     return f"ImageFolderSource({self.root!r}, {len(self)} files, {len(self.class_names)} classes)"
-
-
-def _split_folder(root_path: pathlib.Path, name: str | None, val_fraction):
-  """(folder to list, "train"/"val" part to carve from it or None, whether root has split folders)."""
-  has_splits = (root_path / "train").is_dir() or (name is not None and (root_path / name).is_dir())
-  carve = None
-  if name is None:
-    folder = root_path
-  elif (root_path / name).is_dir() and not (name == "train" and val_fraction):
-    folder = root_path / name
-  elif name in ("train", "val", "validation"):
-    if not val_fraction:
-      raise ValueError(
-        f"split {name!r} not found under {str(root_path)!r}: pass val_fraction=... to carve a "
-        "validation set out of the training images")
-    folder = root_path / "train" if has_splits else root_path
-    carve = "val" if name in ("val", "validation") else "train"
-  else:
-    found = _list_classes(root_path) if root_path.is_dir() else []
-    raise ValueError(f"split {name!r} not found under {str(root_path)!r} (sub-folders: {found})")
-  return folder, carve, has_splits
 
 
 def image_folder(
@@ -232,32 +147,7 @@ def image_folder(
   root_path = pathlib.Path(root).expanduser()
   if not root_path.is_dir():
     raise ValueError(f"image folder {str(root_path)!r} does not exist or is not a directory")
-  name, sl = _parse_split(split) if split is not None else (None, slice(None))
-  if val_fraction is not None and not 0.0 < val_fraction < 1.0:
-    raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction}")
-
-  folder, carve, has_splits = _split_folder(root_path, name, val_fraction)
-
-  class_dir = root_path / "train" if has_splits and (root_path / "train").is_dir() else folder
-  class_names = _list_classes(class_dir)
-  if not class_names:
-    raise ValueError(f"no class sub-folders in {str(class_dir)!r}: expected <class>/<image files>")
-  extra = set(_list_classes(folder)) - set(class_names)
-  if extra:
-    raise ValueError(f"classes {sorted(extra)} in {str(folder)!r} are missing from {str(class_dir)!r}")
-  paths, labels = _list_files(folder, class_names)
-  if not paths:
-    raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {str(folder)!r}")
-  labels = np.asarray(labels, np.int32)
-  if carve is not None:
-    is_val = _carve(labels, val_fraction, seed)
-    keep = is_val if carve == "val" else ~is_val
-    paths = [p for p, k in zip(paths, keep) if k]
-    labels = labels[keep]
-  idx = range(len(paths))[slice(_resolve_bound(sl.start, len(paths)), _resolve_bound(sl.stop, len(paths)))]
-  paths, labels = [paths[i] for i in idx], labels[list(idx)]
-  if not paths:
-    raise ValueError(f"split {split!r} of {str(root_path)!r} holds no images (too few files to carve or slice it)")
+  paths, labels, class_names = folders.list_split(root_path, split, val_fraction=val_fraction, seed=seed)
   src = ImageFolderSource(paths, labels, class_names, root=str(root_path), max_pixels=max_pixels)
 
   if cache == "auto":
@@ -316,25 +206,7 @@ def to_memory(
         raise CorruptImageError(cached.skipped[0], "recorded as corrupt in the cache")
       return cached
 
-  budget = _ByteBudget(DECODE_BYTES_IN_FLIGHT)
-
-  def load(i):
-    size = decode_lib.image_size(paths[i]) if paths is not None else None
-    cost = size[0] * size[1] * 4 if size else 0
-    try:
-      with budget.hold(cost):
-        return src[i]
-    except CorruptImageError as e:
-      if strict:
-        raise
-      log.warning("skipping %s", e)
-      return e
-
-  workers = num_threads or min(8, (os.cpu_count() or 1) * 2)
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    records = list(pool.map(load, range(len(src)), chunksize=64))
-  skipped = [r.path for r in records if isinstance(r, CorruptImageError)]
-  good = [r for r in records if not isinstance(r, CorruptImageError)]
+  good, skipped = decode_lib.decode_all(src, strict=strict, num_threads=num_threads)
   if not good:
     raise ValueError(f"no decodable images in {src!r}")
   shapes = {r["image"].shape for r in good}
@@ -364,26 +236,6 @@ def _read_cache(stem: pathlib.Path) -> ArraySource:
   if not (isinstance(meta, dict) and len(images) == len(labels) == meta["count"]):
     raise ValueError(f"{len(images)} images, {len(labels)} labels for a record of {meta!r:.80}")
   return ArraySource(images, labels, class_names=meta["class_names"], skipped=meta["skipped"])
-
-
-class _ByteBudget:
-  """Bounds the bytes of images being decoded at once (one image may always proceed)."""
-
-  def __init__(self, limit: int):
-    self.limit, self.used = limit, 0
-    self.cond = threading.Condition()
-
-  @contextlib.contextmanager
-  def hold(self, cost: int):
-    with self.cond:
-      self.cond.wait_for(lambda: self.used == 0 or self.used + cost <= self.limit)
-      self.used += cost
-    try:
-      yield
-    finally:
-      with self.cond:
-        self.used -= cost
-        self.cond.notify_all()
 
 
 # --------------------------------------------------------------------------- tfds
@@ -465,19 +317,6 @@ def tfds_source(
 # --------------------------------------------------------------------------- resolve
 
 
-def _looks_like_image_folder(root: pathlib.Path, depth: int = 3) -> bool:
-  """True if image files lie within ``depth`` levels under ``root`` (a quick, bounded look)."""
-  try:
-    entries = list(os.scandir(root))[:200]
-  except OSError:
-    return False
-  for e in entries:
-    if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS):
-      return True
-  return depth > 1 and any(e.is_dir() and not e.name.startswith(".")
-                           and _looks_like_image_folder(pathlib.Path(e.path), depth - 1) for e in entries[:20])
-
-
 def resolve(
   spec, *, split: str, data_dir: str | os.PathLike | None = None, download: bool = False,
   val_fraction: float | None = None, seed: int = 0, **folder_options,
@@ -504,8 +343,8 @@ def resolve(
       return image_folder(cand, split=split, val_fraction=val_fraction, seed=seed, **folder_options)
   if os.sep in spec_str or spec_str.startswith("."):
     raise ValueError(f"image folder {spec_str!r} does not exist")
-  if data_dir is not None and _looks_like_image_folder(pathlib.Path(data_dir).expanduser()):
-    found = _list_classes(pathlib.Path(data_dir).expanduser())
+  if data_dir is not None and folders.looks_like_image_folder(pathlib.Path(data_dir).expanduser()):
+    found = folders.list_classes(pathlib.Path(data_dir).expanduser())
     raise ValueError(f"split {split.split('[', 1)[0]!r} not found in the image folder {os.fspath(data_dir)!r} "
                      f"(sub-folders: {found}): add {os.fspath(data_dir)}/{split.split('[', 1)[0]}/<class>/<file>, "
                      "or choose another split (e.g. --set eval_split=... or val_fraction=0.1)")

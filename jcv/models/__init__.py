@@ -5,7 +5,7 @@
 names, ``get_card(name)`` gives the model card and ``summary(name)`` prints a per-layer table
 with parameters and MACs measured by XLA's cost analysis.
 """
-from jcv.models import layers
+from jcv.models import blocks, layers
 from jcv.models.registry import ModelCard, create, discover, get_card, list_models, register
 from jcv.models.summary import count_params, layer_table, measure_macs, summary
 
@@ -13,5 +13,5 @@ from jcv.models.summary import count_params, layer_table, measure_macs, summary
 # file needs no line here.
 discover()
 
-__all__ = ["ModelCard", "count_params", "create", "discover", "get_card", "layers", "list_models",
-           "layer_table", "measure_macs", "register", "summary"]
+__all__ = ["ModelCard", "blocks", "count_params", "create", "discover", "get_card", "layers",
+           "list_models", "layer_table", "measure_macs", "register", "summary"]

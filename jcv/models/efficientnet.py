@@ -22,7 +22,7 @@ from typing import Any
 import flax.linen as nn
 
 from jcv.models.layers import ConvBNAct
-from jcv.models.mobilenet import _STAGE_DOC, InvertedResidual, StagedNet, make_divisible
+from jcv.models.mobilenet import STAGE_OPTIONS_DOC, InvertedResidual, StagedNet, make_divisible
 from jcv.models.registry import ModelCard, register
 
 __all__ = ["EFFICIENTNET_LITE_BLOCKS", "EFFICIENTNET_LITE_SCALING", "EfficientNetLite",
@@ -98,7 +98,7 @@ class EfficientNetLite(StagedNet):
     return super()._call_stage(stage, index, x, train)
 
 
-EfficientNetLite.__doc__ += _STAGE_DOC
+EfficientNetLite.__doc__ += STAGE_OPTIONS_DOC
 
 # Trainable parameters with the 1000-class head: Lite0-2 as the PyTorch state dicts of
 # ../shared/weights/README.md; Lite3/4 our count (published rounded: 8.197M / 13.007M).

@@ -1,9 +1,9 @@
 """The Inception family: GoogLeNet (Inception v1 with BN, torchvision), Inception-v3
 (torchvision, no auxiliary head) and Inception-ResNet-v2 (Keras applications layout).
 
-Every module is built from the shared inception branches of :mod:`jcv.models.layers`
-(:class:`~jcv.models.layers.ConvBranch`, :class:`~jcv.models.layers.PoolBranch`,
-:class:`~jcv.models.layers.InceptionV1Block`).
+Every module is built from the shared inception branches of :mod:`jcv.models.blocks`
+(:class:`~jcv.models.blocks.ConvBranch`, :class:`~jcv.models.blocks.PoolBranch`,
+:class:`~jcv.models.blocks.InceptionV1Block`).
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jcv.models.layers import (ConvBNAct, ConvBranch, InceptionV1Block, PoolBranch,
-                               classifier_head, max_pool)
+from jcv.models.blocks import ConvBranch, InceptionV1Block, PoolBranch
+from jcv.models.layers import ConvBNAct, classifier_head, max_pool
 from jcv.models.registry import ModelCard, register
 
 __all__ = ["GoogLeNet", "InceptionResNetV2", "InceptionResNetBlock", "InceptionV3",

@@ -27,7 +27,7 @@ from jcv.models.registry import ModelCard, register
 
 __all__ = [
     "InvertedResidual", "MobileNetV1", "MobileNetV2", "StagedNet", "make_divisible",
-    "mobilenet_v1", "mobilenet_v2", "MOBILENET_V2_BLOCKS",
+    "mobilenet_v1", "mobilenet_v2", "MOBILENET_V2_BLOCKS", "STAGE_OPTIONS_DOC",
 ]
 
 # (expansion t, output channels c, repeats n, first stride s) from the MobileNetV2 paper.
@@ -133,7 +133,8 @@ class StagedNet(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
 
-_STAGE_DOC = """
+# The stage options every StagedNet accepts, appended to the docstring of each staged family.
+STAGE_OPTIONS_DOC = """
   Stage options (used by :mod:`jcv.train.transfer`; stages are ``stage_names()`` + the head):
   ``frozen_stages=N``: the first N stages run BatchNorm in inference mode and get no gradient
   (``stop_gradient`` after them, so no backward pass is computed through them);
@@ -192,8 +193,8 @@ class MobileNetV1(StagedNet):
     return stages
 
 
-MobileNetV2.__doc__ += _STAGE_DOC
-MobileNetV1.__doc__ += _STAGE_DOC
+MobileNetV2.__doc__ += STAGE_OPTIONS_DOC
+MobileNetV1.__doc__ += STAGE_OPTIONS_DOC
 
 
 class _SeparableBlock(nn.Module):

@@ -8,7 +8,8 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 
-from jcv.models.layers import BasicBlock, Bottleneck, ConvBNAct, classifier_head, max_pool
+from jcv.models.blocks import BasicBlock, Bottleneck
+from jcv.models.layers import ConvBNAct, classifier_head, max_pool
 from jcv.models.registry import ModelCard, register
 
 __all__ = ["ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet20",
