@@ -26,7 +26,7 @@ from typing import Callable
 
 from jcv.train.config import Config
 
-__all__ = ["HelpFormatter", "make_parser", "apply_args", "config_from_args", "start", "run",
+__all__ = ["HelpFormatter", "augment_ops_text", "make_parser", "apply_args", "config_from_args", "start", "run",
            "backend_preset", "fit_only_flags", "describe_presets", "user_errors", "guarded_main", "USAGE_ERRORS",
            "print_config"]
 

@@ -27,6 +27,7 @@ __all__ = ["make_parser", "make_config", "main"]
 
 
 def make_parser():
+  """The ``jcv train`` parser: the shared flags of every experiment plus the model, data and budget."""
   p = cli.make_parser(__doc__, helps={
       "data_dir": "an image folder: DIR/train/<class>/... (optional val/, test/) or DIR/<class>/...",
       "epochs": "training epochs (default: what fits in --minutes, else the recipe's)"})
