@@ -131,6 +131,7 @@ def train_one(config: Config, folder, *, sources: dict | None = None, extra: dic
     print(f"{folder.name}: diverged: {e}")
     row = {"run": folder.name, "status": f"diverged ({str(e).split(';')[0]})", "image_size": config.data.image_size,
            "config": config.to_dict()}
+    folder.mkdir(parents=True, exist_ok=True)
   row = {**row, **(extra or {})}
   log_lib.write_json(folder / "result.json", row)
   return row
