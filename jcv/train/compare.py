@@ -104,14 +104,15 @@ def within_minutes(config: Config, num_classes: int, minutes: float, *, evaluati
   """``config`` lasting the steps that take ``minutes`` of training on this machine: its own
   compiled step timed on random batches (:func:`jcv.train.budget.step_seconds`); compilation and
   evaluations come on top. ``evaluations``: that many, evenly spread; ``warmup_fraction``: the
-  warmup as that share of the steps (else both stay as configured)."""
+  warmup as that share of the steps (else both stay as configured). Logs at least 10 times."""
   if minutes <= 0:
     raise ValueError(f"the time budget must be > 0 minutes, got {minutes}")
   per_step, compile_s = budget.step_seconds(init_from.resolve_preprocessing(config), num_classes)
   steps = max(int(minutes * 60 / per_step), 1)
   print(f"{config.model.name}: {per_step:.3f} s per step (compiled in {compile_s:.0f} s): {steps} steps "
         f"in {minutes:g} min")
-  changes = {"run": {"length": f"{steps} steps"}}
+  # At least 10 log windows: the run's img/s leaves out the first (compiling) one.
+  changes = {"run": {"length": f"{steps} steps", "log_every": f"{max(1, min(50, steps // 10))} steps"}}
   if evaluations:
     changes["evaluation"] = {"every": f"{max(steps // evaluations, 1)} steps"}
   if warmup_fraction is not None:
