@@ -1,6 +1,7 @@
 """Cats vs dogs: lecture 3_1's advanced CNN and notebook 3_2's three MobileNetV2 regimes.
 
   python experiments/cats_vs_dogs.py                      # every variant + comparison
+  python experiments/cats_vs_dogs.py --variant like_for_like   # both backbones' three regimes alike
   python experiments/cats_vs_dogs.py --variant finetune --image-size 224
   python experiments/cats_vs_dogs.py --variant frozen --steps 2 --limit 64 --workdir /tmp/c   # smoke test
   python experiments/cats_vs_dogs.py --variant finetune --print-config
@@ -16,6 +17,9 @@ evaluate|predict`` accept; ``all``, the default, runs every one and compares the
 - ``scratch``: MobileNetV2 from a random init, 96 px, 2 epochs.
 - ``advanced_cnn``: the lecture's CNN (ConvBNAct blocks, dropout, BN, L2 weight decay) from
   scratch, 96 px, 2 epochs.
+``like_for_like`` (not in ``all``): for each backbone (or --backbone's), scratch, frozen and finetune
+(jcv.train.compare.regime_configs) on one recipe: 160 px, 6 epochs, random-resized crops, flip, AdamW 1e-3
+(WORKDIR/<backbone>/same_epochs), then --minutes-per-run of training each (WORKDIR/<backbone>/same_time).
 Measured accuracy and time of each: README.md. Hyperparameters were chosen on a validation split carved from train; the test split gives the
 final numbers. ``--data-dir``: an image folder root/{train,test}/{cat,dog} (default
 ../shared/data/cats_vs_dogs) or a tfds data_dir holding ``cats_vs_dogs``. A variant with a
@@ -28,9 +32,8 @@ import os
 import pathlib
 import sys
 
-from jcv.data.subsets import subset
 from jcv.train import (Augment, Config, Data, FeatureCache, Init, Model, Optim, Phase, Pretrained, Run, build, cli,
-                       report)
+                       compare, report)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("JCV_SHARED", REPO.parent / "shared"))
@@ -52,15 +55,20 @@ SCRATCH = BASE.replace(data={"image_size": 96}, run={"length": "2 epochs"}, mode
 ADVANCED_CNN = BASE.replace(data={"image_size": 96}, run={"length": "2 epochs"}, model={"name": "advanced_cnn"},
                             optim={"weight_decay": 1e-4, "weight_decay_mode": "l2"})
 PRESETS = {"frozen": FROZEN, "finetune": FINETUNE, "scratch": SCRATCH, "advanced_cnn": ADVANCED_CNN}
+# One recipe for the three regimes; BN momentum 0.9 moves scratch's statistics (the others keep BN frozen).
+LIKE_FOR_LIKE = BASE.replace(data={"mean": "pretrained", "std": "pretrained"}, model={"options": {"bn_momentum": 0.9}},
+                             init=Init(pretrained=Pretrained(WEIGHTS)), schedule={"warmup": "0.5 epochs"},
+                             run={"length": "6 epochs"})
+BACKBONES = {"mobilenet_v2": WEIGHTS, "efficientnet_lite2": str(SHARED / "weights" / "efficientnet_lite2.npz")}
 
 
-def make_config(args, variant: str) -> Config:
+def make_config(args, variant: str, backbone: str | None = None, weights: str | None = None) -> Config:
   """The variant's preset on the data, weights and sizes given, then the shared flags and --set."""
-  config = PRESETS[variant]
+  config, backbone, weights = PRESETS.get(variant, LIKE_FOR_LIKE), backbone or args.backbone or "mobilenet_v2", weights or args.weights
   if config.init.pretrained is not None:
-    if args.backbone != "mobilenet_v2" and args.weights == WEIGHTS:
-      raise ValueError(f"--backbone {args.backbone} needs its --weights FILE")
-    config = config.replace(model={"name": args.backbone}, init={"pretrained": Pretrained(args.weights)},
+    if backbone != "mobilenet_v2" and weights == WEIGHTS:
+      raise ValueError(f"--backbone {backbone} needs its --weights FILE")
+    config = config.replace(model={"name": backbone}, init={"pretrained": Pretrained(weights)},
                             data={"image_size": args.image_size})
   elif args.scratch_image_size:
     config = config.replace(data={"image_size": args.scratch_image_size})
@@ -73,45 +81,48 @@ def make_config(args, variant: str) -> Config:
   return cli.apply_args(config, args)
 
 
-def run(config: Config, folder: pathlib.Path, limit: int | None, *, restart: bool = False) -> dict:
-  """Trains one variant in ``folder`` and tests it -> its result.json (``limit``: a seeded
-  subset of each split, resized to 96 px)."""
-  sources = None
-  if limit:
-    splits = {"train": config.data.train_split, "eval": config.data.eval_split, "test": report.test_split(config)}
-    sources = {k: subset(build.build_source(config, s), limit, seed=config.run.seed, size=96) for k, s in splits.items()}
-  return report.fit_and_test(config, folder, sources=sources, restart=restart)
+def like_for_like(args) -> dict:
+  """{backbone: its scratch, frozen and finetune configs (jcv.train.compare.regime_configs)}: --backbone's, else both."""
+  pairs = BACKBONES.items() if args.backbone is None else [(args.backbone, args.weights)]
+  return {b: compare.regime_configs(make_config(args, "like_for_like", b, w), w) for b, w in pairs}
 
 
 def main(argv=None):
   parser = cli.make_parser(__doc__, presets=PRESETS, default_workdir=str(REPO / "runs" / "cats_vs_dogs"),
                            helps={"preset": "unused here: --variant picks the preset"})
   parser.set_defaults(data_dir=str(SHARED / "data" / "cats_vs_dogs"))
-  parser.add_argument("--variant", default="all", choices=tuple(PRESETS) + ("all",),
+  parser.add_argument("--variant", default="all", choices=tuple(PRESETS) + ("all", "like_for_like"),
                       help="which run; all: every variant, then the comparison")
-  parser.add_argument("--backbone", default="mobilenet_v2", choices=("mobilenet_v2", "efficientnet_lite2"),
-                      help="ImageNet backbone of frozen and finetune; its preprocessing comes with it")
+  parser.add_argument("--backbone", choices=tuple(BACKBONES), help="ImageNet backbone of frozen and finetune (default: "
+                      "mobilenet_v2; like_for_like: both); its preprocessing comes with it")
   parser.add_argument("--weights", default=WEIGHTS,
                       help="the backbone's weights: a local .npz/.h5/.pth or a download name (default: MobileNetV2's)")
   parser.add_argument("--image-size", type=int, default=160, help="input size of frozen and finetune")
   parser.add_argument("--scratch-image-size", type=int, default=96, help="input size of scratch and advanced_cnn")
   parser.add_argument("--limit", type=int, help="use only this many images per split, resized to 96 px (smoke tests)")
   parser.add_argument("--force", action="store_true", help="rerun variants that already have a result.json")
+  parser.add_argument("--minutes-per-run", type=float, default=3.0, help="like_for_like: training time of each "
+                      "regime in the same-time table (0: no such table)")
   args = parser.parse_args(argv)
   variants = tuple(PRESETS) if args.variant == "all" else (args.variant,)
-  try:
-    configs = {v: make_config(args, v) for v in variants}  # a bad --set fails now, not after an hour
+  try:  # a bad --set fails now, not after an hour
+    groups = like_for_like(args) if args.variant == "like_for_like" else {"": {v: make_config(args, v) for v in variants}}
   except ValueError as e:
     parser.error(str(e))
   if args.print_config:
-    return [cli.print_config(c) for c in configs.values()] and 0
+    return [cli.print_config(c) for configs in groups.values() for c in configs.values()] and 0
   cli.start(args, host_devices="cores")  # multi-host JAX if asked, CPU malloc tuning
   workdir = pathlib.Path(args.workdir)
-  for variant, config in configs.items():
+  for backbone, configs in groups.items() if args.variant == "like_for_like" else ():  # WORKDIR/<backbone>/same_*
+    sources = report.subset_sources(configs["scratch"], args.limit, size=96) if args.limit else None
+    compare.compare_regimes(configs, workdir / backbone, minutes=args.minutes_per_run, sources=sources, force=args.force,
+                            restart=args.restart, title=backbone)
+  for variant, config in groups.get("", {}).items():
     if (workdir / variant / "result.json").exists() and not args.force:
       print(f"{variant}: already done ({workdir / variant / 'result.json'}); --force reruns it")
       continue
-    run(config, workdir / variant, args.limit, restart=args.restart)
+    sources = report.subset_sources(config, args.limit, size=96) if args.limit else None  # seeded, 96 px
+    report.fit_and_test(config, workdir / variant, sources=sources, restart=args.restart)
   if args.variant == "all":
     report.compare_runs(workdir, report.read_rows(workdir, PRESETS), title="cats vs dogs: validation accuracy",
                         columns={"run": "variant", "image_size": "image size", "epochs": "epochs",

@@ -2,12 +2,13 @@
 
   python experiments/cifar10.py --preset cpu --data-dir ../shared/data/cifar10 --workdir runs/cifar10_cpu
   python experiments/cifar10.py --preset gpu --data-dir ../shared/data/cifar10 --workdir runs/cifar10_gpu
+  python experiments/cifar10.py --preset baseline --data-dir ../shared/data/cifar10 --workdir runs/cifar10_baseline
   python experiments/cifar10.py ... --set data.val_fraction=0.1 --set data.eval_split=val   # tune on 45k/5k
 
 ``cifar_cnn`` with its first layer whitened from 5,000 training images (``init.whiten``) and
 frozen, label smoothing 0.2, alternating flips + translate-by-2, flip + translate TTA, and
 airbench94's Nesterov SGD + lookahead (``gpu``, ``cpu_sgd``) or airbench94_muon's Muon
-(``cpu``, with precise BN over 10k images). ``cpu`` is sized for about 20 min on a 2-core CPU.
+(``cpu``, with precise BN over 10k images). ``cpu`` is sized for about 20 min on a 2-core CPU. ``baseline``: homework 2's textbook CNN, Adam, flip + shift.
 
 Measured accuracy and time: docs/cifar10.md.
 """
@@ -48,7 +49,11 @@ CPU = CPU_SGD.replace(
     schedule=Schedule(name="linear"), model={"options": {"width": 0.75}}, run={"length": "8 epochs"},
     evaluation={"every": "8 epochs", "bn_recompute": "10000 examples"},
 )
-PRESETS = {"cpu": CPU, "cpu_sgd": CPU_SGD, "gpu": GPU}
+# Homework 2 as a student writes it: the textbook CNN (jcv.models.textbook), Adam at 1e-3, flips and shifts.
+BASELINE = Config(augment=Augment(ops=("flip", ("shift", {"width": 0.1, "height": 0.1}))), model=Model(name="textbook_cnn"),
+                  optim=Optim(name="adamw", learning_rate=1e-3, weight_decay=0.0), schedule=Schedule(name="constant"),
+                  run=Run(length="15 epochs"))  # every other field: Config's defaults (CIFAR-10 at 32 px, batch 128)
+PRESETS = {"cpu": CPU, "cpu_sgd": CPU_SGD, "gpu": GPU, "baseline": BASELINE}
 
 
 def main(argv=None) -> dict:

@@ -13,7 +13,6 @@ colour-space round-trip errors).
 """
 import argparse
 import json
-import math
 import pathlib
 import sys
 
@@ -21,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcv import ops
+from jcv import ops, plots
 
 
 def _gray(x):
@@ -117,38 +116,6 @@ def save_png(path, image):
   Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
 
 
-def plot(path, panels, *, columns):
-  """panels: list of (title, image [H, W, C], histogram counts [C, 256]) -> one PNG."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  rows = math.ceil(len(panels) / columns)
-  fig, axes = plt.subplots(2 * rows, columns, figsize=(2.4 * columns, 3.4 * rows),
-                           gridspec_kw={"height_ratios": [2.4, 1] * rows})
-  for ax in axes.ravel():
-    ax.axis("off")
-  for k, (title, image, counts) in enumerate(panels):
-    r, c = divmod(k, columns)
-    ax = axes[2 * r, c]
-    image = np.clip(np.asarray(image), 0, 1)
-    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
-    ax.set_title(title, fontsize=8)
-    hist = axes[2 * r + 1, c]
-    hist.axis("on")
-    colours = ["black"] if counts.shape[0] == 1 else ["tab:red", "tab:green", "tab:blue"]
-    counts = counts / max(counts.sum() / counts.shape[0], 1)
-    for channel, colour in zip(counts, colours):
-      hist.plot(np.linspace(0, 1, channel.shape[0]), channel, color=colour, lw=0.8)
-    # Scale to the inner bins: black or saturated pixels (bins 0 and 255) would flatten the rest.
-    hist.set_ylim(0, 1.15 * max(float(counts[:, 1:-1].max()), 1e-6))
-    hist.set_yticks([])
-    hist.set_xticks([0, 0.5, 1])
-    hist.tick_params(labelsize=6)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(
       description="Apply jcv.ops operations to an image; write each result, a figure of all "
@@ -197,7 +164,7 @@ def main(argv=None):
       space: float(jnp.abs(jax.jit(lambda x, f=f, g=g: g(f(x)))(image)
                            - (image if space != "gray" else ops.rgb_to_grayscale(image, keep_channels=True))).max())
       for space, (f, g) in ROUND_TRIPS.items()}
-  plot(out / "figure.png", panels, columns=args.columns)
+  plots.images_with_histograms(panels, out / "figure.png", columns=args.columns)
   (out / "summary.json").write_text(json.dumps(summary, indent=2))
   print("round trips (max |error|):", {k: f"{v:.1e}" for k, v in summary["round_trip_max_abs_error"].items()})
   print(f"figure: {out / 'figure.png'}")

@@ -1,13 +1,16 @@
 """Figures of a training run and its predictions: training curves, confusion matrix, worst mistakes,
-top-k bars per image (matplotlib, Agg)."""
+top-k bars per image, runs compared (curves, accuracy against cost), images with their histograms
+(matplotlib, Agg)."""
 from __future__ import annotations
 
+import itertools
+import math
 import pathlib
 
 import numpy as np
 
 __all__ = ["training_curves", "confusion_matrix", "confusion_counts", "worst_mistakes", "prediction_grid",
-           "prediction_bars", "curves_by_run"]
+           "prediction_bars", "curves_by_run", "accuracy_vs_cost", "images_with_histograms"]
 
 # prediction_bars: inches per panel (image and bars side by side) at _save's 100 dpi.
 PANEL_SIZE = (6.0, 2.6)
@@ -114,12 +117,12 @@ def worst_mistakes(logits, labels, index, source, class_names, path, *, count: i
   return _save(fig, path)
 
 
-def _save(fig, path) -> pathlib.Path:
+def _save(fig, path, dpi: int = 100) -> pathlib.Path:
   import io
   from jcv import safefile
   path = pathlib.Path(path)
   buffer = io.BytesIO()
-  fig.savefig(buffer, dpi=100, format=path.suffix[1:] or "png")
+  fig.savefig(buffer, dpi=dpi, format=path.suffix[1:] or "png")
   _plt().close(fig)
   safefile.write_atomic(path, buffer.getvalue())
   return path
@@ -183,7 +186,7 @@ def curves_by_run(curves: dict, path, *, metric: str = "top1", title: str = "") 
   eval ``metric`` against the epoch."""
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6, 4))
-  for (name, records), style in zip(curves.items(), ("-o", "--s", "-^", "-d", ":x")):
+  for (name, records), style in zip(curves.items(), itertools.cycle(("-o", "--s", "-^", "-d", ":x"))):
     rows = [r for r in records if r.get("split") == "eval" and metric in r and "epoch" in r]
     ax.plot([r["epoch"] for r in rows], [r[metric] for r in rows], style, markersize=4, label=name)
   ax.set_xlabel("epoch")
@@ -194,3 +197,58 @@ def curves_by_run(curves: dict, path, *, metric: str = "top1", title: str = "") 
   fig.tight_layout()
   return _save(fig, path)
 
+
+
+def accuracy_vs_cost(rows: list[dict], path, *, metric: str = "test_top1",
+                     costs=(("params", "parameters"), ("train_img_per_s", "training images / s")),
+                     title: str = "") -> pathlib.Path:
+  """One panel per cost (log scale): each row a point at (``row[cost]``, ``row[metric]``) labelled
+  with ``row["run"]``; a row without the metric (a diverged run) is a red cross at 0."""
+  plt = _plt()
+  fig, axes = plt.subplots(1, len(costs), figsize=(6.5 * len(costs), 5), squeeze=False)
+  for ax, (key, label) in zip(axes[0], costs):
+    for row in rows:
+      if not row.get(key):
+        continue
+      failed = row.get(metric) is None
+      y = 0.0 if failed else row[metric]
+      ax.plot(row[key], y, "x" if failed else "o", color="tab:red" if failed else "tab:blue", markersize=6)
+      ax.annotate(row["run"] + (" (diverged)" if failed else ""), (row[key], y), textcoords="offset points",
+                  xytext=(4, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel(label)
+    ax.set_ylabel(metric.replace("_", " ").replace("top1", "top-1"))
+    ax.grid(alpha=0.3, which="both")
+  fig.suptitle(title)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def images_with_histograms(panels, path, *, columns: int = 7) -> pathlib.Path:
+  """``panels``: (title, image [H, W, C] in [0, 1], histogram counts [C, 256]) each -> one PNG,
+  ``columns`` images per row, each above its per-channel histogram (experiments/image_ops.py)."""
+  plt = _plt()
+  rows = math.ceil(len(panels) / columns)
+  fig, axes = plt.subplots(2 * rows, columns, figsize=(2.4 * columns, 3.4 * rows),
+                           gridspec_kw={"height_ratios": [2.4, 1] * rows})
+  for ax in axes.ravel():
+    ax.axis("off")
+  for k, (title, image, counts) in enumerate(panels):
+    r, c = divmod(k, columns)
+    ax = axes[2 * r, c]
+    image = np.clip(np.asarray(image), 0, 1)
+    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+    ax.set_title(title, fontsize=8)
+    hist = axes[2 * r + 1, c]
+    hist.axis("on")
+    colours = ["black"] if counts.shape[0] == 1 else ["tab:red", "tab:green", "tab:blue"]
+    counts = counts / max(counts.sum() / counts.shape[0], 1)
+    for channel, colour in zip(counts, colours):
+      hist.plot(np.linspace(0, 1, channel.shape[0]), channel, color=colour, lw=0.8)
+    # Scale to the inner bins: black or saturated pixels (bins 0 and 255) would flatten the rest.
+    hist.set_ylim(0, 1.15 * max(float(counts[:, 1:-1].max()), 1e-6))
+    hist.set_yticks([])
+    hist.set_xticks([0, 0.5, 1])
+    hist.tick_params(labelsize=6)
+  fig.tight_layout()
+  return _save(fig, path, dpi=110)

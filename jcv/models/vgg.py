@@ -1,5 +1,5 @@
 """VGG (Simonyan & Zisserman 2014) in torchvision's layout: 3x3 convolutions, 2x2 max pools,
-an adaptive average pool to 7x7 and the 4096-4096 dropout head. ``vgg16_bn`` adds BatchNorm
+an adaptive average pool to 7x7 and the 4096-4096 dropout head. ``vgg11_bn``/``vgg16_bn`` add BatchNorm
 after every convolution (keeping the convolution biases, as torchvision does).
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import flax.linen as nn
 from jcv.models.layers import ConvBNAct, adaptive_avg_pool, max_pool, mlp_head
 from jcv.models.registry import ModelCard, register
 
-__all__ = ["VGG", "VGG_CONFIGS", "vgg11", "vgg16", "vgg16_bn", "vgg19"]
+__all__ = ["VGG", "VGG_CONFIGS", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "vgg19"]
 
 # Convolution widths per stage; every stage ends with a 2x2 max pool.
 VGG_CONFIGS = {
@@ -73,3 +73,10 @@ def vgg19(*, num_classes: int = 1000, **options) -> VGG:
 def vgg16_bn(*, num_classes: int = 1000, **options) -> VGG:
   """VGG-16 with BatchNorm after each convolution. Options: ``dropout_rate``, ``dtype``, BN momentum/epsilon."""
   return VGG(VGG_CONFIGS[16], num_classes=num_classes, batch_norm=True, **options)
+
+
+@register(ModelCard("vgg11_bn", paper=_PAPER + " (configuration A, with BatchNorm as torchvision)",
+                    year=2014, reference_params=132_868_840, input_size=224))
+def vgg11_bn(*, num_classes: int = 1000, **options) -> VGG:
+  """VGG-11 with BatchNorm after each convolution. Options: ``dropout_rate``, ``dtype``, BN momentum/epsilon."""
+  return VGG(VGG_CONFIGS[11], num_classes=num_classes, batch_norm=True, **options)

@@ -16,7 +16,7 @@ import numpy as np
 from jcv import safefile
 from jcv.train import build, evaluation, log as log_lib
 
-__all__ = ["test_split", "test_report", "fit_and_test", "compare_runs", "read_rows", "machine"]
+__all__ = ["test_split", "test_report", "fit_and_test", "subset_sources", "compare_runs", "read_rows", "machine"]
 
 
 def machine() -> str:
@@ -72,7 +72,8 @@ def fit_and_test(config, folder, *, sources: dict | None = None, restart: bool =
   split = test_split(config)
   test = evaluation.evaluate(folder, split=split, which="latest", source=sources.get("test"))
   row = {"run": folder.name, "val_top1": (results["final"]["eval"] or {}).get("top1"), "test_top1": test["top1"],
-         "test_loss": test["loss"], "epochs": results["epochs"], "wall_time_s": results["wall_time_s"],
+         "test_n": test["n"], "best_val_top1": (results.get("best") or {}).get("top1"), "test_loss": test["loss"], "steps": results["steps"],
+         "epochs": results["epochs"], "wall_time_s": results["wall_time_s"],
          "train_img_per_s": results.get("train_img_per_s"), "image_size": config.data.image_size,
          "config": config.to_dict()}
   log_lib.write_json(folder / "result.json", row)
@@ -81,25 +82,37 @@ def fit_and_test(config, folder, *, sources: dict | None = None, restart: bool =
   return row
 
 
+def subset_sources(config, limit: int, *, size: int | None = None) -> dict:
+  """A seeded random ``limit`` images of each of a run's train, eval and test splits (resized to
+  ``size`` px when given; jcv.data.subsets.subset): ``fit_and_test(sources=...)`` for quick runs."""
+  from jcv.data.subsets import subset
+  splits = {"train": config.data.train_split, "eval": config.data.eval_split, "test": test_split(config)}
+  return {k: subset(build.build_source(config, s), limit, seed=config.run.seed, size=size) for k, s in splits.items()}
+
+
 def _cell(value) -> str:
+  if isinstance(value, int) and not isinstance(value, bool):
+    return f"{value:,}"
   if isinstance(value, float):
     return f"{value:.4f}" if abs(value) < 10 else f"{value:,.0f}"
   return "" if value is None else str(value)
 
 
-def compare_runs(workdir, rows: list[dict], *, columns: dict, title: str, curves: bool = True) -> str:
-  """``WORKDIR/comparison.{md,json}`` (a markdown table of ``columns``: key -> header) and, with
-  ``curves``, ``comparison.png`` (each run's validation accuracy from ``WORKDIR/<run>/metrics.jsonl``)."""
+def compare_runs(workdir, rows: list[dict], *, columns: dict, title: str, curves: bool = True, note: str = "") -> str:
+  """``WORKDIR/comparison.{md,json}`` (a markdown table of ``columns``: key -> header, then ``note``
+  and the machine) and, with ``curves``, ``comparison.png`` (each run's validation accuracy from
+  ``WORKDIR/<run>/metrics.jsonl``)."""
   from jcv import plots
   workdir = pathlib.Path(workdir)
   lines = ["| " + " | ".join(columns.values()) + " |", "| --- |" + " ---: |" * (len(columns) - 1)]
   lines += ["| " + " | ".join(_cell(r.get(k)) for k in columns) + " |" for r in rows]
-  lines.append(f"\nMachine: {machine()}.")
+  lines.append(f"\n{note + ' ' if note else ''}Machine: {machine()}.")
   table = "\n".join(lines) + "\n"
   safefile.write_atomic(workdir / "comparison.md", table)
   log_lib.write_json(workdir / "comparison.json", [{k: v for k, v in r.items() if k != "config"} for r in rows])
   if curves:
-    plots.curves_by_run({r["run"]: log_lib.read_jsonl(workdir / r["run"] / "metrics.jsonl") for r in rows},
+    logs = {r["run"]: workdir / r["run"] / "metrics.jsonl" for r in rows}
+    plots.curves_by_run({run: log_lib.read_jsonl(path) for run, path in logs.items() if path.exists()},
                         workdir / "comparison.png", title=title)
   print(table)
   return table

@@ -13,7 +13,7 @@ import sys
 from jcv.train import Pretrained, cli
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-SCRIPTS = {name: REPO / "experiments" / f"{name}.py" for name in ("cifar10", "cats_vs_dogs", "food101")}
+SCRIPTS = {name: REPO / "experiments" / f"{name}.py" for name in ("cifar10", "cats_vs_dogs", "food101", "architectures")}
 SHARED_FLAGS = {"--workdir", "--data-dir", "--preset", "--epochs", "--steps", "--batch-size", "--seed",
                 "--parallel", "--checkpoint-every", "--set", "--no-progress", "--print-config",
                 "--coordinator-address", "--num-processes", "--process-id"}

@@ -20,6 +20,7 @@ REFERENCE_PARAMS = {
     "vgg16": 138_357_544,              # torchvision
     "vgg19": 143_667_240,              # torchvision
     "vgg16_bn": 138_365_992,           # torchvision
+    "vgg11_bn": 132_868_840,           # torchvision
     "googlenet": 6_624_904,            # torchvision, aux_logits=False
     "inception_v3": 23_834_568,        # torchvision, aux_logits=False
     "resnet18": 11_689_512,            # torchvision
@@ -36,7 +37,7 @@ REFERENCE_PARAMS = {
 }
 # Our own designs / no published exact count: the counts we derive by hand in the cards.
 DERIVED_PARAMS = {"zfnet": 62_357_608, "spp_net": 77_037_672, "resnet20": 269_722,
-                  "resnet56": 853_018,
+                  "resnet56": 853_018, "textbook_cnn": 1_341_226,
                   "efficientnet_lite3": 8_197_096,    # published rounded: 8.197M
                   "efficientnet_lite4": 13_006_568}   # published rounded: 13.007M
 # (pooled feature width, a small input size that the model accepts)
@@ -46,7 +47,7 @@ FEATURES = {
     "inception_v3": (2048, 75), "inception_resnet_v2": (1536, 75), "resnet18": (512, 32),
     "resnet34": (512, 32), "resnet50": (2048, 32), "resnet101": (2048, 32),
     "resnet152": (2048, 32), "resnet20": (64, 32), "resnet56": (64, 32),
-    "advanced_cnn": (256, 32),
+    "advanced_cnn": (256, 32), "vgg11_bn": (4096, 32), "textbook_cnn": (512, 32),
     **{f"efficientnet_lite{i}": (1280, 32) for i in range(5)},
 }
 OURS = sorted(FEATURES)
