@@ -56,10 +56,10 @@ def test_every_script_has_the_shared_flags_in_its_help(tmp_path):
 
 def test_epochs_flag_scales_the_phases():
   cats, food = _load("cats_vs_dogs"), _load("food101")
-  assert [p.length for p in cats.FINETUNE.with_length("12 epochs").phases] == ["10 epochs", "2 epochs"]
-  assert [p.length for p in cats.FINETUNE.phases] == ["20 epochs", "4 epochs"]
-  assert [p.length for p in food.CACHED.with_length("8 epochs").phases] == ["6 epochs", "2 epochs"]
-  assert [p.length for p in food.CACHED.with_length("2 epochs").phases] == ["2 epochs"]  # no fine-tuning left
+  assert [p.length for p in cats.FINETUNE.with_length("12 epochs").run.phases] == ["10 epochs", "2 epochs"]
+  assert [p.length for p in cats.FINETUNE.run.phases] == ["20 epochs", "4 epochs"]
+  assert [p.length for p in food.CACHED.with_length("8 epochs").run.phases] == ["6 epochs", "2 epochs"]
+  assert [p.length for p in food.CACHED.with_length("2 epochs").run.phases] == ["2 epochs"]  # no fine-tuning left
   for preset in (*cats.PRESETS.values(), *food.PRESETS.values()):
     if preset.init.pretrained is not None and not preset.init.pretrained.weights:  # food101: --weights FILE
       preset = preset.replace(init={"pretrained": Pretrained(weights="w.npz")})
@@ -76,12 +76,12 @@ def test_print_config_shows_what_a_command_runs(tmp_path):
   no_file = _run([SCRIPTS["food101"], "--print-config"], tmp_path, timeout=120)
   assert no_file.returncode == 2 and "efficientnet_lite2 has no download name: pass --weights FILE" in no_file.stderr
   (cached,) = _printed("food101", ["--mode", "cached", "--weights", "w.npz", "--epochs", "8", "--batch-size", "16"], tmp_path)
-  assert [p["length"] for p in cached["phases"]] == ["6 epochs", "2 epochs"] and cached["data"]["batch_size"] == 16
+  assert [p["length"] for p in cached["run"]["phases"]] == ["6 epochs", "2 epochs"] and cached["data"]["batch_size"] == 16
   assert cached["init"]["feature_cache"] == {"flip": True, "crop_views": 0, "stage": None, "directory": None}
-  assert cached["phases"][0]["trainable"] == "head"
+  assert cached["run"]["phases"][0]["trainable"] == "head"
   ft, scratch = _printed("cats_vs_dogs", ["--variant", "finetune", "--epochs", "12"], tmp_path) + \
       _printed("cats_vs_dogs", ["--variant", "scratch", "--steps", "3", "--set", "augment.label_smoothing=0.1"], tmp_path)
-  assert [p["length"] for p in ft["phases"]] == ["10 epochs", "2 epochs"] and ft["data"]["val_fraction"] == 0.1
+  assert [p["length"] for p in ft["run"]["phases"]] == ["10 epochs", "2 epochs"] and ft["data"]["val_fraction"] == 0.1
   assert (scratch["model"]["name"], scratch["run"]["length"], scratch["augment"]["label_smoothing"]) == (
       "mobilenet_v2", "3 steps", 0.1)
   bad = _run([SCRIPTS["food101"], "--weights", "w.npz", "--set", "optim.learning_rat=1", "--print-config"], tmp_path,
@@ -129,7 +129,7 @@ def test_cats_vs_dogs_finetune_run_folder_is_usable(shared_dir, tmp_path):
   workdir = tmp_path / "run"
   # The head alone for 1 epoch (2 x 10 images with their mirror images, batch 8: 5 steps),
   # then fine-tuning the top 3 stages for the 2 steps left of --steps 7.
-  phases = ('phases=({"length": "1 epochs", "trainable": "head"}, {"length": "1 epochs", "trainable": 3, '
+  phases = ('run.phases=({"length": "1 epochs", "trainable": "head"}, {"length": "1 epochs", "trainable": 3, '
             '"learning_rate": 1e-4, "backbone_lr_multiplier": 0.3})')
   proc = _run([SCRIPTS["cats_vs_dogs"], "--variant", "finetune", "--data-dir", data, "--workdir", workdir,
                "--steps", "7", "--batch-size", "8", "--image-size", "48", "--set", phases], tmp_path)

@@ -120,4 +120,4 @@ def test_a_tfds_dataset_by_name(photos, tmp_path):
   assert (config["data"]["train_split"], config["data"]["eval_split"]) == ("train[10%:]", "train[:10%]")
   missing = _jcv("--tfds", "cats_vs_dogs", "--tfds-dir", tmp_path / "nothing", "--workdir", tmp_path / "r",
                  "--model", "cifar_cnn", "--print-config", cwd=tmp_path)
-  assert missing.returncode == 2 and "not prepared" in missing.stderr
+  assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr

@@ -126,7 +126,7 @@ def test_pth_without_torch_says_how(monkeypatch, tmp_path):
   import sys
   monkeypatch.setitem(sys.modules, "torch", None)
   (tmp_path / "w.pth").write_bytes(b"PK\x03\x04 a torch zip archive")  # non-empty: an empty file is refused first
-  with pytest.raises(ImportError, match="needs PyTorch"):
+  with pytest.raises(ValueError, match="needs PyTorch"):
     port.read_arrays(tmp_path / "w.pth")
 
 

@@ -27,7 +27,7 @@ def test_input_size_comes_from_the_model_card(monkeypatch):
   monkeypatch.setattr(jcv.models, "get_card", lambda name: dataclasses.replace(card(name), input_size=320))
   info = W.pretrained_info("efficientnet_lite0")
   assert (info.input_size, info.crop_fraction) == (320, 320 / 352)
-  assert W.pretrained_info("mobilenet_v2").config_fields()["image_size"] == 320
+  assert W.pretrained_info("mobilenet_v2").config_fields()["data"]["image_size"] == 320
 
 
 def test_unknown_weights_name_the_known_ones():
