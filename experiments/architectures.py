@@ -1,6 +1,6 @@
 """The lecture's architectures trained from scratch side by side (docs/models.md, "Trained side by side").
 
-  python experiments/architectures.py --workdir runs/arch                 # cpu: every family (estimated ~1 h, 2 cores)
+  python experiments/architectures.py --workdir runs/arch                 # cpu: every family (estimated 55-60 min on 2 cores)
   python experiments/architectures.py --workdir runs/arch --models resnet18,vgg16_bn --minutes-per-model 5
   python experiments/architectures.py --preset gpu --workdir runs/arch_gpu   # the same at a larger budget (unmeasured)
 
