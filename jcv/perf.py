@@ -108,8 +108,7 @@ def setup_cpu(*, host_devices: int | str | None = None, malloc: bool = True, dev
   ``host_devices``: number of XLA CPU devices (``None`` leaves it alone; ``"cores"`` or 0
   uses ``os.cpu_count()`` rounded down to a power of two, so batch sizes divide, times
   ``devices_per_core``: 2 keeps both cores busy while one device waits on a collective or a
-  single-threaded op: +11 % for the CIFAR-10 Muon step on 2 cores, 554 -> 618 img/s, but
-  MobileNetV2 at batch 32 went from 16 to 12 img/s, so measure). Use with
+  single-threaded op; whether that pays depends on the model (docs/benchmarks.md), so measure). Use with
   jcv's data-parallel step so each device gets a share of the batch; the per-device batch
   must divide evenly. ``malloc``: apply :func:`tune_malloc`.
   Flags already present in ``$XLA_FLAGS`` win. Returns what was done.

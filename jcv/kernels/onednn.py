@@ -116,13 +116,10 @@ def conv_backward_weights(x, dy, kernel_shape, strides, pads, dilation, groups):
 def use_onednn(x, kernel, strides, pads, dilation, groups) -> bool:
   """Whether oneDNN beats the "cpu" rewrites for this layer.
 
-  Measured with ``benchmarks/layers.py --batch 32`` (forward + backward, 2-core EPYC, see
-  docs/benchmarks.md): oneDNN wins on depthwise (1.6-8.7x), 224 px stems (1.7-2.3x) and
-  general 3x3 convolutions down to 4x4 maps (1.1-2.0x), and its 1x1 forward beats the matmul
-  (1.3-1.4x); the rewrites win on the 2x2 whitening layer (5x) and outputs of at most 2x2
-  pixels (1.7x); XLA's own conv wins on a stem at 32x32 (2-3x, up to 64x64 pixels here). 1x1
-  gradients per layer were as fast as the matmul's, but whole MobileNetV2 training steps
-  (160 px, one device, with jcv's native BatchNorm) ran 12-15 % faster with oneDNN's.
+  The routing follows per-layer measurements (``benchmarks/layers.py``; the numbers and the
+  machine are in docs/benchmarks.md): oneDNN for depthwise, large stems, 3x3 convolutions down
+  to 4x4 maps and 1x1 convolutions; the rewrites for the 2x2 whitening layer and outputs of at
+  most 2x2 pixels; XLA's own conv for small stems.
   """
   if x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
     return False

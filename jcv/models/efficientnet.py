@@ -8,7 +8,7 @@ residual branches in training (rate ``drop_connect_rate * block_index / num_bloc
 Inputs are float NHWC scaled as ``(x - 127) / 128`` on uint8 pixels
 (``jcv.weights.pretrained_info(name)`` gives the mean/std; the model card the input size).
 
-Parameter tree (names used by :mod:`jcv.weights.port` and :mod:`jcv.train.transfer`), the
+Parameter tree (names used by :mod:`jcv.weights.port` and :func:`jcv.train.build.regime_options`), the
 same stage layout as ``mobilenet_v2``::
 
   stem/{conv,bn}, block_0/{depthwise,project}, block_{1..}/{expand,depthwise,project},

@@ -5,7 +5,7 @@ ReLU6 and TF "SAME" padding) so the ImageNet weights in ``jcv.weights`` load int
 one array per parameter. Inputs are float NHWC images already scaled to [-1, 1].
 
 Parameter tree of ``mobilenet_v2`` (names used by :mod:`jcv.weights.port` and by the
-freezing regimes of :mod:`jcv.train.transfer`)::
+freezing regimes of :func:`jcv.train.build.regime_options`)::
 
   stem/{conv,bn}, block_0/{depthwise,project}, block_{1..16}/{expand,depthwise,project},
   last_conv/{conv,bn}, head (Dense)
@@ -135,7 +135,7 @@ class StagedNet(nn.Module):
 
 # The stage options every StagedNet accepts, appended to the docstring of each staged family.
 STAGE_OPTIONS_DOC = """
-  Stage options (used by :mod:`jcv.train.transfer`; stages are ``stage_names()`` + the head):
+  Stage options (used by :func:`jcv.train.build.regime_options`; stages are ``stage_names()`` + the head):
   ``frozen_stages=N``: the first N stages run BatchNorm in inference mode and get no gradient
   (``stop_gradient`` after them, so no backward pass is computed through them);
   ``frozen_bn_stages=N``: BatchNorm only in inference mode for the first N stages;

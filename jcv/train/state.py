@@ -63,7 +63,7 @@ def create_train_state(key, model, tx: optax.GradientTransformation, input_shape
 
   ``key`` seeds both the parameter init and the run's key (used by train_step for
   augmentation and dropout, folded with the step number). ``variables`` (e.g. pretrained
-  weights, see ``Config.init_from``) replace the model's random init; the run's key is the same.
+  weights, see ``Config.init``) replace the model's random init; the run's key is the same.
   """
   if variables is None and len(input_shape) != 4:
     raise ValueError(f"input_shape must be NHWC (4 numbers), got {tuple(input_shape)}")
