@@ -6,10 +6,12 @@ Quick use::
   results = fit(Config(data=Data(dataset="../shared/data/cifar10"), model=Model(name="resnet20"),
                        run=Run(length="1 epochs")), workdir="runs/x")
 
-Layers, each importing only those below it: ``durations``, ``sections``, ``config`` and the
-tables (``optim``); the building blocks (``state``, ``step``, ``parallel``, ``checkpoint``,
-``log``, ``rundir``, ``build``, ``features``, ``evaluation``, ``init_from``); ``loop`` (one run
-folder); ``trainer`` (``fit``: every regime, phases); ``cli`` on top.
+Layers, each importing only those below it (docs/design.md): ``durations``, ``sections``,
+``config`` and the tables (``optim``, ``optax_extras``, ``recipes``); the building blocks
+(``state``, ``step``, ``parallel``, ``checkpoint``, ``diskfull``, ``log``, ``meters``, ``rundir``,
+``build``, ``features``, ``evaluation``, ``init_from``, ``watch``, ``budget``); ``loop`` (one run
+folder); ``trainer`` (``fit``: every regime, phases); ``report``, ``compare``, ``cli`` and
+``command`` (``jcv train``) on top.
 """
 import importlib
 
@@ -17,12 +19,15 @@ from jcv.train.config import Config
 from jcv.train.sections import (Augment, Data, EarlyStopping, Evaluation, FeatureCache, Init, Lookahead, Model, Muon,
                                 Optim, Phase, Plateau, Pretrained, Run, Schedule, Whiten)
 
+_MODULES = (
+    "budget", "build", "checkpoint", "classmap", "cli", "command", "compare", "config", "diskfull", "durations",
+    "evaluation", "features", "fieldtypes", "init_from", "invariance", "log", "loop", "losses", "meters", "optim",
+    "optax_extras", "parallel", "precise_bn", "recipes", "report", "rundir", "sections", "state", "step", "trainer",
+    "watch")
 __all__ = [
     "Config", "Data", "Augment", "Model", "Init", "Pretrained", "Whiten", "FeatureCache", "Optim", "Muon",
     "Lookahead", "Schedule", "Plateau", "Evaluation", "EarlyStopping", "Run", "Phase", "fit", "evaluate",
-    "build", "checkpoint", "cli", "config", "durations", "evaluation", "features", "init_from", "log", "loop",
-    "losses", "optim", "optax_extras", "parallel", "precise_bn", "sections", "state", "step", "trainer",
-]
+] + list(_MODULES)
 
 
 def fit(config, *, workdir, **kwargs):
@@ -38,7 +43,6 @@ def evaluate(*args, **kwargs):
 
 
 def __getattr__(name):
-  if name in ("build", "checkpoint", "cli", "durations", "evaluation", "features", "init_from", "log", "loop",
-              "losses", "optim", "optax_extras", "parallel", "precise_bn", "sections", "state", "step", "trainer"):
+  if name in _MODULES:
     return importlib.import_module(f"jcv.train.{name}")
   raise AttributeError(f"module 'jcv.train' has no attribute {name!r}")
