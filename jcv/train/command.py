@@ -30,7 +30,8 @@ def make_parser():
   """The ``jcv train`` parser: the shared flags of every experiment plus the model, data and budget."""
   p = cli.make_parser(__doc__, helps={
       "data_dir": "an image folder: DIR/train/<class>/... (optional val/, test/) or DIR/<class>/...",
-      "epochs": "training epochs (default: what fits in --minutes, else the recipe's)"})
+      "epochs": "training epochs (default: what fits in --minutes, else the recipe's)",
+      "preset": "unused: the recipe follows --pretrained (fine-tuning) or --model (from scratch)"})
   p.prog = "jcv train"
   what = p.add_mutually_exclusive_group(required=True)
   what.add_argument("--model", help="train this registered model from scratch (jcv summary MODEL describes it)")
