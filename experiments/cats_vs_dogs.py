@@ -1,6 +1,6 @@
 """Cats vs dogs: lecture 3_1's advanced CNN and notebook 3_2's three MobileNetV2 regimes.
 
-  python experiments/cats_vs_dogs.py                      # every variant + comparison (5-11 min on 2 CPU cores)
+  python experiments/cats_vs_dogs.py                      # every variant + comparison (4-11 min on 2 CPU cores)
   python experiments/cats_vs_dogs.py --variant like_for_like   # both backbones' three regimes alike
   python experiments/cats_vs_dogs.py --variant finetune --image-size 224
   python experiments/cats_vs_dogs.py --variant frozen --steps 2 --limit 64 --workdir /tmp/c   # smoke test

@@ -21,6 +21,8 @@ import warnings
 import zipfile
 from typing import Callable, Sequence
 
+from jcv import safefile
+
 __all__ = ["load", "save", "clean_stale"]
 
 _TMP = re.compile(r"\.(\d+)\.tmp(\.|$)")
@@ -70,22 +72,12 @@ def save(write: Callable, paths: Sequence, *, what: str) -> bool:
     return False
 
 
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
 def clean_stale(folder) -> list[pathlib.Path]:
   """Removes the temporary files in ``folder`` whose writing process is gone -> their paths."""
   removed = []
   for entry in os.scandir(folder):
     m = _TMP.search(entry.name)
-    if m and entry.is_file(follow_symlinks=False) and not _alive(int(m.group(1))):
+    if m and entry.is_file(follow_symlinks=False) and not safefile.pid_alive(int(m.group(1))):
       with contextlib.suppress(OSError):
         os.unlink(entry.path)
         removed.append(pathlib.Path(entry.path))

@@ -19,7 +19,7 @@ import os
 import pathlib
 import stat
 
-__all__ = ["RUN_MARKER", "UnsafeFileError", "open_fd", "open_append", "write_atomic", "write_json",
+__all__ = ["RUN_MARKER", "UnsafeFileError", "pid_alive", "open_fd", "open_append", "write_atomic", "write_json",
            "is_run_folder", "mark_run_folder"]
 
 RUN_MARKER = ".jcv-run"
@@ -33,6 +33,17 @@ class UnsafeFileError(ValueError):
 def _refuse(path, what: str) -> UnsafeFileError:
   return UnsafeFileError(f"refusing to write {path}: it is {what}; jcv writes its run files only as "
                          "regular files (remove it, or use another --workdir)")
+
+
+def pid_alive(pid: int) -> bool:
+  """Whether process ``pid`` exists (a process of another user counts)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
 
 
 def open_fd(path, flags: int, mode: int = 0o644) -> int:

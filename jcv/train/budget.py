@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 
-from jcv.train import build, parallel
+from jcv.train import build, init_from, parallel
 from jcv.train.config import Config
 from jcv.train.optim import make_optimizer
 from jcv.train.state import create_train_state
@@ -23,7 +23,9 @@ TRAINING_SHARE = 0.8  # of the budget; the rest: compilation, evaluations, the r
 
 
 def step_seconds(config: Config, num_classes: int, *, steps: int = 3) -> tuple[float, float]:
-  """(seconds per training step, seconds to compile it) of ``config`` on random uint8 batches."""
+  """(seconds per training step, seconds to compile it) of ``config`` on random uint8 batches
+  (``data.mean``/``std`` of ``"pretrained"`` resolved to the weights' numbers first)."""
+  config = init_from.resolve_preprocessing(config)
   mesh = parallel.make_mesh()
   model = build.build_model(config, num_classes)
   tconfig = build.train_config(config, model)

@@ -14,7 +14,7 @@ import json
 import pathlib
 import time
 
-from jcv.train import budget, build, init_from, log as log_lib, report
+from jcv.train import budget, build, log as log_lib, report
 from jcv.train.config import Config
 from jcv.train.sections import Init, Pretrained
 
@@ -107,7 +107,7 @@ def within_minutes(config: Config, num_classes: int, minutes: float, *, evaluati
   warmup as that share of the steps (else both stay as configured). Logs at least 10 times."""
   if minutes <= 0:
     raise ValueError(f"the time budget must be > 0 minutes, got {minutes}")
-  per_step, compile_s = budget.step_seconds(init_from.resolve_preprocessing(config), num_classes)
+  per_step, compile_s = budget.step_seconds(config, num_classes)
   steps = max(int(minutes * 60 / per_step), 1)
   print(f"{config.model.name}: {per_step:.3f} s per step (compiled in {compile_s:.0f} s): {steps} steps "
         f"in {minutes:g} min")

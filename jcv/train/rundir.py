@@ -64,16 +64,6 @@ class ResumeError(RunDirError):
 # ------------------------------------------------------------------ lock
 
 
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
 def _holder_text(info: dict) -> str:
   if not info:
     return "an unknown process"
@@ -116,7 +106,7 @@ class WorkdirLock:
         raise
       holder = self._read(fd)
       if (holder.get("pid") and holder.get("host") == socket.gethostname()
-          and holder["pid"] != os.getpid() and _pid_alive(int(holder["pid"]))):
+          and holder["pid"] != os.getpid() and safefile.pid_alive(int(holder["pid"]))):
         os.close(fd)
         raise WorkdirLockedError(f"work directory {self.workdir} is in use by another run: "
                                  f"{_holder_text(holder)}; use another --workdir") from None

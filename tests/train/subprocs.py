@@ -34,6 +34,13 @@ def launch(workdir, *args, devices=8, env=None):
   return proc
 
 
+def run_to_end(workdir, *args, **kwargs):
+  """``launch(workdir, *args)`` waited for; asserts it ended with status 0 -> ``workdir``."""
+  proc = launch(workdir, *args, **kwargs)
+  assert finish(proc) == 0, output(proc)[-3000:]
+  return pathlib.Path(workdir)
+
+
 def output(proc) -> str:
   return pathlib.Path(proc.log_path).read_text()
 

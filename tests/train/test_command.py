@@ -121,3 +121,11 @@ def test_a_tfds_dataset_by_name(photos, tmp_path):
   missing = _jcv("--tfds", "cats_vs_dogs", "--tfds-dir", tmp_path / "nothing", "--workdir", tmp_path / "r",
                  "--model", "cifar_cnn", "--print-config", cwd=tmp_path)
   assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_the_budget_times_a_pretrained_recipe_with_the_weights_preprocessing():
+  from jcv.train import Model, budget, recipes
+  # FINETUNE's mean/std are "pretrained": the timing resolves them as fit does.
+  config = recipes.FINETUNE.replace(model=Model(name="mobilenet_v2"), data={"image_size": 32, "batch_size": 8})
+  per_step, compile_s = budget.step_seconds(config, 2, steps=1)
+  assert 0 < per_step < 60 and compile_s > 0

@@ -21,10 +21,7 @@ ARGS = ("--steps", STEPS, "--checkpoint-every", 3)
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
   """An uninterrupted reference run (also the source of damaged copies)."""
-  root = tmp_path_factory.mktemp("ref")
-  proc = subprocs.launch(root / "ref", *ARGS)
-  assert subprocs.finish(proc) == 0, subprocs.output(proc)[-3000:]
-  yield root / "ref"
+  yield subprocs.run_to_end(tmp_path_factory.mktemp("ref") / "ref", *ARGS)
   subprocs.kill_leftovers()
 
 

@@ -26,10 +26,7 @@ ROOM_KB = 32  # left free once step 6 is on disk: enough for the logs, less than
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """An uninterrupted run on a disk with room."""
-  root = tmp_path_factory.mktemp("ref")
-  proc = subprocs.launch(root / "ref", *ARGS)
-  assert subprocs.finish(proc) == 0, subprocs.output(proc)[-3000:]
-  yield root / "ref"
+  yield subprocs.run_to_end(tmp_path_factory.mktemp("ref") / "ref", *ARGS)
   subprocs.kill_leftovers()
 
 
