@@ -70,6 +70,9 @@ def _short(e: Exception) -> str:
   return text if len(text) <= 160 else text[:157] + "..."
 
 
+READ_PATIENCE_S = 120  # a reader of a live run keeps up with its retention this long
+
+
 class RunCheckpointer:
   """Saves and restores a run's checkpoints under ``directory``.
 
@@ -253,7 +256,8 @@ class RunCheckpointer:
     (damaged, or deleted by the live run's retention meanwhile) is passed over for the newest
     one that does, with one warning naming both; none: ValueError naming the folder."""
     failed, tried = [], set()
-    for _ in range(5):  # a live run may have replaced every listed step: list them again
+    deadline = time.monotonic() + READ_PATIENCE_S
+    while time.monotonic() < deadline:  # a live run may have replaced every listed step: list them again
       steps = [s for s in self.all_steps() if s not in tried]
       if not steps:
         break
