@@ -4,13 +4,19 @@ For each model (any name ``jcv.models.create`` knows), image size, batch size an
 
 * ``jcv``: ``jcv.train.step.train_step`` (uint8 batch -> float, forward, cross-entropy,
   backward, SGD-momentum update, BatchNorm statistics; state donated) and ``model.apply`` in
-  inference mode, both jitted; compile time, FLOPs per image (XLA cost analysis), XLA's
+  inference mode in its folded form (``jcv.kernels.fused_inference``: what ``jcv evaluate`` and
+  ``jcv predict`` run), both jitted; compile time, FLOPs per image (XLA cost analysis), XLA's
   memory estimate, the backend's peak memory when it reports one, achieved FLOP/s and MFU on a
   known accelerator. On a CPU the step runs as ``jcv.train`` runs it there: data-parallel over
   one XLA CPU device per core (``--host-devices``; XLA:CPU gives each convolution one core);
 * ``jcv_cpu`` / ``jcv_xla_dev`` (``--compare jcv_cpu``): the same jcv step with the "cpu"
   conv lowering (exact jnp rewrites + XLA's conv, jcv's CPU default before the oneDNN
   backend) on the same devices;
+* ``jcv_unfolded`` (``--compare jcv_unfolded``): jcv with inference run as the layers are
+  written, BatchNorm after each convolution (``jcv`` folds it: ``jcv.kernels.fused_inference``);
+* ``jcv_xla_onednn`` (``--compare jcv_xla_onednn``): jcv with XLA's own oneDNN switched on
+  (``XLA_FLAGS`` += :data:`XLA_ONEDNN_FLAGS`; in jaxlib 0.10.2 it takes matmul, elementwise and
+  reduce fusions, not convolutions);
 * ``flax_xla`` (``--baseline``): the same jcv model with XLA's own convolution everywhere
   (``jcv.kernels.conv2d`` lowering "xla"), i.e. what stock Flax ``nn.Conv`` gives;
 * ``torch`` / ``torch_compile`` (``--compare torch,torch_compile``): the same architecture
@@ -91,7 +97,7 @@ def _is_oom(err: BaseException) -> bool:
 
 # --- jcv ------------------------------------------------------------------------------------
 
-def _jcv_runner(name, size, batch, dtype, lowering, data, devices=1, parallel_mode="jit"):
+def _jcv_runner(name, size, batch, dtype, lowering, data, devices=1, parallel_mode="jit", folded=True):
   """Compiles jcv's train step and inference; returns callables and compile/cost facts.
 
   ``devices > 1``: the step as ``jcv.train`` runs it on that many devices (``jcv.train.parallel``:
@@ -131,7 +137,11 @@ def _jcv_runner(name, size, batch, dtype, lowering, data, devices=1, parallel_mo
     facts.update(_cost(compiled_step, batch, "train"))
 
     variables = jax.tree.map(jnp.copy, state.variables)  # the train step donates state
-    infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
+
+    def apply(v, x):  # the inference form (BatchNorm folded, post-ops) unless folded=False
+      with kernels.fused_inference(folded):
+        return model.apply(v, x, train=False)
+    infer = jax.jit(apply)
     x = jnp.asarray(data["float"])
     if devices > 1:
       x = parallel.shard_batch(data["float"], mesh)
@@ -306,14 +316,17 @@ class _Worker:
   """One framework built for one config in its own process (``--worker``), timed on request."""
 
   def __init__(self, framework, name, size, batch, dtype, args):
-    jax_devices = str(args.host_devices) if framework in ("jcv", "jcv_cpu") else "1"
+    jax_devices = str(args.host_devices) if framework in JCV_VARIANTS else "1"
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework,
            "--models", f"{name}:{size}", "--batch-sizes", str(batch), "--dtypes", dtype,
            "--lowering", args.lowering, "--parallel", args.parallel, "--host-devices", jax_devices]
     cmd += ["--no-isolate"] + (["--no-tune-malloc"] if args.no_tune_malloc else [])
     self.framework = framework
+    env = dict(os.environ)
+    if framework == "jcv_xla_onednn":  # XLA's own oneDNN (jaxlib 0.10: matmul/elementwise/reduce fusions)
+      env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {XLA_ONEDNN_FLAGS}".strip()
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                 bufsize=1)
+                                 bufsize=1, env=env)
     msg = self._read()
     if "error" in msg:
       self.close()
@@ -375,6 +388,10 @@ def _serve(args):
 
 # --- driver -----------------------------------------------------------------------------------
 
+JCV_VARIANTS = ("jcv", "jcv_unfolded", "jcv_xla_onednn", "jcv_cpu")  # jcv_unfolded: BatchNorm not folded
+XLA_ONEDNN_FLAGS = "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce"
+
+
 def _make_data(batch, size, num_classes, seed=0):
   rng = np.random.default_rng(seed)
   uint8 = rng.integers(0, 256, size=(batch, size, size, 3), dtype=np.uint8)
@@ -383,16 +400,12 @@ def _make_data(batch, size, num_classes, seed=0):
 
 
 def _build(framework, name, size, batch, dtype, data, args=None):
-  if framework == "jcv":
+  if framework in JCV_VARIANTS:
     devices = getattr(args, "jcv_devices", 1)
-    return _jcv_runner(name, size, batch, dtype, getattr(args, "lowering", "auto"), data,
+    lowering = "cpu" if framework == "jcv_cpu" else getattr(args, "lowering", "auto")
+    return _jcv_runner(name, size, batch, dtype, lowering, data,
                        devices=devices if batch % max(devices, 1) == 0 else 1,
-                       parallel_mode=getattr(args, "parallel", "jit"))
-  if framework == "jcv_cpu":
-    devices = getattr(args, "jcv_devices", 1)
-    return _jcv_runner(name, size, batch, dtype, "cpu", data,
-                       devices=devices if batch % max(devices, 1) == 0 else 1,
-                       parallel_mode=getattr(args, "parallel", "jit"))
+                       parallel_mode=getattr(args, "parallel", "jit"), folded=framework != "jcv_unfolded")
   if framework == "flax_xla":
     return _jcv_runner(name, size, batch, dtype, "xla", data)
   if framework in ("torch", "torch_compile"):
@@ -435,7 +448,7 @@ def _row(name, size, batch, dtype, mode, fw, ts, cpu_ts, facts, args, notes) -> 
     peak = peak_tflops(args.device_kind, dtype) if fw in ("jcv", "flax_xla") else None
     if peak:
       row["mfu"] = row["achieved_tflops"] / peak
-  if fw in ("jcv", "jcv_cpu", "flax_xla"):
+  if fw in JCV_VARIANTS + ("flax_xla",):
     row["xla_temp_mb"] = facts[fw].get(f"{mode}_xla_temp_mb")
     row["xla_devices"] = facts[fw].get("xla_devices")
   for k in ("torch_params", "keras_params", "keras_backend"):
@@ -576,7 +589,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-sizes", default="32")
   p.add_argument("--dtypes", default="float32", help="float32,bfloat16")
   p.add_argument("--modes", default="train,infer")
-  p.add_argument("--compare", default="", help="peers: torch,torch_compile,keras,jcv_cpu")
+  p.add_argument("--compare", default="", help="peers: torch,torch_compile,keras,jcv_unfolded,jcv_xla_onednn,jcv_cpu")
   p.add_argument("--lowering", default="auto", choices=("auto", "xla", "cpu", "onednn"),
                  help="jcv's conv lowering (jcv.kernels.conv2d; auto: oneDNN on a CPU if built)")
   p.add_argument("--baseline", action="store_true",
@@ -633,8 +646,10 @@ def _peers(p: argparse.ArgumentParser, args) -> list[str]:
   """The ``--compare`` peers, checked (an unknown one is a usage error)."""
   peers = [c for c in args.compare.split(",") if c]
   for c in peers:
-    if c not in ("torch", "torch_compile", "keras", "jcv_cpu"):
-      p.error(f"--compare takes torch, torch_compile, keras, jcv_cpu; got {c!r}")
+    if c not in ("torch", "torch_compile", "keras") + JCV_VARIANTS[1:]:
+      p.error(f"--compare takes torch, torch_compile, keras, {', '.join(JCV_VARIANTS[1:])}; got {c!r}")
+  if "jcv_xla_onednn" in peers and not args.isolate:
+    p.error("--compare jcv_xla_onednn sets XLA_FLAGS in its own process: drop --no-isolate")
   return peers
 
 

@@ -32,13 +32,14 @@ def test_throughput_script_writes_every_output_and_uses_host_devices(tmp_path):
 
 
 def test_throughput_runs_each_framework_in_its_own_process(tmp_path):
-  """The default: jcv on 2 XLA devices in a worker, a failing peer reported, no worker left."""
+  """The default: jcv (and its variants) on 2 XLA devices in a worker each, a failing peer reported,
+  no worker left."""
   out = tmp_path / "iso"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(JAX_PLATFORMS="cpu", KERAS_BACKEND="no_such_backend")
   cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--models", "cifar_cnn:32",
          "--batch-sizes", "4", "--rounds", "2", "--iters", "1", "--warmup", "0", "--budget", "5",
-         "--host-devices", "2", "--compare", "jcv_cpu,keras", "--out", str(out)]
+         "--host-devices", "2", "--compare", "jcv_cpu,jcv_unfolded,jcv_xla_onednn,keras", "--out", str(out)]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
   stdout, stderr = proc.communicate(timeout=600)
@@ -47,7 +48,8 @@ def test_throughput_runs_each_framework_in_its_own_process(tmp_path):
   report = json.loads(out.with_suffix(".json").read_text())
   assert report["machine"]["isolated"] and report["machine"]["jcv_devices"] == 2
   rows = {(r["framework"], r["mode"]): r for r in report["rows"]}
-  assert set(rows) == {(fw, m) for fw in ("jcv", "jcv_cpu") for m in ("train", "infer")}
+  jcvs = ("jcv", "jcv_cpu", "jcv_unfolded", "jcv_xla_onednn")  # the last with XLA's oneDNN flags, accepted
+  assert set(rows) == {(fw, m) for fw in jcvs for m in ("train", "infer")}
   for r in rows.values():  # timed by the workers themselves: CPU time is theirs, not the parent's
     assert r["xla_devices"] == 2 and r["img_per_s"] > 0 and r["cpu_ms_per_step"] > 1
   assert any("keras" in k for k in report["problems"])

@@ -34,7 +34,7 @@ from jcv.kernels import native
 from jcv.kernels.dispatch import resolve
 from jcv.kernels.sharding import batch_axis, varying_like
 
-__all__ = ["ACTIVATIONS", "BatchNorm", "activation_name", "batch_norm_train"]
+__all__ = ["ACTIVATIONS", "BatchNorm", "activation", "activation_name", "batch_norm_train"]
 
 ACTIVATIONS = (None, "relu", "relu6")
 _CODES = {None: 0, "relu": 1, "relu6": 2}
@@ -51,7 +51,8 @@ def activation_name(fn) -> str | None:
   raise ValueError(f"no fused form of activation {fn!r}")
 
 
-def _act(z, act):
+def activation(z, act: str | None):
+  """``act`` ("relu", "relu6" or None) applied to ``z``."""
   if act == "relu6":
     return jnp.clip(z, 0, 6)
   return jnp.maximum(z, 0) if act == "relu" else z
@@ -77,7 +78,7 @@ def _stats_jnp(x, act=None):
 
 
 def _apply_jnp(x, coef, act):
-  return _act(x.astype(_F32) * coef[0] + coef[1], act).astype(x.dtype)
+  return activation(x.astype(_F32) * coef[0] + coef[1], act).astype(x.dtype)
 
 
 def _bwd_stats_jnp(dy, y, x, mean, act):
@@ -209,7 +210,7 @@ class BatchNorm(nn.BatchNorm):
         or self.axis_name is not None or self.axis not in (-1, x.ndim - 1) or x.ndim < 2
         or not self.force_float32_reductions or jnp.dtype(out_dtype) != x.dtype
         or x.dtype not in (jnp.float32, jnp.bfloat16)):
-      return _act(super().__call__(x, use_running_average, mask=mask), self.act)
+      return activation(super().__call__(x, use_running_average, mask=mask), self.act)
     features = x.shape[-1]
     ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, _F32), (features,))
     ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, _F32), (features,))

@@ -57,7 +57,7 @@ from jcv.kernels.depthwise import depthwise
 from jcv.kernels.geometry import explicit_pads, normalize_padding, out_size, pair
 from jcv.kernels.rewrites import conv_1x1, conv_im2col, conv_im2col_grad, conv_small_map, xla_conv
 
-__all__ = ["LOWERINGS", "conv2d", "get_lowering", "lowering", "make_conv", "max_pool",
+__all__ = ["LOWERINGS", "conv2d", "get_lowering", "lowering", "make_conv", "max_pool", "onednn_pads",
            "resolve", "resolved_lowering", "set_lowering"]
 
 LOWERINGS = ("auto", "xla", "cpu", "onednn")
@@ -154,26 +154,19 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding="SAME",
   dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)``. ``lowering``:
   "auto", "xla", "cpu" or "onednn" (see the module docstring); None uses the default.
   """
-  strides = pair(strides, "strides")
-  dilation = pair(dilation, "dilation")
-  if x.ndim != 4 or kernel.ndim != 4:
-    raise ValueError(f"conv2d expects NHWC input and HWIO kernel, got shapes {x.shape} and {kernel.shape}")
-  kh, kw, kin, cout = kernel.shape
-  cin = x.shape[-1]
-  if groups < 1 or cin % groups or cout % groups or kin * groups != cin:
-    raise ValueError(f"kernel {kernel.shape} does not fit input channels {cin} with groups={groups}")
-  padding = normalize_padding(padding, (kh, kw))
+  strides, dilation, padding = _checked(x, kernel, strides, padding, groups, dilation)
   name = resolve(lowering)
   if name == "xla":
     return xla_conv(x, kernel, strides, padding, groups, dilation)
+  kh, kw, kin, cout = kernel.shape
+  cin = x.shape[-1]
   pads = explicit_pads(x.shape[1:3], (kh, kw), strides, dilation, padding)
+  if name == "onednn" and _runs_onednn(x, kernel, strides, pads, dilation, groups):
+    return onednn.conv(x, kernel, strides, pads, dilation, groups)
   if groups == 1 and x.shape[1] * x.shape[2] < kh * kw:
     return conv_small_map(x, kernel, strides, pads, dilation)
-  if name == "onednn":
-    if onednn.use_onednn(x, kernel, strides, pads, dilation, groups):
-      return onednn.conv(x, kernel, strides, pads, dilation, groups)
-    if groups == 1 and cin <= 4 and kh * kw * cin > 16 and x.shape[1] * x.shape[2] <= 64 * 64:
-      return xla_conv(x, kernel, strides, pads, groups, dilation)
+  if name == "onednn" and groups == 1 and cin <= 4 and kh * kw * cin > 16 and x.shape[1] * x.shape[2] <= 64 * 64:
+    return xla_conv(x, kernel, strides, pads, groups, dilation)
   if groups == 1 and kh == kw == 1:
     return conv_1x1(x, kernel, strides, pads)
   if groups == cin and kin == 1:
@@ -188,6 +181,33 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding="SAME",
     if cin <= 4:
       return conv_im2col_grad(x, kernel, strides, pads, dilation)
   return xla_conv(x, kernel, strides, pads, groups, dilation)
+
+
+def _checked(x, kernel, strides, padding, groups, dilation):
+  """(strides, dilation, padding) as pairs / normalised, after checking the shapes fit."""
+  if x.ndim != 4 or kernel.ndim != 4:
+    raise ValueError(f"conv2d expects NHWC input and HWIO kernel, got shapes {x.shape} and {kernel.shape}")
+  kh, kw, kin, cout = kernel.shape
+  cin = x.shape[-1]
+  if groups < 1 or cin % groups or cout % groups or kin * groups != cin:
+    raise ValueError(f"kernel {kernel.shape} does not fit input channels {cin} with groups={groups}")
+  return pair(strides, "strides"), pair(dilation, "dilation"), normalize_padding(padding, (kh, kw))
+
+
+def _runs_onednn(x, kernel, strides, pads, dilation, groups) -> bool:
+  small_map = groups == 1 and x.shape[1] * x.shape[2] < kernel.shape[0] * kernel.shape[1]  # unrolled kernel
+  return not small_map and onednn.use_onednn(x, kernel, strides, pads, dilation, groups)
+
+
+def onednn_pads(x, kernel, *, strides=(1, 1), padding="SAME", groups: int = 1, dilation=(1, 1),
+                lowering: str | None = None):
+  """The explicit ``((top, bottom), (left, right))`` pads when :func:`conv2d` runs this layer on
+  oneDNN under ``lowering`` (None: the default), else None."""
+  strides, dilation, padding = _checked(x, kernel, strides, padding, groups, dilation)
+  if resolve(lowering) != "onednn":
+    return None
+  pads = explicit_pads(x.shape[1:3], kernel.shape[:2], strides, dilation, padding)
+  return pads if _runs_onednn(x, kernel, strides, pads, dilation, groups) else None
 
 
 def max_pool(x, window: tuple[int, int], strides: tuple[int, int], padding, *,

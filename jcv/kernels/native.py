@@ -18,10 +18,11 @@ import jax
 
 from jcv.kernels.build import built_library, find_onednn
 
-__all__ = ["BN_TARGETS", "CONV_TARGETS", "available", "default_threads", "library_path", "require",
+__all__ = ["BN_TARGETS", "CONV_TARGETS", "FUSED_TARGETS", "available", "default_threads", "library_path", "require",
            "set_threads", "status", "unavailable_reason", "warn_unavailable"]
 
 CONV_TARGETS = ("jcv_onednn_conv_fwd", "jcv_onednn_conv_bwd_data", "jcv_onednn_conv_bwd_weights")
+FUSED_TARGETS = ("jcv_onednn_conv_fused", "jcv_onednn_conv_fused_res")  # act(conv + bias [+ residual])
 BN_TARGETS = ("jcv_bn_stats", "jcv_bn_bwd_stats")
 _state: dict = {"lib": None, "reason": None, "warned": False, "path": None}
 
@@ -36,7 +37,7 @@ def _load():
       raise RuntimeError(f"needs Linux x86-64, this is {platform.system()} {platform.machine()}")
     with built_library(*find_onednn()) as path:
       handle = ctypes.CDLL(path)
-    for name in CONV_TARGETS + BN_TARGETS:
+    for name in CONV_TARGETS + FUSED_TARGETS + BN_TARGETS:
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, name)), platform="cpu")
     handle.jcv_onednn_set_threads.argtypes = [ctypes.c_int]
     handle.jcv_native_bn_set_threads.argtypes = [ctypes.c_int]

@@ -17,7 +17,10 @@ from jcv.kernels import native
 from jcv.kernels.geometry import out_hw as conv_out_hw, out_size
 from jcv.kernels.sharding import batch_axis, match_vma, varying_like
 
-__all__ = ["conv", "conv_backward_data", "conv_backward_weights", "conv_forward", "use_onednn"]
+__all__ = ["ACT_CODES", "conv", "conv_backward_data", "conv_backward_weights", "conv_bias_act", "conv_forward",
+           "use_onednn"]
+
+ACT_CODES = {None: 0, "relu": 1, "relu6": 2}  # the activations oneDNN applies as a post-op
 
 
 def _attrs(strides, pads, dilation, groups):
@@ -27,7 +30,7 @@ def _attrs(strides, pads, dilation, groups):
               groups=np.int64(groups))
 
 
-def _ffi(kind, cfg, a, b):
+def _ffi(kind, cfg, a, b):  # (a, b): (x, kernel), (dy, kernel), (x, dy)
   """The FFI call itself: kind 0/1/2 = forward / input gradient / kernel gradient."""
   out_tail, strides, pads, dilation, groups = cfg
   lead = () if kind == 2 else a.shape[:1]
@@ -44,51 +47,57 @@ _RULES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _op(kind, cfg):
-  """The FFI call for one configuration, partitioned over the batch under a sharded ``jit``.
+def _batch_partitioned(plain, batched, rule, reduction, replicated):
+  """``plain`` partitioned over the batch under a sharded ``jit``, plain under ``vmap``.
 
   ``custom_partitioning`` tells XLA's SPMD partitioner (Shardy or GSPMD) that every device
-  runs the call on its shard of the batch (the kernel gradient is then psum-ed) instead of
-  all-gathering the operands; its ``custom_vmap`` rule sends ``vmap`` to the plain call.
+  runs the call on its shard of the batch instead of all-gathering the operands: operand i is
+  split on its batch axis where ``batched[i]``, replicated otherwise; with a ``reduction`` the
+  output is a sum over the batch (psum-ed, replicated). Its ``custom_vmap`` rule sends
+  ``vmap`` to the plain call.
   """
   from jax.experimental.custom_partitioning import custom_partitioning
   from jax.sharding import NamedSharding, PartitionSpec as P
-  native.require()  # builds and registers the FFI targets on first use
-
-  def plain(a, b):
-    return _ffi(kind, cfg, a, b)
 
   def out_sharding(mesh, axis):
-    return NamedSharding(mesh, P() if kind == 2 else P(axis))
+    return NamedSharding(mesh, P() if reduction else P(axis))
 
   def infer(mesh, arg_shapes, result_shape):
     return out_sharding(mesh, batch_axis(arg_shapes[0].sharding))
 
   def partition(mesh, arg_shapes, result_shape):
     axis = batch_axis(arg_shapes[0].sharding)
-    batch = NamedSharding(mesh, P(axis))
-    args = (batch, batch) if kind == 2 else (batch, NamedSharding(mesh, P()))
+    args = tuple(NamedSharding(mesh, P(axis) if b else P()) for b in batched)
 
-    def lower(a, b):
-      out = plain(a, b)
-      return jax.lax.psum(out, axis) if kind == 2 and axis is not None else out
+    def lower(*xs):
+      out = plain(*xs)
+      return jax.lax.psum(out, axis) if reduction and axis is not None else out
     return mesh, lower, out_sharding(mesh, axis), args
 
   partitioned = custom_partitioning(plain)
-  rule, reduction, replicated = _RULES[kind]
   partitioned.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
                             reduction_factors=reduction, need_replication_factors=replicated)
 
   @jax.custom_batching.custom_vmap
-  def op(a, b):
-    return partitioned(a, b)
+  def op(*args):
+    return partitioned(*args)
 
   @op.def_vmap
-  def _(axis_size, in_batched, a, b):
+  def _(axis_size, in_batched, *args):
     del axis_size
-    return jax.vmap(plain, in_axes=tuple(0 if x else None for x in in_batched))(a, b), True
+    return jax.vmap(plain, in_axes=tuple(0 if x else None for x in in_batched))(*args), True
   return op
+
+
+@functools.lru_cache(maxsize=None)
+def _op(kind, cfg):
+  """The FFI call for one configuration (only the batch may be sharded; the kernel gradient sums over it)."""
+  native.require()  # builds and registers the FFI targets on first use
+
+  def plain(a, b):
+    return _ffi(kind, cfg, a, b)
+  rule, reduction, replicated = _RULES[kind]
+  return _batch_partitioned(plain, (True, kind == 2), rule, reduction, replicated)
 
 
 def _cfg(out_tail, strides, pads, dilation, groups):
@@ -168,3 +177,58 @@ def _conv_bwd(strides, pads, dilation, groups, residuals, g):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+# The inference form: act(conv(x, kernel) + bias [+ residual]) in one call. --------------------------
+
+@functools.lru_cache(maxsize=None)
+def _fused_op(cfg, act, residual: bool):
+  native.require()
+  out_tail, strides, pads, dilation, groups = cfg
+  target = native.FUSED_TARGETS[int(residual)]
+
+  def plain(*args):
+    out = jax.ShapeDtypeStruct(args[0].shape[:1] + out_tail, args[0].dtype)
+    y = jax.ffi.ffi_call(target, out, vmap_method="sequential")(
+        *args, **_attrs(strides, pads, dilation, groups), act=np.int64(ACT_CODES[act]))
+    return varying_like(y, *args)
+  rule = "n h w c, a b d o, o" + (", n i j o" if residual else "") + " -> n i j o"
+  batched = (True, False, False) + ((True,) if residual else ())
+  return _batch_partitioned(plain, batched, rule, (), ("h", "w", "c", "a", "b", "d", "o", "i", "j"))
+
+
+def conv_bias_act(x, kernel, bias, residual, act, strides, pads, dilation, groups):
+  """``act(conv(x, kernel) + bias [+ residual])`` as one oneDNN convolution with the bias and
+  post-ops (a binary add, then ReLU or ReLU6 as clip(0, 6)); ``act`` a key of :data:`ACT_CODES`.
+  ``bias`` is float32, ``residual`` None or shaped like the output. Differentiable (the
+  gradients are oneDNN's, as :func:`conv`'s)."""
+  if act not in ACT_CODES:
+    raise ValueError(f"act must be one of {tuple(ACT_CODES)}, got {act!r}")
+  operands = (x, kernel, bias.astype(jnp.float32)) + (() if residual is None else (residual.astype(x.dtype),))
+  x, kernel, bias, *residual = match_vma(*operands)
+  return _fused(x, kernel, bias, residual[0] if residual else None, act, strides, pads, dilation, groups)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _fused(x, kernel, bias, residual, act, strides, pads, dilation, groups):
+  cfg = _cfg(tuple(conv_out_hw(x.shape, kernel.shape, strides, pads, dilation)) + kernel.shape[-1:],
+             strides, pads, dilation, groups)
+  args = (x, kernel, bias) + (() if residual is None else (residual,))
+  return _fused_op(cfg, act, residual is not None)(*args)
+
+
+def _fused_fwd(x, kernel, bias, residual, act, strides, pads, dilation, groups):
+  y = _fused(x, kernel, bias, residual, act, strides, pads, dilation, groups)
+  return y, (x, kernel, y, None if residual is None else ())  # (): an empty pytree saying 'had one'
+
+
+def _fused_bwd(act, strides, pads, dilation, groups, residuals, g):
+  x, kernel, y, had_residual = residuals
+  if act is not None:
+    g = jnp.where((y > 0) & (y < 6) if act == "relu6" else y > 0, g, 0)
+  dx, dk = _conv_bwd(strides, pads, dilation, groups, (x, kernel), g)
+  dbias = g.astype(jnp.float32).sum((0, 1, 2))
+  return dx, dk, dbias, g.astype(x.dtype) if had_residual is not None else None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)

@@ -1,4 +1,5 @@
-// oneDNN convolutions as XLA FFI handlers (CPU): forward, input gradient, kernel gradient.
+// oneDNN convolutions as XLA FFI handlers (CPU): forward, input gradient, kernel gradient, and the
+// inference form y = act(conv(x, k) + bias [+ residual]) in one call (bias and post-ops).
 //
 // Layouts are jcv's: NHWC activations, HWIO kernels (kh, kw, cin / groups, cout). Activations
 // are handed to oneDNN as they are (nhwc); kernels are reordered from/to the layout oneDNN's
@@ -7,7 +8,7 @@
 // broadcast like numpy: an unbatched kernel folds the vmapped images into N, otherwise one
 // convolution per batch index. float32 and bfloat16 (accumulated in float32 by oneDNN).
 //
-// Built by jcv/models/onednn.py (g++ -O2 -shared, against oneDNN 3.2 and jaxlib's FFI headers).
+// Built by jcv/kernels/build.py (g++ -O2 -shared, against oneDNN 3.2 and jaxlib's FFI headers).
 #include <omp.h>
 
 #include <algorithm>
@@ -27,17 +28,18 @@ using dnnl::memory;
 
 namespace {
 
-enum Kind { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
+enum Kind { kFwd = 0, kBwdData = 1, kBwdWeights = 2, kFused = 3 };
 
 struct Geometry {
   int64_t n, h, w, c, kh, kw, ci, co, oh, ow;  // ci: input channels per group
   int64_t sh, sw, pt, pb, pl, pr, dh, dw, groups;
   bool bf16;
   int threads;
+  int64_t act = 0, res = 0;  // kFused: 0 none / 1 relu / 2 relu6; whether a residual is added
   std::string key(Kind kind) const {
     std::string k;
     for (int64_t v : {int64_t(kind), n, h, w, c, kh, kw, ci, co, oh, ow, sh, sw, pt, pb, pl, pr,
-                      dh, dw, groups, int64_t(bf16), int64_t(threads)})
+                      dh, dw, groups, int64_t(bf16), int64_t(threads), act, res})
       k += std::to_string(v) + ",";
     return k;
   }
@@ -96,7 +98,21 @@ std::shared_ptr<Entry> MakeEntry(const Geometry& g, Kind kind) {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto e = std::make_shared<Entry>();
-  if (kind == kFwd) {
+  if (kind == kFused) {
+    dnnl::post_ops ops;  // applied in order after the bias: + residual, then the activation
+    if (g.res) ops.append_binary(dnnl::algorithm::binary_add, ActDesc(g.n, g.co, g.oh, g.ow, g.bf16));
+    if (g.act == 1) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    if (g.act == 2) ops.append_eltwise(dnnl::algorithm::eltwise_clip_v2, 0.f, 6.f);
+    attr.set_post_ops(ops);
+    auto pd = dnnl::convolution_forward::primitive_desc(
+        Engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+        ActDesc(g.n, g.c, g.h, g.w, g.bf16), AnyKernelDesc(g, Dt(g.bf16)),
+        memory::desc({g.co}, memory::data_type::f32, memory::format_tag::a), ActDesc(g.n, g.co, g.oh, g.ow, g.bf16),
+        {g.sh, g.sw}, {g.dh - 1, g.dw - 1}, {g.pt, g.pl}, {g.pb, g.pr}, attr);
+    e->conv = dnnl::convolution_forward(pd);
+    e->src = pd.src_desc(); e->wei = pd.weights_desc(); e->dst = pd.dst_desc();
+    e->scratch_bytes = pd.scratchpad_desc().get_size();
+  } else if (kind == kFwd) {
     auto pd = FwdDesc(g, dnnl::prop_kind::forward_inference, attr);
     e->conv = dnnl::convolution_forward(pd);
     e->src = pd.src_desc(); e->wei = pd.weights_desc(); e->dst = pd.dst_desc();
@@ -175,6 +191,27 @@ void Run(const Geometry& g, Kind kind, void* a, void* k, void* b) {
                              {DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
     if (e->reorder_wei) e->wei_reorder.execute(stream, wei, user_wei);
   }
+  stream.wait();
+}
+
+// The inference form: y = act(conv(x, k) + bias [+ res]); bias float32 [co], res like y.
+void RunFused(const Geometry& g, void* x, void* k, void* bias, void* res, void* y) {
+  auto e = GetEntry(g, kFused);
+  auto& engine = Engine();
+  auto& stream = Stream();
+  memory src(e->src, engine, x), dst(e->dst, engine, y), user_wei(e->user_wei, engine, k);
+  memory b(memory::desc({g.co}, memory::data_type::f32, memory::format_tag::a), engine, bias);
+  memory wei = user_wei;
+  if (e->reorder_wei) {
+    wei = memory(e->wei, engine, Buffer(0, e->wei.get_size()));
+    e->wei_reorder.execute(stream, user_wei, wei);
+  }
+  memory scratch(memory::desc({int64_t(e->scratch_bytes)}, memory::data_type::u8, memory::format_tag::a),
+                 engine, Buffer(1, e->scratch_bytes ? e->scratch_bytes : 1));
+  std::unordered_map<int, memory> args{{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_BIAS, b},
+                                       {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}};
+  if (g.res) args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, memory(e->dst, engine, res));
+  e->conv.execute(stream, args);
   stream.wait();
 }
 
@@ -260,6 +297,47 @@ ffi::Error Conv(Kind kind, ffi::AnyBuffer a_buf, ffi::AnyBuffer k_buf, ffi::AnyB
       .Attr<int64_t>("pl").Attr<int64_t>("pr").Attr<int64_t>("dh").Attr<int64_t>("dw")            \
       .Attr<int64_t>("groups")
 
+// The fused inference call on rank-4 operands (vmap loops over it: vmap_method="sequential").
+ffi::Error Fused(ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::AnyBuffer bias, void* res, ffi::AnyBuffer y,
+                 const Attrs& at, int64_t act) {
+  auto xd = x.dimensions(), kd = k.dimensions(), yd = y.dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
+    return ffi::Error::InvalidArgument("jcv oneDNN fused conv: operands must be NHWC / HWIO");
+  if (x.element_type() != ffi::F32 && x.element_type() != ffi::BF16)
+    return ffi::Error::InvalidArgument("jcv oneDNN fused conv: only float32 and bfloat16");
+  if (bias.element_type() != ffi::F32 || act < 0 || act > 2)
+    return ffi::Error::InvalidArgument("jcv oneDNN fused conv: float32 bias, act 0-2");
+  Geometry g;
+  g.n = xd[0]; g.h = xd[1]; g.w = xd[2]; g.c = xd[3];
+  g.kh = kd[0]; g.kw = kd[1]; g.ci = kd[2]; g.co = kd[3];
+  g.oh = yd[1]; g.ow = yd[2];
+  g.sh = at.sh; g.sw = at.sw; g.pt = at.pt; g.pb = at.pb; g.pl = at.pl; g.pr = at.pr;
+  g.dh = at.dh; g.dw = at.dw; g.groups = at.groups;
+  g.bf16 = x.element_type() == ffi::BF16;
+  if (g_threads > 0) omp_set_num_threads(g_threads);
+  g.threads = omp_get_max_threads();
+  g.act = act;
+  g.res = res != nullptr;
+  try {
+    RunFused(g, x.untyped_data(), k.untyped_data(), bias.untyped_data(), res, y.untyped_data());
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("jcv oneDNN fused conv: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error FusedFwd(ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
+                    int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t dh,
+                    int64_t dw, int64_t groups, int64_t act) {
+  return Fused(x, k, bias, nullptr, *y, {sh, sw, pt, pb, pl, pr, dh, dw, groups}, act);
+}
+
+ffi::Error FusedFwdRes(ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::AnyBuffer bias, ffi::AnyBuffer res,
+                       ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                       int64_t pr, int64_t dh, int64_t dw, int64_t groups, int64_t act) {
+  return Fused(x, k, bias, res.untyped_data(), *y, {sh, sw, pt, pb, pl, pr, dh, dw, groups}, act);
+}
+
 ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw,
                int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t groups) {
   return Conv(kFwd, x, k, *y, {sh, sw, pt, pb, pl, pr, dh, dw, groups});
@@ -282,6 +360,8 @@ ffi::Error BwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyB
 JCV_EXPORT XLA_FFI_Error* jcv_onednn_conv_fwd(XLA_FFI_CallFrame*);
 JCV_EXPORT XLA_FFI_Error* jcv_onednn_conv_bwd_data(XLA_FFI_CallFrame*);
 JCV_EXPORT XLA_FFI_Error* jcv_onednn_conv_bwd_weights(XLA_FFI_CallFrame*);
+JCV_EXPORT XLA_FFI_Error* jcv_onednn_conv_fused(XLA_FFI_CallFrame*);
+JCV_EXPORT XLA_FFI_Error* jcv_onednn_conv_fused_res(XLA_FFI_CallFrame*);
 JCV_EXPORT void jcv_onednn_set_threads(int threads);
 JCV_EXPORT int jcv_onednn_version();
 
@@ -291,6 +371,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jcv_onednn_conv_bwd_data, BwdData,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>() JCV_ATTRS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jcv_onednn_conv_bwd_weights, BwdWeights,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>() JCV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jcv_onednn_conv_fused, FusedFwd,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() JCV_ATTRS.Attr<int64_t>("act"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jcv_onednn_conv_fused_res, FusedFwdRes,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>() JCV_ATTRS.Attr<int64_t>("act"));
 
 extern "C" {
 // OpenMP threads per oneDNN call (0: OpenMP's default). Applied by each calling thread.

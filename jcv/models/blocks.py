@@ -131,9 +131,9 @@ class BasicBlock(nn.Module):
     common = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype)
     last_init = nn.initializers.zeros_init() if self.zero_init_residual else nn.initializers.ones_init()
     y = ConvBNAct(self.features, 3, strides=self.strides, padding=1, name="conv1", **common)(x, train)
-    y = ConvBNAct(self.features, 3, padding=1, act=None, bn_scale_init=last_init, name="conv2",
-                  **common)(y, train)
-    return nn.relu(y + _shortcut(self, x, self.features, train, common))
+    shortcut = _shortcut(self, x, self.features, train, common)
+    return ConvBNAct(self.features, 3, padding=1, bn_scale_init=last_init, name="conv2",
+                     **common)(y, train, residual=shortcut)  # relu(BN(conv(y)) + shortcut)
 
 
 class Bottleneck(nn.Module):
@@ -155,8 +155,8 @@ class Bottleneck(nn.Module):
     out = self.features * self.expansion
     y = ConvBNAct(self.features, 1, padding=0, name="conv1", **common)(x, train)
     y = ConvBNAct(self.features, 3, strides=self.strides, padding=1, name="conv2", **common)(y, train)
-    y = ConvBNAct(out, 1, padding=0, act=None, bn_scale_init=last_init, name="conv3", **common)(y, train)
-    return nn.relu(y + _shortcut(self, x, out, train, common))
+    shortcut = _shortcut(self, x, out, train, common)
+    return ConvBNAct(out, 1, padding=0, bn_scale_init=last_init, name="conv3", **common)(y, train, residual=shortcut)
 
 
 def _shortcut(block, x, features, train, common):

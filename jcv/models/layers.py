@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jcv import kernels
 
 __all__ = [
-    "Conv", "ConvBNAct", "LocalResponseNorm", "SpatialPyramidPool", "adaptive_avg_pool",
+    "Conv", "ConvBNAct", "ConvWeights", "LocalResponseNorm", "SpatialPyramidPool", "adaptive_avg_pool",
     "adaptive_max_pool", "avg_pool", "classifier_head", "drop_path", "max_pool", "mlp_head",
     "pool_output_size", "variance_scaling", "xla_kernels",
 ]
@@ -134,24 +134,59 @@ class ConvBNAct(nn.Module):
   use_bias: bool | None = None  # None: a bias only without BN (True: torchvision's VGG-BN)
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, residual=None):
+    """``act(BN(conv(x)) + residual)`` (``residual`` None: no addition); folded into one
+    convolution in inference mode under :func:`jcv.kernels.fused_inference`."""
     groups = x.shape[-1] if self.groups == -1 else self.groups
     ks = (self.kernel_size,) * 2 if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
-    x = Conv(self.features, ks, strides=self.strides, padding=self.padding,
-             feature_group_count=groups,
-             use_bias=not self.use_bn if self.use_bias is None else self.use_bias, dtype=self.dtype,
-             kernel_init=self.kernel_init, name="conv")(x)
+    use_bias = not self.use_bn if self.use_bias is None else self.use_bias
+    if self.use_bn and not train and kernels.fusing() and not self.is_initializing():
+      return self._folded(x, ks, groups, use_bias, residual)
+    x = Conv(self.features, ks, strides=self.strides, padding=self.padding, feature_group_count=groups,
+             use_bias=use_bias, dtype=self.dtype, kernel_init=self.kernel_init, name="conv")(x)
     act = self.act
     if self.use_bn:
-      fused = act if any(act is f for f in _FUSED_ACTS) else None  # BN + ReLU/ReLU6 in one pass
+      fused = act if residual is None and any(act is f for f in _FUSED_ACTS) else None  # BN + ReLU/ReLU6
       x = kernels.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                             epsilon=self.bn_epsilon, dtype=self.dtype, use_scale=self.bn_use_scale,
                             scale_init=self.bn_scale_init, act=kernels.activation_name(fused),
                             name="bn")(x)
       act = None if fused is not None else act
+    if residual is not None:
+      x = x + residual
     if act is not None:
       x = act(x)
     return x
+
+  def _folded(self, x, ks, groups, use_bias, residual):
+    """The inference form: BatchNorm folded into the kernel and a bias (same variables)."""
+    kernel, conv_bias = ConvWeights(self.features, ks, groups, use_bias, self.kernel_init, name="conv")(x)
+    a, b = kernels.BatchNormAffine(epsilon=self.bn_epsilon, use_scale=self.bn_use_scale,
+                                   scale_init=self.bn_scale_init, name="bn")(self.features)
+    if conv_bias is not None:
+      b = b + conv_bias.astype(jnp.float32) * a
+    dtype = self.dtype or jnp.result_type(x.dtype, jnp.float32)
+    return kernels.conv2d_bias_act(x.astype(dtype), (kernel * a).astype(dtype), b, act=self.act,
+                                   residual=residual, strides=self.strides, padding=self.padding, groups=groups)
+
+
+class ConvWeights(nn.Module):
+  """:class:`Conv`'s parameters (same names, shapes and initialisers) without the convolution:
+  returns ``(kernel, bias or None)`` for an input like ``x``."""
+  features: int
+  kernel_size: tuple[int, int]
+  groups: int = 1
+  use_bias: bool = False
+  kernel_init: Callable = variance_scaling(1.0, "fan_in", "truncated_normal")
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init,
+                        tuple(self.kernel_size) + (x.shape[-1] // self.groups, self.features), self.param_dtype)
+    bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    return kernel, bias
 
 
 # ----------------------------------------------------------------------------- pooling

@@ -77,12 +77,13 @@ class InvertedResidual(nn.Module):
       y = ConvBNAct(in_features * self.expansion, 1, act=self.act, name="expand", **common)(y, bn_train)
     y = ConvBNAct(y.shape[-1], self.kernel_size, strides=self.strides, groups=-1, act=self.act,
                   name="depthwise", **common)(y, bn_train)
-    y = ConvBNAct(self.features, 1, act=None, name="project", **common)(y, bn_train)
-    if self.strides == 1 and in_features == self.features:
-      if self.drop_path_rate > 0 and train:
-        y = drop_path(self.make_rng("dropout"), y, rate=self.drop_path_rate)
-      y = y + x
-    return y
+    identity = self.strides == 1 and in_features == self.features
+    dropped = identity and self.drop_path_rate > 0 and train
+    project = ConvBNAct(self.features, 1, act=None, name="project", **common)
+    if not identity or dropped:
+      y = project(y, bn_train)
+      return x + drop_path(self.make_rng("dropout"), y, rate=self.drop_path_rate) if dropped else y
+    return project(y, bn_train, residual=x)  # BN(conv(y)) + x
 
 
 class StagedNet(nn.Module):
