@@ -69,9 +69,15 @@ def _waiting_compiler(tmp_path):
   return script
 
 
+def _default_sigint():
+  """A shell's background job ignores SIGINT, and its children inherit that: restore the default
+  so that Python turns the signal into KeyboardInterrupt however pytest was started."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_build(tmp_path, cache):
   proc = subprocess.Popen([sys.executable, "-c", LOAD], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True,
+                          text=True, start_new_session=True, preexec_fn=_default_sigint,
                           env=_env(CXX=_waiting_compiler(tmp_path), JCV_CACHE_DIR=cache))
   deadline = time.monotonic() + 120
   while not (tmp_path / "started").exists():
