@@ -1,6 +1,6 @@
 """The lecture's architectures trained from scratch side by side (docs/models.md, "Trained side by side").
 
-  python experiments/architectures.py --workdir runs/arch                 # cpu: every family (estimated 55-60 min on 2 cores)
+  python experiments/architectures.py --workdir runs/arch                 # cpu: every family, 2 min each (~59 min on 2 cores)
   python experiments/architectures.py --workdir runs/arch --models resnet18,vgg16_bn --minutes-per-model 5
   python experiments/architectures.py --preset gpu --workdir runs/arch_gpu   # the same at a larger budget (unmeasured)
 
@@ -24,14 +24,14 @@ CPU = Config(data=Data(eval_split="val", val_fraction=0.01, image_size=75, batch
              optim=Optim(name="adamw", learning_rate=1e-3, weight_decay=0.05, grad_clip_norm=1.0),
              evaluation=Evaluation(crop_fraction=1.0), run=Run(progress=False))
 PRESETS = {"cpu": CPU, "gpu": CPU.replace(data={"batch_size": 256, "val_fraction": 0.1, "num_workers": 8}, model={"dtype": "bfloat16"})}
-BUDGETS = {"cpu": (2.5, 2000), "gpu": (5.0, None)}  # training minutes per model, test images (None: all)
+BUDGETS = {"cpu": (2.0, 2000), "gpu": (5.0, None)}  # training minutes per model, test images (None: all)
 
 
 def main(argv=None):
   parser = cli.make_parser(__doc__, presets=PRESETS, default_preset="cpu")
   parser.set_defaults(data_dir=str(SHARED / "data" / "cifar10"))
   parser.add_argument("--models", default=",".join(compare.LECTURE_MODELS), help="comma-separated registered models")
-  parser.add_argument("--minutes-per-model", type=float, help="training time per model (default: cpu 2.5, gpu 5)")
+  parser.add_argument("--minutes-per-model", type=float, help="training time per model (default: cpu 2, gpu 5)")
   parser.add_argument("--force", action="store_true", help="train again models that have a result.json")
   args = parser.parse_args(argv)
   try:  # a bad name or --set fails now, not after an hour
