@@ -101,3 +101,25 @@ def test_predict_logits_runs_the_folded_form():
   assert _rel(logits(images), want) < 1e-4
   if native.available() and kernels.resolved_lowering() == "onednn":
     assert "jcv_onednn_conv_fused" in logits.lower(images).as_text()
+
+
+@pytest.mark.parametrize("mode", ["jit", "pmap"])
+def test_folded_evaluation_data_parallel(mode):
+  """fit's evaluation over two devices (sharded jit, or shard_map) runs the folded form per shard
+  and sums to the one-device metrics."""
+  import optax
+  from jcv.train import parallel
+  from jcv.train.state import create_train_state
+  model = jcv.models.create("resnet20", num_classes=10)
+  rng = np.random.default_rng(3)
+  batch = {"image": rng.integers(0, 256, (8, 32, 32, 3)).astype(np.uint8), "label": rng.integers(0, 10, 8)}
+  state = create_train_state(jax.random.key(0), model, optax.sgd(0.1), (1, 32, 32, 3))
+  variables = _randomized(state.variables)
+  state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+  sums = {}
+  for devices in (1, 2):
+    mesh = parallel.make_mesh(jax.devices()[:devices])
+    fn = parallel.compile_eval_step(step.eval_step, mesh, mode=mode)
+    sums[devices] = parallel.fetch(fn(parallel.replicate(state, mesh), parallel.shard_batch(batch, mesh)))
+  for k in ("loss", "top1", "count"):
+    assert float(sums[2][k]) == pytest.approx(float(sums[1][k]), rel=1e-5)
