@@ -34,11 +34,19 @@ from jcv.kernels import native
 from jcv.kernels.dispatch import resolve
 from jcv.kernels.sharding import batch_axis, varying_like
 
-__all__ = ["ACTIVATIONS", "BatchNorm", "activation", "activation_name", "batch_norm_train"]
+__all__ = ["ACTIVATIONS", "BatchNorm", "FUSABLE", "activation", "activation_name", "batch_norm_train", "is_fusable"]
 
 ACTIVATIONS = (None, "relu", "relu6")
 _CODES = {None: 0, "relu": 1, "relu6": 2}
 _F32 = jnp.float32
+
+
+FUSABLE = (nn.relu, nn.relu6, jax.nn.relu, jax.nn.relu6)  # the activation functions kernels apply themselves
+
+
+def is_fusable(fn) -> bool:
+  """Whether ``fn`` is one of :data:`FUSABLE` (identity, not equality)."""
+  return any(fn is f for f in FUSABLE)
 
 
 def activation_name(fn) -> str | None:

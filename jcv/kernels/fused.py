@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jcv.kernels import onednn
-from jcv.kernels.batchnorm import activation, activation_name
+from jcv.kernels.batchnorm import activation, activation_name, is_fusable
 from jcv.kernels.dispatch import conv2d, onednn_pads
 from jcv.kernels.geometry import pair
 
@@ -93,7 +93,7 @@ def conv2d_bias_act(x, kernel, bias, *, act: Callable | None = None, residual=No
   function (applied after it). ``bias`` float32 [cout]; the convolution's arguments and
   ``lowering`` are :func:`jcv.kernels.conv2d`'s.
   """
-  fusable = act is None or any(act is f for f in (nn.relu, nn.relu6, jax.nn.relu, jax.nn.relu6))
+  fusable = act is None or is_fusable(act)
   pads = onednn_pads(x, kernel, strides=strides, padding=padding, groups=groups, dilation=dilation,
                      lowering=lowering)
   if pads is not None:

@@ -28,7 +28,6 @@ __all__ = [
 ]
 
 Dtype = Any
-_FUSED_ACTS = (nn.relu, nn.relu6, jax.nn.relu, jax.nn.relu6)  # ConvBNAct runs these inside BatchNorm
 
 
 def variance_scaling(scale: float, mode: str, distribution: str) -> Callable:
@@ -146,7 +145,7 @@ class ConvBNAct(nn.Module):
              use_bias=use_bias, dtype=self.dtype, kernel_init=self.kernel_init, name="conv")(x)
     act = self.act
     if self.use_bn:
-      fused = act if residual is None and any(act is f for f in _FUSED_ACTS) else None  # BN + ReLU/ReLU6
+      fused = act if residual is None and kernels.is_fusable(act) else None  # BN + ReLU/ReLU6
       x = kernels.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                             epsilon=self.bn_epsilon, dtype=self.dtype, use_scale=self.bn_use_scale,
                             scale_init=self.bn_scale_init, act=kernels.activation_name(fused),
