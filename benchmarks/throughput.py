@@ -17,6 +17,9 @@ For each model (any name ``jcv.models.create`` knows), image size, batch size an
 * ``jcv_xla_onednn`` (``--compare jcv_xla_onednn``): jcv with XLA's own oneDNN switched on
   (``XLA_FLAGS`` += :data:`XLA_ONEDNN_FLAGS`; in jaxlib 0.10.2 it takes matmul, elementwise and
   reduce fusions, not convolutions);
+* ``jcv_1dev`` (``--compare jcv_1dev``): jcv on one XLA CPU device, each oneDNN call using
+  every core (``jcv.kernels.native.default_threads``), where ``jcv`` splits the batch over
+  ``--host-devices``;
 * ``flax_xla`` (``--baseline``): the same jcv model with XLA's own convolution everywhere
   (``jcv.kernels.conv2d`` lowering "xla"), i.e. what stock Flax ``nn.Conv`` gives;
 * ``torch`` / ``torch_compile`` (``--compare torch,torch_compile``): the same architecture
@@ -316,7 +319,7 @@ class _Worker:
   """One framework built for one config in its own process (``--worker``), timed on request."""
 
   def __init__(self, framework, name, size, batch, dtype, args):
-    jax_devices = str(args.host_devices) if framework in JCV_VARIANTS else "1"
+    jax_devices = str(args.host_devices) if framework in JCV_VARIANTS and framework != "jcv_1dev" else "1"
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework,
            "--models", f"{name}:{size}", "--batch-sizes", str(batch), "--dtypes", dtype,
            "--lowering", args.lowering, "--parallel", args.parallel, "--host-devices", jax_devices]
@@ -388,7 +391,7 @@ def _serve(args):
 
 # --- driver -----------------------------------------------------------------------------------
 
-JCV_VARIANTS = ("jcv", "jcv_unfolded", "jcv_xla_onednn", "jcv_cpu")  # jcv_unfolded: BatchNorm not folded
+JCV_VARIANTS = ("jcv", "jcv_unfolded", "jcv_xla_onednn", "jcv_cpu", "jcv_1dev")  # jcv_unfolded: BatchNorm not folded
 XLA_ONEDNN_FLAGS = "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce"
 
 
@@ -589,7 +592,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-sizes", default="32")
   p.add_argument("--dtypes", default="float32", help="float32,bfloat16")
   p.add_argument("--modes", default="train,infer")
-  p.add_argument("--compare", default="", help="peers: torch,torch_compile,keras,jcv_unfolded,jcv_xla_onednn,jcv_cpu")
+  p.add_argument("--compare", default="", help="peers: torch,torch_compile,keras,jcv_unfolded,jcv_xla_onednn,jcv_cpu,jcv_1dev")
   p.add_argument("--lowering", default="auto", choices=("auto", "xla", "cpu", "onednn"),
                  help="jcv's conv lowering (jcv.kernels.conv2d; auto: oneDNN on a CPU if built)")
   p.add_argument("--baseline", action="store_true",
@@ -648,8 +651,9 @@ def _peers(p: argparse.ArgumentParser, args) -> list[str]:
   for c in peers:
     if c not in ("torch", "torch_compile", "keras") + JCV_VARIANTS[1:]:
       p.error(f"--compare takes torch, torch_compile, keras, {', '.join(JCV_VARIANTS[1:])}; got {c!r}")
-  if "jcv_xla_onednn" in peers and not args.isolate:
-    p.error("--compare jcv_xla_onednn sets XLA_FLAGS in its own process: drop --no-isolate")
+  for own in ("jcv_xla_onednn", "jcv_1dev"):
+    if own in peers and not args.isolate:
+      p.error(f"--compare {own} sets XLA_FLAGS in its own process: drop --no-isolate")
   return peers
 
 

@@ -33,8 +33,10 @@ import warnings
 
 from jcv.trusted import ensure_trusted_dir
 
-__all__ = ["backend_initialized", "compilation_cache_dir", "cpu_only", "enable_compilation_cache",
-           "setup_cpu", "tune_malloc"]
+__all__ = ["backend_initialized", "bfloat16_is_fast", "compilation_cache_dir", "cpu_has_bfloat16", "cpu_only",
+           "enable_compilation_cache", "setup_cpu", "tune_malloc"]
+
+BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of bfloat16 dot-product units
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
@@ -69,6 +71,28 @@ def cpu_only() -> bool:
   except ImportError:
     return True
   return not any(pkgutil.iter_modules(jax_plugins.__path__))
+
+
+def cpu_has_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+  """Whether this CPU multiplies bfloat16 in hardware (AVX512_BF16 or AMX), from Linux's
+  ``/proc/cpuinfo`` (False where it cannot be read)."""
+  try:
+    with open(cpuinfo) as f:
+      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+  except OSError:
+    return False
+  return any(flag in flags for flag in BFLOAT16_CPU_FLAGS)
+
+
+def bfloat16_is_fast() -> bool:
+  """Whether bfloat16 compute pays on JAX's default backend: any accelerator, or a CPU with
+  bfloat16 units (:func:`cpu_has_bfloat16`) and jcv's oneDNN kernels (their bfloat16
+  convolutions; XLA's own CPU convolutions gain nothing from it). Initialises the backend."""
+  import jax
+  if jax.default_backend() != "cpu":
+    return True
+  from jcv.kernels import native
+  return cpu_has_bfloat16() and native.available()
 
 
 def tune_malloc() -> bool:

@@ -153,3 +153,32 @@ def test_compilation_cache_accepts_a_private_folder_in_a_sticky_parent(tmp_path,
   monkeypatch.setattr(jax.config, "update", lambda *a: None)  # leave this process's cache alone
   assert jcv.perf.enable_compilation_cache(sticky / "jax") == str(sticky / "jax")
   assert oct((sticky / "jax").stat().st_mode & 0o7777) == "0o700"
+
+
+def test_cpu_has_bfloat16_reads_the_flags_line(tmp_path):
+  from jcv import perf
+  zen4 = tmp_path / "zen4"
+  zen4.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n\nprocessor\t: 1\n")
+  skylake = tmp_path / "skylake"
+  skylake.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512bw\nbugs\t\t: avx512_bf16_is_not_a_flag\n")
+  sapphire = tmp_path / "sapphire"
+  sapphire.write_text("flags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+  assert perf.cpu_has_bfloat16(str(zen4)) and perf.cpu_has_bfloat16(str(sapphire))
+  assert not perf.cpu_has_bfloat16(str(skylake))
+  assert not perf.cpu_has_bfloat16(str(tmp_path / "missing"))
+  if pathlib.Path("/proc/cpuinfo").is_file():  # this machine, against grep's reading of the same file
+    grep = subprocess.run(["grep", "-qwE", "avx512_bf16|amx_bf16", "/proc/cpuinfo"]).returncode == 0
+    assert perf.cpu_has_bfloat16() == grep
+
+
+def test_model_dtype_auto_follows_the_machine(monkeypatch):
+  import jax.numpy as jnp
+  from jcv import perf
+  from jcv.train import Config, Model, build
+  config = Config(model=Model(name="cifar_cnn", dtype="auto"))
+  for fast, dtype in ((True, jnp.bfloat16), (False, None)):
+    monkeypatch.setattr(perf, "bfloat16_is_fast", lambda: fast)
+    assert build.compute_dtype(config) == ("bfloat16" if fast else "float32")
+    assert build.model_options(config).get("dtype") == dtype
+    assert build.build_model(config, 10).dtype == dtype
+  assert build.compute_dtype(config.replace(model={"dtype": "float32"})) == "float32"

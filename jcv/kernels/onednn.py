@@ -165,14 +165,10 @@ def _conv_fwd(x, kernel, strides, pads, dilation, groups):
 def _conv_bwd(strides, pads, dilation, groups, residuals, g):
   x, kernel = residuals
   g = g.astype(x.dtype)
+  # bfloat16: oneDNN accumulates in float32 and rounds once; the few layers whose bf16 kernels
+  # are slower than float32 ones are upcast inside the call (onednn_conv.cc, Upcast).
   dx = conv_backward_data(g, kernel, x.shape[1:3], x.shape[3], strides, pads, dilation, groups)
-  if x.dtype == jnp.bfloat16:
-    # oneDNN 3.2's bfloat16 kernel gradient (AVX512-BF16, no AMX) ran 6x slower than its float32
-    # one in a cifar_cnn step (1140 vs 179 CPU ms, 2-core EPYC): compute it from float32 copies.
-    dk = conv_backward_weights(x.astype(jnp.float32), g.astype(jnp.float32), kernel.shape,
-                               strides, pads, dilation, groups).astype(kernel.dtype)
-  else:
-    dk = conv_backward_weights(x, g, kernel.shape, strides, pads, dilation, groups)
+  dk = conv_backward_weights(x, g, kernel.shape, strides, pads, dilation, groups)
   return dx, dk
 
 

@@ -90,13 +90,28 @@ def image_loaders(config: Config, train_src, eval_src) -> dict:
   return {"train_ld": train_ld, "eval_ld": eval_ld, "input_shape": example_shape(config)}
 
 
+def compute_dtype(config: Config) -> str:
+  """The model's compute dtype: ``model.dtype``, with "auto" resolved on this machine
+  (bfloat16 where :func:`jcv.perf.bfloat16_is_fast`, else float32)."""
+  if config.model.dtype != "auto":
+    return config.model.dtype
+  from jcv import perf
+  return "bfloat16" if perf.bfloat16_is_fast() else "float32"
+
+
+def model_options(config: Config) -> dict:
+  """The keyword options of ``jcv.models.create`` for the config: ``model.options`` and the dtype."""
+  options = dict(config.model.options)
+  dtype = compute_dtype(config)
+  if dtype != "float32":
+    options["dtype"] = jnp.dtype(dtype)
+  return options
+
+
 def build_model(config: Config, num_classes: int):
   """``jcv.models.create(config.model.name, ...)`` with the config's dtype and model options."""
   import jcv.models
-  options = dict(config.model.options)
-  if config.model.dtype != "float32":
-    options["dtype"] = jnp.dtype(config.model.dtype)
-  return jcv.models.create(config.model.name, num_classes=num_classes, **options)
+  return jcv.models.create(config.model.name, num_classes=num_classes, **model_options(config))
 
 
 def build_augment(config: Config, num_classes: int):

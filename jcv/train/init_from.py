@@ -38,10 +38,7 @@ def resolve_preprocessing(config: Config) -> Config:
 def _pretrained(config: Config, model) -> dict:
   """The pretrained weights ported into the model; a new head is initialised from ``run.seed``."""
   import jcv.weights
-  options = dict(config.model.options)
-  if config.model.dtype != "float32":
-    import jax.numpy as jnp
-    options["dtype"] = jnp.dtype(config.model.dtype)
+  options = build.model_options(config)
   p = config.init.pretrained
   _, out = jcv.weights.pretrained(config.model.name, p.weights, num_classes=model.num_classes, head=p.head,
                                   seed=config.run.seed, **options)

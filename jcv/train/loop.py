@@ -286,6 +286,7 @@ class _Run:
         "devices": {"count": jax.device_count(), "local": jax.local_device_count(),
                     "processes": jax.process_count(), "kind": device.device_kind, "platform": device.platform},
         "parallel": config.run.parallel,
+        "compute_dtype": build.compute_dtype(config),
         "versions": _versions(),
         "resumed_from_step": self.start_step or None,
         "stopped_by": self.stopped_by,

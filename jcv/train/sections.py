@@ -102,10 +102,11 @@ class Model:
   name: str = "resnet20"
   options: dict = dataclasses.field(default_factory=dict)  # keyword arguments of the family (width, ...)
   num_classes: int | None = None      # None: the number of classes of the training source
-  dtype: str = "float32"              # compute dtype: float32 | bfloat16 | float16 (params stay float32)
+  dtype: str = "float32"              # compute dtype: float32 | bfloat16 | float16 | auto (params stay float32)
+  # auto: bfloat16 where jcv.perf.bfloat16_is_fast() (an accelerator, or a CPU with AVX512_BF16/AMX), else float32
 
   def validate(self):
-    choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+    choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16", "auto"))
     _at_least(self, ("num_classes",), 2)
 
 

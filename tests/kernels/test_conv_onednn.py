@@ -43,6 +43,8 @@ CASES = [
     (2, 6, 6, 4, 6, 3, 3, 1, "SAME", 2, 1),        # grouped
     (2, 2, 2, 16, 8, 3, 3, 1, "SAME", 1, 1),       # tiny map
     (2, 7, 8, 4, 6, 1, 1, 2, "SAME", 1, 1),        # 1x1
+    (2, 9, 9, 32, 32, 5, 5, 1, "SAME", 32, 1),     # depthwise 5x5 (EfficientNet)
+    (2, 10, 10, 32, 32, 5, 5, 2, "SAME", 32, 1),   # depthwise 5x5, strided
 ]
 IDS = ["-".join(map(str, c)).replace(" ", "") for c in CASES]
 
@@ -80,9 +82,12 @@ def test_onednn_matches_lax_forward_and_gradients(case, raw):
 
 
 @native_only
-@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[6], CASES[8], CASES[10]],
-                         ids=["3x3", "3x3-s2", "stem", "depthwise", "depthwise-mult"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[6], CASES[8], CASES[9], CASES[10], CASES[15], CASES[16]],
+                         ids=["3x3", "3x3-s2", "stem", "depthwise", "depthwise-s2", "depthwise-mult", "depthwise-5x5",
+                              "depthwise-5x5-s2"])
 def test_onednn_bfloat16_within_bfloat16_rounding(case):
+  """bfloat16 forward and both gradients, including the ones computed in float32 inside the call
+  (strided depthwise input gradients, depthwise kernel gradients above 3x3)."""
   *_, strides, padding, groups, dilation = case
   x, k = _inputs(case, jnp.bfloat16)
   ours = jax.jit(lambda x, k: _value_and_grads(_onednn_raw(strides, padding, groups, dilation), x, k))(x, k)
