@@ -13,7 +13,8 @@ is the ``cached`` preset). ``--backbone``: ``efficientnet_lite2`` (default; ``--
 e.g. ../shared/weights/efficientnet_lite2.npz) or ``mobilenet_v2``; each brings its preprocessing.
 - ``cpu``: every stage of the backbone (0.3x the head's rate, BatchNorm in inference mode),
   176 px, 7 epochs, random-resized crops (area 0.25-1), flip and colour jitter, AdamW 1e-3,
-  label smoothing 0.1; evaluated on the whole image at 208 px with flip TTA (jcv.train.recipes.FINETUNE).
+  label smoothing 0.1; evaluated on the whole image at 208 px with flip TTA (jcv.train.recipes.FINETUNE);
+  bfloat16 compute on CPUs with AVX512_BF16 or AMX, else float32 (``model.dtype="auto"``).
 - ``gpu``: the cpu recipe at 260 px (evaluated at 304), 10 epochs, bfloat16,
   batch 64 per device.
 - ``cached``: the frozen bottom runs once over every image and its mirror image at 224 px; the
@@ -37,7 +38,7 @@ WEIGHTS = "mobilenet_v2_1.0_224_no_top"
 BACKBONES = {"mobilenet_v2": WEIGHTS, "efficientnet_lite2": None}  # backbone -> default weights (None: a file)
 CPU = recipes.FINETUNE.replace(  # docs/transfer.md ("food101_10") gives the evidence for each choice
     data={"dataset": "food101", "train_split": "train[10%:]", "eval_split": "train[:10%]"},
-    model=Model(name="efficientnet_lite2"), run={"progress": False})
+    model=Model(name="efficientnet_lite2", dtype="auto"), run={"progress": False})  # auto: bfloat16 on AVX512_BF16/AMX
 # The cpu recipe at Lite2's own 260 px (evaluated at the same 1.17x, whole image) for 10 epochs of
 # the 101-class tfds food101 (68k training images per epoch): docs/transfer.md argues each choice.
 GPU = CPU.replace(data={"image_size": 260, "batch_size": 64, "num_workers": 8},  # batch: 64 per device (main scales it)

@@ -11,8 +11,10 @@ the bias, residual and activation into one pass).
 
 Layers fold only inside :func:`fused_inference` (a JAX config option in ``jit``'s cache key, so a
 function traced with it is not reused without it); jcv's own inference (``predict_logits``: the
-evaluation in ``fit``, ``jcv evaluate``, ``jcv predict``) and ``benchmarks/throughput.py``'s
-inference rows trace inside it. The folded model's logits equal the unfolded model's to 1e-4
+evaluation in ``fit``, ``jcv evaluate``, ``jcv predict``), ``benchmarks/throughput.py``'s
+inference rows and ``jcv.train``'s training step trace inside it. In training only the layers
+whose BatchNorm is frozen (inference mode: ``frozen_bn_stages``, fine-tuning recipes) fold; the
+fold is differentiable, so their kernels and BatchNorm scale and bias still train. The folded model's logits equal the unfolded model's to 1e-4
 relative in float32 (tests/kernels/test_fused.py, every model family).
 """
 from __future__ import annotations

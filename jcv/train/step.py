@@ -76,7 +76,10 @@ def train_step(state, batch, *, augment_fn: Callable | None = None, num_classes:
     if state.batch_stats:
       variables["batch_stats"] = state.batch_stats
       mutable = ["batch_stats"]
-    with invariance.model_context(indices=indices, axis_name=axis_name, sync_batch_stats=sync_batch_stats):
+    # kernels.fused_inference: layers whose BatchNorm is frozen (inference mode) fold it into the
+    # conv, differentiably; the others train as written
+    with invariance.model_context(indices=indices, axis_name=axis_name, sync_batch_stats=sync_batch_stats), \
+         kernels.fused_inference():
       out = state.apply_fn(variables, x, train=True, mutable=mutable, rngs={"dropout": dropout_key})
     logits, new_vars = out
     loss = jnp.mean(losses.cross_entropy(logits, soft, label_smoothing=label_smoothing))

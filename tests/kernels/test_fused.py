@@ -123,3 +123,35 @@ def test_folded_evaluation_data_parallel(mode):
     sums[devices] = parallel.fetch(fn(parallel.replicate(state, mesh), parallel.shard_batch(batch, mesh)))
   for k in ("loss", "top1", "count"):
     assert float(sums[2][k]) == pytest.approx(float(sums[1][k]), rel=1e-5)
+
+
+def test_training_step_folds_frozen_batchnorm():
+  """A fine-tuning step with every BatchNorm frozen (EfficientNet-Lite's ``frozen_bn_stages``)
+  folds those layers into their convolutions (the fused oneDNN call) and updates the parameters
+  (kernels, BatchNorm scale and bias) as plain SGD on the unfolded model's gradients (to 1e-4 of
+  the largest update)."""
+  import functools
+  import optax
+  from jcv.train import losses
+  from jcv.train.state import create_train_state
+  model = jcv.models.create("efficientnet_lite0", num_classes=5, frozen_bn_stages=99, dropout_rate=0.0,
+                            drop_connect_rate=0.0)
+  state = create_train_state(jax.random.key(0), model, optax.sgd(0.1), (1, 32, 32, 3))
+  state = state.replace(batch_stats=_randomized({"batch_stats": state.batch_stats})["batch_stats"])
+  rng = np.random.default_rng(4)
+  batch = {"image": jnp.asarray(rng.integers(0, 256, (4, 32, 32, 3)), jnp.uint8),
+           "label": jnp.asarray(rng.integers(0, 5, 4), jnp.int32)}
+  train = jax.jit(functools.partial(step.train_step, num_classes=5))
+  new, metrics = train(state, batch)
+
+  def loss(params):  # the model as written, outside fused_inference
+    logits = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"] / 255.0, train=True)
+    return jnp.mean(losses.cross_entropy(logits, jax.nn.one_hot(batch["label"], 5)))
+  want_loss, grads = jax.jit(jax.value_and_grad(loss))(state.params)
+  assert abs(float(metrics["loss"]) - float(want_loss)) < 1e-4
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) * 0.1  # the largest update
+  for a, g, p in zip(jax.tree.leaves(new.params), jax.tree.leaves(grads), jax.tree.leaves(state.params)):
+    np.testing.assert_allclose(a - p, -0.1 * g, rtol=1e-3, atol=1e-4 * scale)
+  assert jax.tree.all(jax.tree.map(jnp.array_equal, new.batch_stats, state.batch_stats))
+  if native.available() and kernels.resolved_lowering() == "onednn":
+    assert "jcv_onednn_conv_fused" in train.lower(state, batch).as_text()
