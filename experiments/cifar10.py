@@ -8,7 +8,8 @@
 ``cifar_cnn`` with its first layer whitened from 5,000 training images (``init.whiten``) and
 frozen, label smoothing 0.2, alternating flips + translate-by-2, flip + translate TTA, and
 airbench94's Nesterov SGD + lookahead (``gpu``, ``cpu_sgd``) or airbench94_muon's Muon
-(``cpu``, with precise BN over 10k images). ``cpu`` is sized for about 20 min on a 2-core CPU. ``baseline``: homework 2's textbook CNN, Adam, flip + shift.
+(``cpu``, with precise BN over 10k images; bfloat16 where the CPU has AVX512_BF16 or AMX,
+``model.dtype="auto"``). ``cpu`` is sized for about 15-20 min on a 2-core CPU. ``baseline``: homework 2's textbook CNN, Adam, flip + shift.
 
 Measured accuracy and time: docs/cifar10.md.
 """
@@ -46,7 +47,7 @@ CPU = CPU_SGD.replace(
     optim={"muon": Muon(learning_rate=0.06, momentum=0.6, ns_steps=3, normalize_weights=True), "lookahead": None,
            "lr_multipliers": {r"bn\d/bias$": 36.0, r"^whiten/bias$": 36.0},
            "group_lengths": {r"^whiten/bias$": "3 epochs"}},
-    schedule=Schedule(name="linear"), model={"options": {"width": 0.75}}, run={"length": "8 epochs"},
+    schedule=Schedule(name="linear"), model={"options": {"width": 0.75}, "dtype": "auto"}, run={"length": "8 epochs"},
     evaluation={"every": "8 epochs", "bn_recompute": "10000 examples"},
 )
 # Homework 2 as a student writes it: the textbook CNN (jcv.models.textbook), Adam at 1e-3, flips and shifts.
