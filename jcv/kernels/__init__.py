@@ -6,8 +6,8 @@ lowering chosen per call or by default (:func:`lowering`, :func:`set_lowering`,
 convolution. :func:`conv2d_bias_act` under :func:`fused_inference` is a layer's inference
 form (BatchNorm folded in, bias, activation and residual as oneDNN post-ops). :class:`BatchNorm`
 is ``nn.BatchNorm`` with a fused ReLU/ReLU6 and native reductions in training; :func:`max_pool`
-follows the same lowering. Without a compiler
-everything runs on XLA, with one warning line saying so (:func:`native.status`).
+follows the same lowering. Without a compiler everything runs on XLA, with one warning line
+saying so (:func:`native.status`).
 Models receive these through :mod:`jcv.models.layers`; nothing here imports ``jcv.models``.
 """
 from jcv.kernels import native

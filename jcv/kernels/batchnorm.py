@@ -41,7 +41,8 @@ _CODES = {None: 0, "relu": 1, "relu6": 2}
 _F32 = jnp.float32
 
 
-FUSABLE = (nn.relu, nn.relu6, jax.nn.relu, jax.nn.relu6)  # the activation functions kernels apply themselves
+_NAMED = (("relu", nn.relu), ("relu6", nn.relu6), ("relu", jax.nn.relu), ("relu6", jax.nn.relu6))
+FUSABLE = tuple(f for _, f in _NAMED)  # the activation functions kernels apply themselves
 
 
 def is_fusable(fn) -> bool:
@@ -51,7 +52,7 @@ def is_fusable(fn) -> bool:
 
 def activation_name(fn) -> str | None:
   """"relu" / "relu6" / None for ``nn.relu`` / ``nn.relu6`` / None; raises for anything else."""
-  for name, f in (("relu", nn.relu), ("relu6", nn.relu6), ("relu", jax.nn.relu), ("relu6", jax.nn.relu6)):
+  for name, f in _NAMED:
     if fn is f:
       return name
   if fn is None:

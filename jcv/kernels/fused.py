@@ -14,8 +14,9 @@ function traced with it is not reused without it); jcv's own inference (``predic
 evaluation in ``fit``, ``jcv evaluate``, ``jcv predict``), ``benchmarks/throughput.py``'s
 inference rows and ``jcv.train``'s training step trace inside it. In training only the layers
 whose BatchNorm is frozen (inference mode: ``frozen_bn_stages``, fine-tuning recipes) fold; the
-fold is differentiable, so their kernels and BatchNorm scale and bias still train. The folded model's logits equal the unfolded model's to 1e-4
-relative in float32 (tests/kernels/test_fused.py, every model family).
+fold is differentiable, so their kernels and BatchNorm scale and bias still train. The folded
+model's logits equal the unfolded model's to 1e-4 relative in float32 (tests/kernels/test_fused.py,
+every model family).
 """
 from __future__ import annotations
 

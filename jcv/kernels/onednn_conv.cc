@@ -66,7 +66,7 @@ memory::data_type Dt(bool bf16) { return bf16 ? memory::data_type::bf16 : memory
 // 80 ms on [32, 80, 80, 96] against 26 ms in float32) and the depthwise kernel gradient of
 // kernels above 3x3 (EfficientNet's 5x5: 36 vs 11 ms on [32, 11, 11, 720]). The bf16 operands
 // are reordered to float32 copies here, and the result back (one rounding).
-bool Upcast(const Geometry& g, int kind) {
+bool Upcast(const Geometry& g, Kind kind) {
   const bool depthwise = g.groups > 1 && g.ci == 1;
   if (!g.bf16 || !depthwise) return false;
   if (kind == kBwdData) return g.sh != 1 || g.sw != 1;
