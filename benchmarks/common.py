@@ -45,13 +45,38 @@ def step_runner(step, state, batch, mesh, steps: int) -> Callable[[], None]:
   return run
 
 
+STEADY = 1.15       # a warm-up call this much slower than the next one: not warm yet
+MAX_EXTRA_WARMUP = 6
+
+
+def _warm_up(fn: Callable[[], object], warmup: int) -> None:
+  """Calls ``fn`` ``warmup`` times, then again while the last call was more than :data:`STEADY`
+  times slower than the one after it (at most :data:`MAX_EXTRA_WARMUP` more). A jitted step's
+  first calls grow the heap and fault its pages in (a 2-device MobileNetV2 step at 160 px on a
+  2-core Xeon: 755, 560, then 419 ms; the second call also 2 s after a peer's process had run),
+  which a fixed warm-up of one call leaves among the timed iterations."""
+  def wall():
+    start = time.perf_counter()
+    out = fn()
+    return out.wall_s if isinstance(out, Timing) else time.perf_counter() - start
+  last = None
+  for _ in range(warmup):
+    last = wall()
+  for _ in range(MAX_EXTRA_WARMUP if warmup else 0):
+    now = wall()
+    if last <= STEADY * now:
+      return
+    last = now
+
+
 def interleaved_times(fns: dict[str, Callable[[], object]], *, rounds: int = 5,
                       iters_per_round: int = 2, warmup: int = 2,
                       budget_s: float | None = None,
                       cpu_times: dict | None = None, settle_s: float = 0.0) -> dict[str, list[float]]:
   """Times each callable in interleaved rounds; returns per-iteration wall seconds per name.
 
-  Each callable is warmed up ``warmup`` times first. With ``budget_s``, stops after the first
+  Each callable is warmed up ``warmup`` times first, and further until it stops getting faster
+  (:func:`_warm_up`). With ``budget_s``, stops after the first
   round in which the total elapsed time passed the budget (at least one round always runs).
   If ``cpu_times`` is a dict, it receives the per-iteration CPU seconds of this process (all
   threads) per name: on a machine shared with other jobs that is the steadier measure of the
@@ -61,8 +86,7 @@ def interleaved_times(fns: dict[str, Callable[[], object]], *, rounds: int = 5,
   timed before (OpenMP and XLA pools spin a while after their work ends) are idle again.
   """
   for fn in fns.values():
-    for _ in range(warmup):
-      fn()
+    _warm_up(fn, warmup)
   times = {name: [] for name in fns}
   if cpu_times is not None:
     cpu_times.update({name: [] for name in fns})

@@ -1,4 +1,4 @@
-"""benchmarks/throughput.py end to end as a real subprocess (tiny: one model, batch 4)."""
+"""benchmarks/: throughput.py end to end as a real subprocess (tiny: one model, batch 4), and the timing loop."""
 import json
 import os
 import pathlib
@@ -73,3 +73,18 @@ def test_optimizers_benchmark_times_both_presets(tmp_path):
   assert all(r["img_per_s"] > 0 for r in report["rows"]) and report["rows"][0]["vs_sgd"] == 1.0
   # The cpu preset's net (width 0.75): its last conv is 192 x (3*3*192) for Newton-Schulz.
   assert report["kernel_matrices"][-1] == [192, 1728] and report["newton_schulz_ms"] > 0
+
+
+def test_warm_up_continues_until_calls_stop_getting_faster():
+  """A callable whose first calls are slow (like a jitted step growing its heap) is warmed up
+  past them: none of the slow calls is among the timed iterations, however small ``warmup``."""
+  import time
+  sys.path.insert(0, str(ROOT))
+  from benchmarks.common import interleaved_times
+  delays = iter([0.08, 0.05, 0.03])  # then 0.005 s for every later call
+
+  def step():
+    time.sleep(next(delays, 0.005))
+
+  times = interleaved_times({"step": step}, rounds=2, iters_per_round=2, warmup=1)["step"]
+  assert len(times) == 4 and max(times) < 0.02, times
