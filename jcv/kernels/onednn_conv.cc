@@ -12,7 +12,9 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -29,18 +31,21 @@ using dnnl::memory;
 namespace {
 
 enum Kind { kFwd = 0, kBwdData = 1, kBwdWeights = 2, kFused = 3 };
+// oneDNN's first implementation; its first one that does not use AMX tiles; its float32 kernel
+// on float32 copies of the bfloat16 operands (gradients only), the result rounded once.
+enum Variant { kFirst = 0, kNoAmx = 1, kUpcast = 2 };
 
 struct Geometry {
   int64_t n, h, w, c, kh, kw, ci, co, oh, ow;  // ci: input channels per group
   int64_t sh, sw, pt, pb, pl, pr, dh, dw, groups;
   bool bf16;
-  bool upcast = false;  // bfloat16 operands computed by oneDNN's float32 kernel (see Upcast)
+  int variant = kFirst;  // how a bfloat16 call is computed (Variant; chosen by measuring, see Choose)
   int threads;
   int64_t act = 0, res = 0;  // kFused: 0 none / 1 relu / 2 relu6; whether a residual is added
   std::string key(Kind kind) const {
     std::string k;
     for (int64_t v : {int64_t(kind), n, h, w, c, kh, kw, ci, co, oh, ow, sh, sw, pt, pb, pl, pr,
-                      dh, dw, groups, int64_t(bf16), int64_t(upcast), int64_t(threads), act, res})
+                      dh, dw, groups, int64_t(bf16), int64_t(variant), int64_t(threads), act, res})
       k += std::to_string(v) + ",";
     return k;
   }
@@ -60,19 +65,6 @@ dnnl::stream& Stream() {
 }
 
 memory::data_type Dt(bool bf16) { return bf16 ? memory::data_type::bf16 : memory::data_type::f32; }
-
-// bfloat16 gradients that oneDNN 3.2 computes faster in float32 on AVX512-BF16 (2-core EPYC,
-// batch 32): the strided depthwise input gradient (its bf16 fallback, brgconv_strided, took
-// 80 ms on [32, 80, 80, 96] against 26 ms in float32) and the depthwise kernel gradient of
-// kernels above 3x3 (EfficientNet's 5x5: 36 vs 11 ms on [32, 11, 11, 720]). The bf16 operands
-// are reordered to float32 copies here, and the result back (one rounding).
-bool Upcast(const Geometry& g, Kind kind) {
-  const bool depthwise = g.groups > 1 && g.ci == 1;
-  if (!g.bf16 || !depthwise) return false;
-  if (kind == kBwdData) return g.sh != 1 || g.sw != 1;
-  if (kind == kBwdWeights) return g.kh * g.kw > 9;
-  return false;
-}
 
 memory::desc ActDesc(int64_t n, int64_t c, int64_t h, int64_t w, bool bf16) {
   return memory::desc({n, c, h, w}, Dt(bf16), memory::format_tag::nhwc);
@@ -97,6 +89,7 @@ struct Entry {
   memory::desc user_src, user_dst;  // the operands' (bf16 where the primitive is upcast to f32)
   dnnl::reorder src_up, dst_up, src_down;  // upcast: bf16 -> f32 copies, f32 result -> bf16
   memory::desc user_wei;          // HWIO
+  std::string impl;               // oneDNN's implementation name, e.g. "brgconv:avx512_core_amx"
   bool reorder_wei = false;
   dnnl::reorder wei_reorder;      // user -> primitive (fwd, bwd data) or primitive -> user
   size_t scratch_bytes = 0;
@@ -110,9 +103,17 @@ dnnl::convolution_forward::primitive_desc FwdDesc(const Geometry& g, dnnl::prop_
       {g.dh - 1, g.dw - 1}, {g.pt, g.pl}, {g.pb, g.pr}, attr);
 }
 
+// Moves pd past the implementations that use AMX tiles (if it runs out, it keeps the last one).
+template <typename PrimitiveDesc>
+void SkipAmx(PrimitiveDesc& pd) {
+  while (std::string(pd.impl_info_str()).find("amx") != std::string::npos && pd.next_impl()) {
+  }
+}
+
 std::shared_ptr<Entry> MakeEntry(const Geometry& user, Kind kind) {
   Geometry g = user;
-  g.bf16 = user.bf16 && !user.upcast;  // the primitive's precision
+  const bool upcast = user.variant == kUpcast;
+  g.bf16 = user.bf16 && !upcast;  // the primitive's precision
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto e = std::make_shared<Entry>();
@@ -127,11 +128,14 @@ std::shared_ptr<Entry> MakeEntry(const Geometry& user, Kind kind) {
         ActDesc(g.n, g.c, g.h, g.w, g.bf16), AnyKernelDesc(g, Dt(g.bf16)),
         memory::desc({g.co}, memory::data_type::f32, memory::format_tag::a), ActDesc(g.n, g.co, g.oh, g.ow, g.bf16),
         {g.sh, g.sw}, {g.dh - 1, g.dw - 1}, {g.pt, g.pl}, {g.pb, g.pr}, attr);
+    e->impl = pd.impl_info_str();
     e->conv = dnnl::convolution_forward(pd);
     e->src = pd.src_desc(); e->wei = pd.weights_desc(); e->dst = pd.dst_desc();
     e->scratch_bytes = pd.scratchpad_desc().get_size();
   } else if (kind == kFwd) {
     auto pd = FwdDesc(g, dnnl::prop_kind::forward_inference, attr);
+    if (user.variant == kNoAmx) SkipAmx(pd);
+    e->impl = pd.impl_info_str();
     e->conv = dnnl::convolution_forward(pd);
     e->src = pd.src_desc(); e->wei = pd.weights_desc(); e->dst = pd.dst_desc();
     e->scratch_bytes = pd.scratchpad_desc().get_size();
@@ -141,6 +145,8 @@ std::shared_ptr<Entry> MakeEntry(const Geometry& user, Kind kind) {
         Engine(), dnnl::algorithm::convolution_direct, ActDesc(g.n, g.c, g.h, g.w, g.bf16),
         AnyKernelDesc(g, Dt(g.bf16)), ActDesc(g.n, g.co, g.oh, g.ow, g.bf16), {g.sh, g.sw},
         {g.dh - 1, g.dw - 1}, {g.pt, g.pl}, {g.pb, g.pr}, hint, attr);
+    if (user.variant == kNoAmx) SkipAmx(pd);
+    e->impl = pd.impl_info_str();
     e->conv = dnnl::convolution_backward_data(pd);
     e->src = pd.diff_src_desc(); e->wei = pd.weights_desc(); e->dst = pd.diff_dst_desc();
     e->scratch_bytes = pd.scratchpad_desc().get_size();
@@ -151,15 +157,17 @@ std::shared_ptr<Entry> MakeEntry(const Geometry& user, Kind kind) {
         Engine(), dnnl::algorithm::convolution_direct, ActDesc(g.n, g.c, g.h, g.w, g.bf16),
         AnyKernelDesc(g, memory::data_type::f32), ActDesc(g.n, g.co, g.oh, g.ow, g.bf16),
         {g.sh, g.sw}, {g.dh - 1, g.dw - 1}, {g.pt, g.pl}, {g.pb, g.pr}, hint, attr);
+    if (user.variant == kNoAmx) SkipAmx(pd);
+    e->impl = pd.impl_info_str();
     e->conv = dnnl::convolution_backward_weights(pd);
     e->src = pd.src_desc(); e->wei = pd.diff_weights_desc(); e->dst = pd.diff_dst_desc();
     e->scratch_bytes = pd.scratchpad_desc().get_size();
   }
   e->user_wei = KernelDesc(g, Dt(user.bf16));
   e->reorder_wei = e->wei != e->user_wei;
-  e->user_src = user.upcast ? ActDesc(g.n, g.c, g.h, g.w, true) : e->src;
-  e->user_dst = user.upcast ? ActDesc(g.n, g.co, g.oh, g.ow, true) : e->dst;
-  if (user.upcast) {
+  e->user_src = upcast ? ActDesc(g.n, g.c, g.h, g.w, true) : e->src;
+  e->user_dst = upcast ? ActDesc(g.n, g.co, g.oh, g.ow, true) : e->dst;
+  if (upcast) {
     auto make = [](const memory::desc& from, const memory::desc& to) {
       return dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
     };
@@ -203,7 +211,7 @@ void Run(const Geometry& g, Kind kind, void* a, void* k, void* b) {
   auto& stream = Stream();
   memory src(e->src, engine, a), dst(e->dst, engine, b), user_wei(e->user_wei, engine, k);
   memory user_src = src;
-  if (g.upcast) {  // b (dy) is an input; a is x (kernel gradient) or the result dx (input gradient)
+  if (g.variant == kUpcast) {  // b (dy) is an input; a is x (kernel gradient) or the result dx (input gradient)
     user_src = memory(e->user_src, engine, a);
     memory user_dst(e->user_dst, engine, b);
     src = memory(e->src, engine, Buffer(2, e->src.get_size()));
@@ -223,7 +231,7 @@ void Run(const Geometry& g, Kind kind, void* a, void* k, void* b) {
     if (e->reorder_wei) e->wei_reorder.execute(stream, user_wei, wei);
     e->conv.execute(stream, {{DNNL_ARG_DIFF_SRC, src}, {DNNL_ARG_WEIGHTS, wei},
                              {DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
-    if (g.upcast) e->src_down.execute(stream, src, user_src);
+    if (g.variant == kUpcast) e->src_down.execute(stream, src, user_src);
   } else {
     if (!e->reorder_wei) wei = memory(e->wei, engine, k);
     e->conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_WEIGHTS, wei},
@@ -231,6 +239,59 @@ void Run(const Geometry& g, Kind kind, void* a, void* k, void* b) {
     if (e->reorder_wei) e->wei_reorder.execute(stream, wei, user_wei);
   }
   stream.wait();
+}
+
+double Seconds(const Geometry& g, Kind kind, void* a, void* k, void* b) {
+  const auto start = std::chrono::steady_clock::now();
+  Run(g, kind, a, k, b);
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// Which Variant computes this bfloat16 call fastest, measured once per shape on its own operands
+// (each candidate run three times, the faster of the last two counted: another thread can take
+// a core for a while; ties within 5% go to oneDNN's first choice) and remembered. oneDNN 3.2's own choice is 2-50x slower than another of its kernels in some cases:
+// on a 2-core Xeon with AMX, AMX kernel gradients of strided 1x1 convolutions (8.4 vs 0.17 ms on
+// [32, 4, 4, 128] -> 256) and of depthwise ones; on AVX512-BF16 without AMX (EPYC), strided
+// depthwise input gradients (80 vs 26 ms in float32) and 5x5 depthwise kernel gradients.
+// JCV_ONEDNN_MEASURE=0 always takes oneDNN's first choice.
+int Choose(const Geometry& g, Kind kind, void* a, void* k, void* b) {
+  static const bool measure = [] {
+    const char* v = std::getenv("JCV_ONEDNN_MEASURE");
+    return !(v && std::string(v) == "0");
+  }();
+  if (!g.bf16 || !measure) return kFirst;
+  static std::mutex mu;  // one measurement at a time; the other threads wait for its result
+  static std::unordered_map<std::string, int> chosen;
+  std::lock_guard<std::mutex> lock(mu);
+  const std::string key = g.key(kind);
+  auto it = chosen.find(key);
+  if (it != chosen.end()) return it->second;
+  std::vector<int> candidates = {kFirst, kNoAmx};
+  if (kind == kBwdData || kind == kBwdWeights) candidates.push_back(kUpcast);
+  int best = kFirst;
+  double best_s = 0;
+  std::vector<std::string> impls;
+  for (int v : candidates) {
+    Geometry c = g;
+    c.variant = v;
+    const std::string impl = GetEntry(c, kind)->impl;
+    if (v == kNoAmx && std::find(impls.begin(), impls.end(), impl) != impls.end()) continue;
+    impls.push_back(impl);
+    Run(c, kind, a, k, b);
+    const double s = std::min(Seconds(c, kind, a, k, b), Seconds(c, kind, a, k, b));
+    if (v == kFirst || s < 0.95 * best_s) {
+      best = v;
+      best_s = s;
+    }
+  }
+  chosen.emplace(key, best);
+  return best;
+}
+
+// Run with the Variant Choose picks (float32: oneDNN's first choice).
+void RunChosen(Geometry g, Kind kind, void* a, void* k, void* b) {
+  g.variant = Choose(g, kind, a, k, b);
+  Run(g, kind, a, k, b);
 }
 
 // The inference form: y = act(conv(x, k) + bias [+ res]); bias float32 [co], res like y.
@@ -299,7 +360,6 @@ ffi::Error Conv(Kind kind, ffi::AnyBuffer a_buf, ffi::AnyBuffer k_buf, ffi::AnyB
   g.sh = at.sh; g.sw = at.sw; g.pt = at.pt; g.pb = at.pb; g.pl = at.pl; g.pr = at.pr;
   g.dh = at.dh; g.dw = at.dw; g.groups = at.groups;
   g.bf16 = dt == ffi::BF16;
-  g.upcast = Upcast(g, kind);
   g.threads = g_threads > 0 ? g_threads : 0;
   if (g_threads > 0) omp_set_num_threads(g_threads);  // per calling thread
   g.threads = omp_get_max_threads();
@@ -316,14 +376,14 @@ ffi::Error Conv(Kind kind, ffi::AnyBuffer a_buf, ffi::AnyBuffer k_buf, ffi::AnyB
   char* b = static_cast<char*>(b_buf.untyped_data());
   try {
     if (batches == 1) {
-      Run(g, kind, a, k, b);
+      RunChosen(g, kind, a, k, b);
     } else if (kind != kBwdWeights && Prod(lk) == 1 && Prod(la) == batches && Prod(lb) == batches) {
       Geometry folded = g;  // unbatched kernel: the vmapped images are just more images
       folded.n *= batches;
-      Run(folded, kind, a, k, b);
+      RunChosen(folded, kind, a, k, b);
     } else {
       for (int64_t i = 0; i < batches; ++i)
-        Run(g, kind, a + BroadcastIndex(i, out_lead, la) * a_block, k + BroadcastIndex(i, out_lead, lk) * k_block,
+        RunChosen(g, kind, a + BroadcastIndex(i, out_lead, la) * a_block, k + BroadcastIndex(i, out_lead, lk) * k_block,
             b + BroadcastIndex(i, out_lead, lb) * b_block);
     }
   } catch (const dnnl::error& err) {
