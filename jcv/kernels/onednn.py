@@ -165,8 +165,8 @@ def _conv_fwd(x, kernel, strides, pads, dilation, groups):
 def _conv_bwd(strides, pads, dilation, groups, residuals, g):
   x, kernel = residuals
   g = g.astype(x.dtype)
-  # bfloat16: oneDNN accumulates in float32 and rounds once; the few layers whose bf16 kernels
-  # are slower than float32 ones are upcast inside the call (onednn_conv.cc, Upcast).
+  # bfloat16: oneDNN accumulates in float32 and rounds once. Each bfloat16 shape and each depthwise
+  # kernel gradient runs the implementation measured fastest on its first call (onednn_conv.cc, Choose).
   dx = conv_backward_data(g, kernel, x.shape[1:3], x.shape[3], strides, pads, dilation, groups)
   dk = conv_backward_weights(x, g, kernel.shape, strides, pads, dilation, groups)
   return dx, dk

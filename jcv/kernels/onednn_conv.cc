@@ -28,12 +28,19 @@
 namespace ffi = xla::ffi;
 using dnnl::memory;
 
+namespace jcv {  // depthwise_grad.cc
+void DepthwiseKernelGrad(int64_t n, int64_t h, int64_t w, int64_t c, int64_t kh, int64_t kw, int64_t oh,
+                         int64_t ow, int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t dh, int64_t dw,
+                         bool bf16, const void* x, const void* dy, void* dk, int threads);
+}  // namespace jcv
+
 namespace {
 
 enum Kind { kFwd = 0, kBwdData = 1, kBwdWeights = 2, kFused = 3 };
 // oneDNN's first implementation; its first one that does not use AMX tiles; its float32 kernel
-// on float32 copies of the bfloat16 operands (gradients only), the result rounded once.
-enum Variant { kFirst = 0, kNoAmx = 1, kUpcast = 2 };
+// on float32 copies of the bfloat16 operands (gradients only), the result rounded once; jcv's
+// direct loop for depthwise kernel gradients (depthwise_grad.cc).
+enum Variant { kFirst = 0, kNoAmx = 1, kUpcast = 2, kDirect = 3 };
 
 struct Geometry {
   int64_t n, h, w, c, kh, kw, ci, co, oh, ow;  // ci: input channels per group
@@ -205,7 +212,14 @@ void* Buffer(int slot, size_t bytes) {
 }
 
 // One convolution on plain pointers: a = src (x or dx), k = HWIO kernel (or dk), b = dst (y or dy).
+bool Depthwise(const Geometry& g) { return g.groups > 1 && g.ci == 1 && g.co == g.groups && g.c == g.groups; }
+
 void Run(const Geometry& g, Kind kind, void* a, void* k, void* b) {
+  if (g.variant == kDirect) {  // kBwdWeights of a Depthwise geometry: a = x, b = dy, k = dk
+    jcv::DepthwiseKernelGrad(g.n, g.h, g.w, g.c, g.kh, g.kw, g.oh, g.ow, g.sh, g.sw, g.pt, g.pl, g.dh, g.dw,
+                             g.bf16, a, b, k, g.threads);
+    return;
+  }
   auto e = GetEntry(g, kind);
   auto& engine = Engine();
   auto& stream = Stream();
@@ -247,34 +261,47 @@ double Seconds(const Geometry& g, Kind kind, void* a, void* k, void* b) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-// Which Variant computes this bfloat16 call fastest, measured once per shape on its own operands
-// (each candidate run three times, the faster of the last two counted: another thread can take
-// a core for a while; ties within 5% go to oneDNN's first choice) and remembered. oneDNN 3.2's own choice is 2-50x slower than another of its kernels in some cases:
-// on a 2-core Xeon with AMX, AMX kernel gradients of strided 1x1 convolutions (8.4 vs 0.17 ms on
-// [32, 4, 4, 128] -> 256) and of depthwise ones; on AVX512-BF16 without AMX (EPYC), strided
-// depthwise input gradients (80 vs 26 ms in float32) and 5x5 depthwise kernel gradients.
-// JCV_ONEDNN_MEASURE=0 always takes oneDNN's first choice.
+// Which Variant computes this call fastest (bfloat16 calls, and depthwise kernel gradients in
+// either precision), measured once per shape on its own operands and remembered: each candidate
+// runs three times, the faster of the last two counts (another thread can take a core for a
+// while), ties within 5% go to oneDNN's first choice. oneDNN 3.2's own choice is 2-50x slower
+// than another kernel in some cases: on a 2-core Xeon with AMX, AMX kernel gradients of strided
+// 1x1 convolutions (8.4 vs 0.17 ms on [32, 4, 4, 128] -> 256); on AVX512-BF16 without AMX
+// (EPYC), strided depthwise input gradients (80 vs 26 ms in float32); on both, depthwise kernel
+// gradients of 5x5 kernels on small maps (8.8 ms per call on [16, 6, 6, 1248]).
+// JCV_ONEDNN_IMPL=first|noamx|upcast|direct forces one Variant wherever it applies (oneDNN's
+// first choice elsewhere); unset or "measure", the measured choice.
 int Choose(const Geometry& g, Kind kind, void* a, void* k, void* b) {
-  static const bool measure = [] {
-    const char* v = std::getenv("JCV_ONEDNN_MEASURE");
-    return !(v && std::string(v) == "0");
+  static const int forced = [] {
+    const char* v = std::getenv("JCV_ONEDNN_IMPL");
+    const std::string name = v ? v : "measure";
+    const char* names[] = {"first", "noamx", "upcast", "direct"};
+    for (int i = 0; i < 4; ++i)
+      if (name == names[i]) return i;
+    return -1;
   }();
-  if (!g.bf16 || !measure) return kFirst;
+  const bool direct = kind == kBwdWeights && Depthwise(g);
+  if (forced == kDirect) return direct ? kDirect : kFirst;
+  if (forced == kUpcast) return g.bf16 && (kind == kBwdData || kind == kBwdWeights) ? kUpcast : kFirst;
+  if (forced >= 0) return g.bf16 ? forced : kFirst;
+  if (!(g.bf16 || direct)) return kFirst;
   static std::mutex mu;  // one measurement at a time; the other threads wait for its result
   static std::unordered_map<std::string, int> chosen;
   std::lock_guard<std::mutex> lock(mu);
   const std::string key = g.key(kind);
   auto it = chosen.find(key);
   if (it != chosen.end()) return it->second;
-  std::vector<int> candidates = {kFirst, kNoAmx};
-  if (kind == kBwdData || kind == kBwdWeights) candidates.push_back(kUpcast);
+  std::vector<int> candidates = {kFirst};
+  if (g.bf16) candidates.push_back(kNoAmx);
+  if (g.bf16 && (kind == kBwdData || kind == kBwdWeights)) candidates.push_back(kUpcast);
+  if (direct) candidates.push_back(kDirect);
   int best = kFirst;
   double best_s = 0;
   std::vector<std::string> impls;
   for (int v : candidates) {
     Geometry c = g;
     c.variant = v;
-    const std::string impl = GetEntry(c, kind)->impl;
+    const std::string impl = v == kDirect ? "jcv:direct" : GetEntry(c, kind)->impl;
     if (v == kNoAmx && std::find(impls.begin(), impls.end(), impl) != impls.end()) continue;
     impls.push_back(impl);
     Run(c, kind, a, k, b);
