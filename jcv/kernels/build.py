@@ -1,4 +1,5 @@
-"""Compiles jcv's native library (``onednn_conv.cc``, ``native_bn.cc``, ``depthwise_grad.cc``) and finds it a safe home.
+"""Compiles jcv's native library (``onednn_conv.cc``, ``onednn_ffi.cc``, ``depthwise_grad.cc``,
+``native_bn.cc``) and finds it a safe home.
 
 The C++ files are compiled with the system's ``g++`` (``$CXX``) against jaxlib's FFI headers
 (``jax.ffi.include_dir()``) and oneDNN 3.2 (the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp``
@@ -33,7 +34,9 @@ from jcv.trusted import ensure_trusted_dir, untrusted_dir_reason, untrusted_file
 __all__ = ["built_library", "cache_dir", "find_onednn"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = tuple(os.path.join(_HERE, f) for f in ("onednn_conv.cc", "native_bn.cc", "depthwise_grad.cc"))
+_SOURCES = tuple(os.path.join(_HERE, f) for f in (
+    "onednn_conv.cc", "onednn_ffi.cc", "depthwise_grad.cc", "native_bn.cc"))
+_HEADERS = (os.path.join(_HERE, "onednn_conv.h"),)  # hashed into the library's key with the sources
 _FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fvisibility=hidden", "-w"]
 # Build temporaries in the cache folder: ".build-*.so", and "tmp*.so" (mkstemp's default name).
 _TEMP_PATTERNS = (".build-*.so", "tmp*.so")
@@ -70,7 +73,7 @@ def cache_dir() -> str:
 def _library_name(compiler: str, lib: str) -> str:
   import jaxlib
   sources = []
-  for name in _SOURCES:
+  for name in _SOURCES + _HEADERS:
     with open(name, "rb") as f:
       sources.append(f.read())
   key = hashlib.sha256(b"\0".join([

@@ -7,6 +7,8 @@
 // 5x5 on [16, 6, 6, 1248]: 8.8 ms per call on a 2-core Xeon, for 18M multiply-adds), so
 // onednn_conv.cc measures this loop against it per shape and keeps the faster (Choose).
 // Threads split the batch; each sums into its own float32 [kh, kw, c] block, added at the end.
+#include "onednn_conv.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -79,7 +81,6 @@ void Grad(int64_t n, int64_t h, int64_t w, int64_t c, int64_t kh, int64_t kw, in
 
 }  // namespace
 
-// dk: HWIO [kh, kw, 1, c], float32 or bfloat16 like x and dy. dh, dw: dilation factors (1: none).
 void DepthwiseKernelGrad(int64_t n, int64_t h, int64_t w, int64_t c, int64_t kh, int64_t kw, int64_t oh,
                          int64_t ow, int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t dh, int64_t dw,
                          bool bf16, const void* x, const void* dy, void* dk, int threads) {

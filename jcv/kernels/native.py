@@ -1,5 +1,5 @@
-"""jcv's native CPU library: build, load and configure ``onednn_conv.cc``, ``native_bn.cc`` and
-``depthwise_grad.cc``.
+"""jcv's native CPU library: build, load and configure ``onednn_conv.cc``, ``onednn_ffi.cc``,
+``depthwise_grad.cc`` and ``native_bn.cc``.
 
 The library holds oneDNN's convolutions (called by :mod:`jcv.kernels.onednn`; a direct loop for
 depthwise kernel gradients) and the BatchNorm reductions of :mod:`jcv.kernels.batchnorm`, as XLA

@@ -1,14 +1,15 @@
-// oneDNN convolutions as XLA FFI handlers (CPU): forward, input gradient, kernel gradient, and the
-// inference form y = act(conv(x, k) + bias [+ residual]) in one call (bias and post-ops).
+// oneDNN convolutions on plain pointers (CPU): forward, input gradient, kernel gradient, and the
+// inference form y = act(conv(x, k) + bias [+ residual]) in one call (bias and post-ops); the
+// XLA FFI handlers that call them are in onednn_ffi.cc.
 //
 // Layouts are jcv's: NHWC activations, HWIO kernels (kh, kw, cin / groups, cout). Activations
 // are handed to oneDNN as they are (nhwc); kernels are reordered from/to the layout oneDNN's
 // chosen implementation wants. Primitives and reorders are cached per shape and parameters.
-// Leading dimensions in front of NHWC / HWIO (from jax.vmap, vmap_method="expand_dims") are
-// broadcast like numpy: an unbatched kernel folds the vmapped images into N, otherwise one
-// convolution per batch index. float32 and bfloat16 (accumulated in float32 by oneDNN).
+// float32 and bfloat16 (accumulated in float32 by oneDNN).
 //
 // Built by jcv/kernels/build.py (g++ -O2 -shared, against oneDNN 3.2 and jaxlib's FFI headers).
+#include "onednn_conv.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -23,42 +24,14 @@
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
-#include "xla/ffi/api/ffi.h"
 
-namespace ffi = xla::ffi;
 using dnnl::memory;
 
-namespace jcv {  // depthwise_grad.cc
-void DepthwiseKernelGrad(int64_t n, int64_t h, int64_t w, int64_t c, int64_t kh, int64_t kw, int64_t oh,
-                         int64_t ow, int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t dh, int64_t dw,
-                         bool bf16, const void* x, const void* dy, void* dk, int threads);
-}  // namespace jcv
+namespace jcv {
+
+int g_threads = 0;
 
 namespace {
-
-enum Kind { kFwd = 0, kBwdData = 1, kBwdWeights = 2, kFused = 3 };
-// oneDNN's first implementation; its first one that does not use AMX tiles; its float32 kernel
-// on float32 copies of the bfloat16 operands (gradients only), the result rounded once; jcv's
-// direct loop for depthwise kernel gradients (depthwise_grad.cc).
-enum Variant { kFirst = 0, kNoAmx = 1, kUpcast = 2, kDirect = 3 };
-
-struct Geometry {
-  int64_t n, h, w, c, kh, kw, ci, co, oh, ow;  // ci: input channels per group
-  int64_t sh, sw, pt, pb, pl, pr, dh, dw, groups;
-  bool bf16;
-  int variant = kFirst;  // how a bfloat16 call is computed (Variant; chosen by measuring, see Choose)
-  int threads;
-  int64_t act = 0, res = 0;  // kFused: 0 none / 1 relu / 2 relu6; whether a residual is added
-  std::string key(Kind kind) const {
-    std::string k;
-    for (int64_t v : {int64_t(kind), n, h, w, c, kh, kw, ci, co, oh, ow, sh, sw, pt, pb, pl, pr,
-                      dh, dw, groups, int64_t(bf16), int64_t(variant), int64_t(threads), act, res})
-      k += std::to_string(v) + ",";
-    return k;
-  }
-};
-
-int g_threads = 0;  // 0: OpenMP's default (all cores); set from Python with jcv_onednn_set_threads
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -211,49 +184,7 @@ void* Buffer(int slot, size_t bytes) {
   return buffers[slot].data();
 }
 
-// One convolution on plain pointers: a = src (x or dx), k = HWIO kernel (or dk), b = dst (y or dy).
 bool Depthwise(const Geometry& g) { return g.groups > 1 && g.ci == 1 && g.co == g.groups && g.c == g.groups; }
-
-void Run(const Geometry& g, Kind kind, void* a, void* k, void* b) {
-  if (g.variant == kDirect) {  // kBwdWeights of a Depthwise geometry: a = x, b = dy, k = dk
-    jcv::DepthwiseKernelGrad(g.n, g.h, g.w, g.c, g.kh, g.kw, g.oh, g.ow, g.sh, g.sw, g.pt, g.pl, g.dh, g.dw,
-                             g.bf16, a, b, k, g.threads);
-    return;
-  }
-  auto e = GetEntry(g, kind);
-  auto& engine = Engine();
-  auto& stream = Stream();
-  memory src(e->src, engine, a), dst(e->dst, engine, b), user_wei(e->user_wei, engine, k);
-  memory user_src = src;
-  if (g.variant == kUpcast) {  // b (dy) is an input; a is x (kernel gradient) or the result dx (input gradient)
-    user_src = memory(e->user_src, engine, a);
-    memory user_dst(e->user_dst, engine, b);
-    src = memory(e->src, engine, Buffer(2, e->src.get_size()));
-    dst = memory(e->dst, engine, Buffer(3, e->dst.get_size()));
-    e->dst_up.execute(stream, user_dst, dst);
-    if (kind == kBwdWeights) e->src_up.execute(stream, user_src, src);
-  }
-  memory wei = user_wei;
-  if (e->reorder_wei) wei = memory(e->wei, engine, Buffer(0, e->wei.get_size()));
-  memory scratch(memory::desc({int64_t(e->scratch_bytes)}, memory::data_type::u8, memory::format_tag::a),
-                 engine, Buffer(1, e->scratch_bytes ? e->scratch_bytes : 1));
-  if (kind == kFwd) {
-    if (e->reorder_wei) e->wei_reorder.execute(stream, user_wei, wei);
-    e->conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst},
-                             {DNNL_ARG_SCRATCHPAD, scratch}});
-  } else if (kind == kBwdData) {
-    if (e->reorder_wei) e->wei_reorder.execute(stream, user_wei, wei);
-    e->conv.execute(stream, {{DNNL_ARG_DIFF_SRC, src}, {DNNL_ARG_WEIGHTS, wei},
-                             {DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
-    if (g.variant == kUpcast) e->src_down.execute(stream, src, user_src);
-  } else {
-    if (!e->reorder_wei) wei = memory(e->wei, engine, k);
-    e->conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_WEIGHTS, wei},
-                             {DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
-    if (e->reorder_wei) e->wei_reorder.execute(stream, wei, user_wei);
-  }
-  stream.wait();
-}
 
 double Seconds(const Geometry& g, Kind kind, void* a, void* k, void* b) {
   const auto start = std::chrono::steady_clock::now();
@@ -315,7 +246,51 @@ int Choose(const Geometry& g, Kind kind, void* a, void* k, void* b) {
   return best;
 }
 
-// Run with the Variant Choose picks (float32: oneDNN's first choice).
+}  // namespace
+
+void Run(const Geometry& g, Kind kind, void* a, void* k, void* b) {
+  if (g.variant == kDirect) {  // kBwdWeights of a Depthwise geometry: a = x, b = dy, k = dk
+    jcv::DepthwiseKernelGrad(g.n, g.h, g.w, g.c, g.kh, g.kw, g.oh, g.ow, g.sh, g.sw, g.pt, g.pl, g.dh, g.dw,
+                             g.bf16, a, b, k, g.threads);
+    return;
+  }
+  auto e = GetEntry(g, kind);
+  auto& engine = Engine();
+  auto& stream = Stream();
+  memory src(e->src, engine, a), dst(e->dst, engine, b), user_wei(e->user_wei, engine, k);
+  memory user_src = src;
+  if (g.variant == kUpcast) {  // b (dy) is an input; a is x (kernel gradient) or the result dx (input gradient)
+    user_src = memory(e->user_src, engine, a);
+    memory user_dst(e->user_dst, engine, b);
+    src = memory(e->src, engine, Buffer(2, e->src.get_size()));
+    dst = memory(e->dst, engine, Buffer(3, e->dst.get_size()));
+    e->dst_up.execute(stream, user_dst, dst);
+    if (kind == kBwdWeights) e->src_up.execute(stream, user_src, src);
+  }
+  memory wei = user_wei;
+  if (e->reorder_wei) wei = memory(e->wei, engine, Buffer(0, e->wei.get_size()));
+  memory scratch(memory::desc({int64_t(e->scratch_bytes)}, memory::data_type::u8, memory::format_tag::a),
+                 engine, Buffer(1, e->scratch_bytes ? e->scratch_bytes : 1));
+  if (kind == kFwd) {
+    if (e->reorder_wei) e->wei_reorder.execute(stream, user_wei, wei);
+    e->conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst},
+                             {DNNL_ARG_SCRATCHPAD, scratch}});
+  } else if (kind == kBwdData) {
+    if (e->reorder_wei) e->wei_reorder.execute(stream, user_wei, wei);
+    e->conv.execute(stream, {{DNNL_ARG_DIFF_SRC, src}, {DNNL_ARG_WEIGHTS, wei},
+                             {DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    if (g.variant == kUpcast) e->src_down.execute(stream, src, user_src);
+  } else {
+    if (!e->reorder_wei) wei = memory(e->wei, engine, k);
+    e->conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_WEIGHTS, wei},
+                             {DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    if (e->reorder_wei) e->wei_reorder.execute(stream, wei, user_wei);
+  }
+  stream.wait();
+}
+
+// Run with the Variant Choose picks (oneDNN's first choice for float32 calls other than depthwise
+// kernel gradients).
 void RunChosen(Geometry g, Kind kind, void* a, void* k, void* b) {
   g.variant = Choose(g, kind, a, k, b);
   Run(g, kind, a, k, b);
@@ -342,176 +317,4 @@ void RunFused(const Geometry& g, void* x, void* k, void* bias, void* res, void* 
   stream.wait();
 }
 
-struct Attrs {
-  int64_t sh, sw, pt, pb, pl, pr, dh, dw, groups;
-};
-
-// Splits a buffer's dims into leading (vmap) dims and the trailing four.
-std::vector<int64_t> Lead(ffi::Span<const int64_t> dims) {
-  return std::vector<int64_t>(dims.begin(), dims.end() - 4);
-}
-
-int64_t Prod(const std::vector<int64_t>& v) {
-  int64_t p = 1;
-  for (int64_t d : v) p *= d;
-  return p;
-}
-
-// Element offset (in units of one trailing block) of batch index `flat` of `out_lead` in a
-// buffer whose leading dims `lead` broadcast against it (size-1 dims repeat).
-int64_t BroadcastIndex(int64_t flat, const std::vector<int64_t>& out_lead, const std::vector<int64_t>& lead) {
-  int64_t index = 0, stride = 1;
-  for (int i = int(out_lead.size()) - 1; i >= 0; --i) {
-    const int64_t coord = flat % out_lead[i];
-    flat /= out_lead[i];
-    const int64_t d = lead[i];
-    index += (d == 1 ? 0 : coord) * stride;
-    stride *= d;
-  }
-  return index;
-}
-
-// a: the NHWC input side (x or dx), b: the NHWC output side (y or dy), k: the HWIO kernel.
-ffi::Error Conv(Kind kind, ffi::AnyBuffer a_buf, ffi::AnyBuffer k_buf, ffi::AnyBuffer b_buf, const Attrs& at) {
-  auto ad = a_buf.dimensions(), kd = k_buf.dimensions(), bd = b_buf.dimensions();
-  if (ad.size() < 4 || ad.size() != kd.size() || ad.size() != bd.size())
-    return ffi::Error::InvalidArgument("jcv oneDNN conv: operands must be [batch...] NHWC / HWIO of equal rank");
-  const auto dt = a_buf.element_type();
-  if (dt != ffi::F32 && dt != ffi::BF16)
-    return ffi::Error::InvalidArgument("jcv oneDNN conv: only float32 and bfloat16");
-  const size_t r = ad.size();
-  Geometry g;
-  g.n = ad[r - 4]; g.h = ad[r - 3]; g.w = ad[r - 2]; g.c = ad[r - 1];
-  g.kh = kd[r - 4]; g.kw = kd[r - 3]; g.ci = kd[r - 2]; g.co = kd[r - 1];
-  g.oh = bd[r - 3]; g.ow = bd[r - 2];
-  g.sh = at.sh; g.sw = at.sw; g.pt = at.pt; g.pb = at.pb; g.pl = at.pl; g.pr = at.pr;
-  g.dh = at.dh; g.dw = at.dw; g.groups = at.groups;
-  g.bf16 = dt == ffi::BF16;
-  g.threads = g_threads > 0 ? g_threads : 0;
-  if (g_threads > 0) omp_set_num_threads(g_threads);  // per calling thread
-  g.threads = omp_get_max_threads();
-  const std::vector<int64_t> la = Lead(ad), lk = Lead(kd), lb = Lead(bd);
-  // The operand(s) computed here carry the full leading shape.
-  std::vector<int64_t> out_lead(r - 4);
-  for (size_t i = 0; i + 4 < r; ++i) out_lead[i] = std::max({la[i], lk[i], lb[i]});
-  const int64_t batches = Prod(out_lead);
-  const size_t es = g.bf16 ? 2 : 4;
-  const size_t a_block = size_t(g.n * g.h * g.w * g.c) * es, b_block = size_t(g.n * g.oh * g.ow * g.co) * es;
-  const size_t k_block = size_t(g.kh * g.kw * g.ci * g.co) * es;
-  char* a = static_cast<char*>(a_buf.untyped_data());
-  char* k = static_cast<char*>(k_buf.untyped_data());
-  char* b = static_cast<char*>(b_buf.untyped_data());
-  try {
-    if (batches == 1) {
-      RunChosen(g, kind, a, k, b);
-    } else if (kind != kBwdWeights && Prod(lk) == 1 && Prod(la) == batches && Prod(lb) == batches) {
-      Geometry folded = g;  // unbatched kernel: the vmapped images are just more images
-      folded.n *= batches;
-      RunChosen(folded, kind, a, k, b);
-    } else {
-      for (int64_t i = 0; i < batches; ++i)
-        RunChosen(g, kind, a + BroadcastIndex(i, out_lead, la) * a_block, k + BroadcastIndex(i, out_lead, lk) * k_block,
-            b + BroadcastIndex(i, out_lead, lb) * b_block);
-    }
-  } catch (const dnnl::error& err) {
-    return ffi::Error::Internal(std::string("jcv oneDNN conv: ") + err.what());
-  }
-  return ffi::Error::Success();
-}
-
-#define JCV_ATTRS                                                                                 \
-  .Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("pt").Attr<int64_t>("pb")               \
-      .Attr<int64_t>("pl").Attr<int64_t>("pr").Attr<int64_t>("dh").Attr<int64_t>("dw")            \
-      .Attr<int64_t>("groups")
-
-// The fused inference call on rank-4 operands (vmap loops over it: vmap_method="sequential").
-ffi::Error Fused(ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::AnyBuffer bias, void* res, ffi::AnyBuffer y,
-                 const Attrs& at, int64_t act) {
-  auto xd = x.dimensions(), kd = k.dimensions(), yd = y.dimensions();
-  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
-    return ffi::Error::InvalidArgument("jcv oneDNN fused conv: operands must be NHWC / HWIO");
-  if (x.element_type() != ffi::F32 && x.element_type() != ffi::BF16)
-    return ffi::Error::InvalidArgument("jcv oneDNN fused conv: only float32 and bfloat16");
-  if (bias.element_type() != ffi::F32 || act < 0 || act > 2)
-    return ffi::Error::InvalidArgument("jcv oneDNN fused conv: float32 bias, act 0-2");
-  Geometry g;
-  g.n = xd[0]; g.h = xd[1]; g.w = xd[2]; g.c = xd[3];
-  g.kh = kd[0]; g.kw = kd[1]; g.ci = kd[2]; g.co = kd[3];
-  g.oh = yd[1]; g.ow = yd[2];
-  g.sh = at.sh; g.sw = at.sw; g.pt = at.pt; g.pb = at.pb; g.pl = at.pl; g.pr = at.pr;
-  g.dh = at.dh; g.dw = at.dw; g.groups = at.groups;
-  g.bf16 = x.element_type() == ffi::BF16;
-  if (g_threads > 0) omp_set_num_threads(g_threads);
-  g.threads = omp_get_max_threads();
-  g.act = act;
-  g.res = res != nullptr;
-  try {
-    RunFused(g, x.untyped_data(), k.untyped_data(), bias.untyped_data(), res, y.untyped_data());
-  } catch (const dnnl::error& err) {
-    return ffi::Error::Internal(std::string("jcv oneDNN fused conv: ") + err.what());
-  }
-  return ffi::Error::Success();
-}
-
-ffi::Error FusedFwd(ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
-                    int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t dh,
-                    int64_t dw, int64_t groups, int64_t act) {
-  return Fused(x, k, bias, nullptr, *y, {sh, sw, pt, pb, pl, pr, dh, dw, groups}, act);
-}
-
-ffi::Error FusedFwdRes(ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::AnyBuffer bias, ffi::AnyBuffer res,
-                       ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
-                       int64_t pr, int64_t dh, int64_t dw, int64_t groups, int64_t act) {
-  return Fused(x, k, bias, res.untyped_data(), *y, {sh, sw, pt, pb, pl, pr, dh, dw, groups}, act);
-}
-
-ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw,
-               int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t groups) {
-  return Conv(kFwd, x, k, *y, {sh, sw, pt, pb, pl, pr, dh, dw, groups});
-}
-
-ffi::Error BwdData(ffi::AnyBuffer dy, ffi::AnyBuffer k, ffi::Result<ffi::AnyBuffer> dx, int64_t sh, int64_t sw,
-                   int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t groups) {
-  return Conv(kBwdData, *dx, k, dy, {sh, sw, pt, pb, pl, pr, dh, dw, groups});
-}
-
-ffi::Error BwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dk, int64_t sh,
-                      int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw,
-                      int64_t groups) {
-  return Conv(kBwdWeights, x, *dk, dy, {sh, sw, pt, pb, pl, pr, dh, dw, groups});
-}
-
-}  // namespace
-
-#define JCV_EXPORT extern "C" __attribute__((visibility("default")))
-JCV_EXPORT XLA_FFI_Error* jcv_onednn_conv_fwd(XLA_FFI_CallFrame*);
-JCV_EXPORT XLA_FFI_Error* jcv_onednn_conv_bwd_data(XLA_FFI_CallFrame*);
-JCV_EXPORT XLA_FFI_Error* jcv_onednn_conv_bwd_weights(XLA_FFI_CallFrame*);
-JCV_EXPORT XLA_FFI_Error* jcv_onednn_conv_fused(XLA_FFI_CallFrame*);
-JCV_EXPORT XLA_FFI_Error* jcv_onednn_conv_fused_res(XLA_FFI_CallFrame*);
-JCV_EXPORT void jcv_onednn_set_threads(int threads);
-JCV_EXPORT int jcv_onednn_version();
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jcv_onednn_conv_fwd, Fwd,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>() JCV_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jcv_onednn_conv_bwd_data, BwdData,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>() JCV_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jcv_onednn_conv_bwd_weights, BwdWeights,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>() JCV_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jcv_onednn_conv_fused, FusedFwd,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>() JCV_ATTRS.Attr<int64_t>("act"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jcv_onednn_conv_fused_res, FusedFwdRes,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>() JCV_ATTRS.Attr<int64_t>("act"));
-
-extern "C" {
-// OpenMP threads per oneDNN call (0: OpenMP's default). Applied by each calling thread.
-void jcv_onednn_set_threads(int threads) { g_threads = threads; }
-
-// oneDNN's version as major * 10000 + minor * 100 + patch.
-int jcv_onednn_version() {
-  const dnnl_version_t* v = dnnl_version();
-  return v->major * 10000 + v->minor * 100 + v->patch;
-}
-}
+}  // namespace jcv
