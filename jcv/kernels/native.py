@@ -5,7 +5,8 @@ The library holds oneDNN's convolutions (called by :mod:`jcv.kernels.onednn`; a 
 depthwise kernel gradients) and the BatchNorm reductions of :mod:`jcv.kernels.batchnorm`, as XLA
 FFI targets. Each bfloat16 convolution shape, and each depthwise kernel gradient, runs the
 implementation measured fastest on its first call (``Choose`` in ``onednn_conv.cc``);
-``JCV_ONEDNN_IMPL=first|noamx|upcast|direct`` forces one where it applies. The C++ files are
+``JCV_ONEDNN_IMPL=first|noamx|upcast|direct`` forces one where it applies (the choice is made per
+process, so only a forced one repeats such runs bit for bit across processes). The C++ files are
 compiled on first use (:mod:`jcv.kernels.build`: cached in ``$JCV_CACHE_DIR``, default
 ``~/.cache/jcv``, ``/native``, and loaded only from a folder no other user can write). No
 network is used. When anything is missing (another OS or CPU, no compiler, no oneDNN),
