@@ -75,11 +75,11 @@ def test_optimizers_benchmark_times_both_presets(tmp_path):
   assert report["kernel_matrices"][-1] == [192, 1728] and report["newton_schulz_ms"] > 0
 
 
-def test_warm_up_continues_until_calls_stop_getting_faster():
+def test_warm_up_continues_until_calls_stop_getting_faster(monkeypatch):
   """A callable whose first calls are slow (like a jitted step growing its heap) is warmed up
   past them: none of the slow calls is among the timed iterations, however small ``warmup``."""
   import time
-  sys.path.insert(0, str(ROOT))
+  monkeypatch.syspath_prepend(str(ROOT))
   from benchmarks.common import interleaved_times
   delays = iter([0.08, 0.05, 0.03])  # then 0.005 s for every later call
 

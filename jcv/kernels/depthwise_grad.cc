@@ -4,7 +4,8 @@
 //   dk[i, j, c] = sum over n, oy, ox of x[n, oy*sh - pt + i*dh, ox*sw - pl + j*dw, c] * dy[n, oy, ox, c]
 //
 // oneDNN 3.2's depthwise kernel gradient is slow on small maps with large kernels (EfficientNet's
-// 5x5 on [16, 6, 6, 1248]: 8.8 ms per call on a 2-core Xeon, for 18M multiply-adds), so
+// 5x5 on [16, 6, 6, 1248], 18M multiply-adds: 5.1 ms in float32 and 20.3 in bfloat16 on a 2-core
+// Xeon, 0.7 ms here), so
 // onednn_conv.cc measures this loop against it per shape and keeps the faster (Choose).
 // Threads split the batch; each sums into its own float32 [kh, kw, c] block, added at the end.
 #include "onednn_conv.h"
