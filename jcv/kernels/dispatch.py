@@ -215,9 +215,10 @@ def max_pool(x, window: tuple[int, int], strides: tuple[int, int], padding, *,
   """``nn.max_pool`` on NHWC; ``padding`` 'SAME'/'VALID' or explicit ``(lo, hi)`` pairs.
 
   With the "cpu" and "onednn" lowerings, non-overlapping windows (``window == strides``) are a
-  reshape + max: XLA:CPU's gradient of ``reduce_window`` (select-and-scatter) took a fifth of
-  a CIFAR CNN's training step. Same forward values; where a window holds tied maxima the
-  gradient is shared between them instead of going to the first one.
+  reshape + max whose gradient is one elementwise pass (:func:`_block_max`): XLA:CPU's gradient
+  of ``reduce_window`` (select-and-scatter) took a fifth of a CIFAR CNN's training step. Same
+  values and gradients as ``nn.max_pool``: where a window holds tied maxima, the first one in
+  row-major order takes the gradient (as XLA's and PyTorch's).
   """
   window, strides = tuple(window), tuple(strides)
   if isinstance(padding, str):
@@ -237,5 +238,35 @@ def _max_pool_blocks(x, window, pads):
   n, h, w, c = x.shape
   (kh, kw) = window
   oh, ow = h // kh, w // kw
-  x = x[:, :oh * kh, :ow * kw]
-  return jnp.max(x.reshape(n, oh, kh, ow, kw, c), axis=(2, 4))
+  return _block_max(x[:, :oh * kh, :ow * kw], window)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _block_max(x, window):
+  """Max over the ``window`` blocks tiling ``x`` [N, H, W, C] exactly."""
+  n, h, w, c = x.shape
+  return jnp.max(x.reshape(n, h // window[0], window[0], w // window[1], window[1], c), axis=(2, 4))
+
+
+def _block_max_forward(x, window):
+  y = _block_max(x, window)
+  return y, (x, y)
+
+
+def _block_max_backward(window, residuals, dy):
+  """The gradient goes to each block's first maximum (row-major): which one is found on the
+  small output grid, then one elementwise pass writes the gradient."""
+  x, y = residuals
+  (kh, kw), (n, h, w, c) = window, x.shape
+  blocks = x.reshape(n, h // kh, kh, w // kw, kw, c)
+  first = jnp.full(y.shape, kh * kw, jnp.int32)
+  for k in reversed(range(kh * kw)):
+    first = jnp.where(blocks[:, :, k // kw, :, k % kw] == y, k, first)
+  position = (lax.broadcasted_iota(jnp.int32, (1, 1, kh, 1, kw, 1), 2) * kw
+              + lax.broadcasted_iota(jnp.int32, (1, 1, kh, 1, kw, 1), 4))
+  hit = position == first[:, :, None, :, None, :]
+  dx = jnp.where(hit, dy[:, :, None, :, None, :], jnp.zeros((), dy.dtype))
+  return (dx.reshape(x.shape),)
+
+
+_block_max.defvjp(_block_max_forward, _block_max_backward)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcv.models.layers import Conv, max_pool
+from jcv.models.layers import BatchNorm, Conv, gelu, max_pool
 from jcv.models.registry import ModelCard, register
 
 __all__ = ["CifarCNN", "cifar_cnn", "dirac_init", "torch_default_init", "whitening_kernel",
@@ -47,10 +47,6 @@ def dirac_init(key, shape, dtype=jnp.float32):
   return w.at[..., :n].set(eye)
 
 
-def _gelu(x):
-  return nn.gelu(x, approximate=False)  # the erf form, as PyTorch's nn.GELU
-
-
 class _ConvGroup(nn.Module):
   """conv -> maxpool 2 -> BN -> GELU -> conv -> BN -> GELU."""
   features: int
@@ -60,16 +56,15 @@ class _ConvGroup(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                                   epsilon=self.bn_epsilon, use_scale=False, dtype=self.dtype,
-                                   name=name)
+    bn = lambda name: BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                                epsilon=self.bn_epsilon, use_scale=False, dtype=self.dtype, name=name)
     x = Conv(self.features, (3, 3), use_bias=False, kernel_init=dirac_init, dtype=self.dtype,
              name="conv1")(x)
     x = max_pool(x, 2, 2)
-    x = _gelu(bn("bn1")(x))
+    x = gelu(bn("bn1")(x))
     x = Conv(self.features, (3, 3), use_bias=False, kernel_init=dirac_init, dtype=self.dtype,
              name="conv2")(x)
-    return _gelu(bn("bn2")(x))
+    return gelu(bn("bn2")(x))
 
 
 class CifarCNN(nn.Module):
@@ -88,7 +83,7 @@ class CifarCNN(nn.Module):
     k = self.whiten_kernel_size
     x = Conv(2 * x.shape[-1] * k * k, (k, k), padding="VALID", use_bias=True, dtype=self.dtype,
              kernel_init=self.whiten_init or torch_default_init, name="whiten")(x)
-    x = _gelu(x)
+    x = gelu(x)
     for i, width in enumerate(self.widths):
       x = _ConvGroup(width, self.bn_momentum, self.bn_epsilon, self.dtype, name=f"block{i + 1}")(
           x, train)

@@ -22,12 +22,14 @@ import jax.numpy as jnp
 from jcv import kernels
 
 __all__ = [
-    "Conv", "ConvBNAct", "ConvWeights", "LocalResponseNorm", "SpatialPyramidPool", "adaptive_avg_pool",
-    "adaptive_max_pool", "avg_pool", "classifier_head", "drop_path", "max_pool", "mlp_head",
+    "BatchNorm", "Conv", "ConvBNAct", "ConvWeights", "LocalResponseNorm", "SpatialPyramidPool", "adaptive_avg_pool",
+    "adaptive_max_pool", "avg_pool", "classifier_head", "drop_path", "gelu", "max_pool", "mlp_head",
     "pool_output_size", "variance_scaling", "xla_kernels",
 ]
 
 Dtype = Any
+BatchNorm = kernels.BatchNorm  # nn.BatchNorm's variables and numbers, a fused training step on CPU
+gelu = kernels.gelu  # the exact (erf) GELU, one pass forward and one backward
 
 
 def variance_scaling(scale: float, mode: str, distribution: str) -> Callable:

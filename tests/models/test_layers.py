@@ -62,6 +62,23 @@ def test_block_max_pool_values_and_gradient_match_reduce_window(size, k, p, ceil
   np.testing.assert_allclose(grad, want, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape,k,p", [((4, 8, 8, 3), 2, 0), ((2, 9, 7, 5), 3, 1), ((2, 16, 16, 8), 2, 0)])
+def test_block_max_pool_gradient_with_ties_goes_where_reduce_window_sends_it(shape, k, p, dtype):
+  """Tied maxima (ReLU zeros, rounded values): the first in each window takes the whole
+  gradient, bit for bit as XLA's select-and-scatter (a shared gradient would differ)."""
+  from jcv import kernels
+  x = jnp.maximum(jnp.round(jnp.asarray(RNG.normal(size=shape)) * 2), 0).astype(dtype)
+  cot = jnp.asarray(RNG.normal(size=layers.max_pool(x, k, k, padding=p).shape)).astype(dtype)
+  loss = lambda x: jnp.sum((layers.max_pool(x, k, k, padding=p) * cot).astype(jnp.float32))
+  with kernels.lowering("cpu"):
+    grad = jax.grad(loss)(x)
+  with kernels.lowering("xla"):
+    want = jax.grad(loss)(x)
+  assert float(jnp.mean(x == 0)) > 0.4  # windows of zeros: ties everywhere
+  np.testing.assert_array_equal(np.asarray(grad, np.float32), np.asarray(want, np.float32))
+
+
 @pytest.mark.parametrize("include", [True, False])
 def test_avg_pool_matches_numpy(include):
   x = RNG.normal(size=(2, 9, 8, 4)).astype(np.float32)
