@@ -100,11 +100,14 @@ def _is_oom(err: BaseException) -> bool:
 
 # --- jcv ------------------------------------------------------------------------------------
 
-def _jcv_runner(name, size, batch, dtype, lowering, data, devices=1, parallel_mode="jit", folded=True):
+def _jcv_runner(name, size, batch, dtype, lowering, data, devices=1, parallel_mode="jit", folded=True,
+                train_devices="all"):
   """Compiles jcv's train step and inference; returns callables and compile/cost facts.
 
   ``devices > 1``: the step as ``jcv.train`` runs it on that many devices (``jcv.train.parallel``:
-  batch sharded over a ``data`` mesh axis, state replicated), inference sharded likewise.
+  batch sharded over a ``data`` mesh axis, state replicated), inference sharded likewise;
+  ``train_devices``: ``run.devices`` of the train step ("auto": all or one, whichever
+  ``jcv.train.parallel.train_devices`` times faster).
   """
   import jax
   import jax.numpy as jnp
@@ -118,7 +121,7 @@ def _jcv_runner(name, size, batch, dtype, lowering, data, devices=1, parallel_mo
   card = jcv.models.get_card(name)
   num_classes = card.default_num_classes
   model_dtype = jnp.bfloat16 if dtype == "bfloat16" else None
-  facts = {"xla_devices": devices}
+  facts = {"xla_devices": devices, "train_xla_devices": devices}
   with kernels.lowering(lowering):
     model = jcv.models.create(name, num_classes=num_classes, dtype=model_dtype)
     state = create_train_state(jax.random.key(0), model, optax.sgd(0.01, momentum=0.9),
@@ -128,18 +131,26 @@ def _jcv_runner(name, size, batch, dtype, lowering, data, devices=1, parallel_mo
       if batch % devices:
         raise ValueError(f"batch {batch} does not split over {devices} devices")
       mesh = parallel.make_mesh(jax.devices()[:devices])
-      state = parallel.replicate(state, mesh)
-      batch_arrays = parallel.shard_batch({"image": data["uint8"], "label": data["labels"]}, mesh)
-      step = parallel.compile_train_step(step_fn, mesh, mode=parallel_mode)
+      host_batch = {"image": data["uint8"], "label": data["labels"]}
+      train_mesh = parallel.make_mesh(parallel.train_devices(train_devices, step_fn, state, host_batch,
+                                                             mode=parallel_mode))
+      facts["train_xla_devices"] = train_mesh.devices.size
+      state = parallel.replicate(state, train_mesh)
+      batch_arrays = parallel.shard_batch(host_batch, train_mesh)
+      step = parallel.compile_train_step(step_fn, train_mesh, mode=parallel_mode)
     else:
       batch_arrays = {"image": jnp.asarray(data["uint8"]), "label": jnp.asarray(data["labels"])}
       step = jax.jit(step_fn, donate_argnums=0)
     t0 = time.perf_counter()
     compiled_step = step.lower(state, batch_arrays).compile()
     facts["train_compile_s"] = time.perf_counter() - t0
+    if devices > 1 and train_devices == "auto":
+      facts["train_compile_s"] = None  # compiled while timing the candidates: not measured apart
     facts.update(_cost(compiled_step, batch, "train"))
 
     variables = jax.tree.map(jnp.copy, state.variables)  # the train step donates state
+    if devices > 1:  # inference on every device, whatever the train step runs on
+      variables = parallel.replicate(variables, mesh)
 
     def apply(v, x):  # the inference form (BatchNorm folded, post-ops) unless folded=False
       with kernels.fused_inference(folded):
@@ -322,7 +333,8 @@ class _Worker:
     jax_devices = str(args.host_devices) if framework in JCV_VARIANTS and framework != "jcv_1dev" else "1"
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework,
            "--models", f"{name}:{size}", "--batch-sizes", str(batch), "--dtypes", dtype,
-           "--lowering", args.lowering, "--parallel", args.parallel, "--host-devices", jax_devices]
+           "--lowering", args.lowering, "--parallel", args.parallel, "--host-devices", jax_devices,
+           "--train-devices", args.train_devices]
     cmd += ["--no-isolate"] + (["--no-tune-malloc"] if args.no_tune_malloc else [])
     self.framework = framework
     env = dict(os.environ)
@@ -408,7 +420,8 @@ def _build(framework, name, size, batch, dtype, data, args=None):
     lowering = "cpu" if framework == "jcv_cpu" else getattr(args, "lowering", "auto")
     return _jcv_runner(name, size, batch, dtype, lowering, data,
                        devices=devices if batch % max(devices, 1) == 0 else 1,
-                       parallel_mode=getattr(args, "parallel", "jit"), folded=framework != "jcv_unfolded")
+                       parallel_mode=getattr(args, "parallel", "jit"), folded=framework != "jcv_unfolded",
+                       train_devices=getattr(args, "train_devices", "all"))
   if framework == "flax_xla":
     return _jcv_runner(name, size, batch, dtype, "xla", data)
   if framework in ("torch", "torch_compile"):
@@ -453,7 +466,7 @@ def _row(name, size, batch, dtype, mode, fw, ts, cpu_ts, facts, args, notes) -> 
       row["mfu"] = row["achieved_tflops"] / peak
   if fw in JCV_VARIANTS + ("flax_xla",):
     row["xla_temp_mb"] = facts[fw].get(f"{mode}_xla_temp_mb")
-    row["xla_devices"] = facts[fw].get("xla_devices")
+    row["xla_devices"] = facts[fw].get(f"{mode}_xla_devices", facts[fw].get("xla_devices"))
   for k in ("torch_params", "keras_params", "keras_backend"):
     if k in facts[fw]:
       row[k] = facts[fw][k]
@@ -524,7 +537,8 @@ def _markdown(rows, info):
            "jcv ratio = jcv img/s / framework img/s (wall clock, interleaved); cpu ratio = the "
            "same from process CPU time per step (steadier when other jobs share the cores). "
            + ("Each framework ran in its own process; " if info.get("isolated") else "")
-           + "(N dev) = XLA CPU devices of jcv's data-parallel step.", "",
+           + "(N dev) = XLA CPU devices of jcv's data-parallel step (train rows with --train-devices auto: "
+           "all or one, whichever was faster, as run.devices=\"auto\").", "",
            "| model | px | batch | dtype | mode | framework | img/s | ms/step | CPU ms/step | "
            "jcv ratio | cpu ratio | GFLOP/img | TFLOP/s | MFU | compile s |",
            "|" + " --- |" * 15]
@@ -608,6 +622,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="on a CPU: XLA CPU devices for jcv's data-parallel step, as jcv.train uses "
                       "them ('cores' = one per core, rounded down to a power of two; 1 = a "
                       "single device). The stock-Flax baseline always runs on one device.")
+  p.add_argument("--train-devices", default="auto", choices=("auto", "all"),
+                 help="jcv's train step on all --host-devices, or (auto, as run.devices=\"auto\") on all "
+                      "or one, whichever a few timed steps find faster; inference always on all")
   p.add_argument("--parallel", default="jit", choices=("jit", "pmap"),
                  help="jcv.train.parallel mode for the multi-device jcv step")
   p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,

@@ -27,6 +27,11 @@ def test_throughput_script_writes_every_output_and_uses_host_devices(tmp_path):
   assert set(rows) == {(fw, m) for fw in ("jcv", "flax_xla") for m in ("train", "infer")}
   for r in rows.values():
     assert r["img_per_s"] > 0 and r["batch"] == 4 and r["gflop_per_img"] > 0
+  # --train-devices auto (the default): the train step on the faster of 2 devices and one, said
+  # in the output; inference on both
+  assert rows[("jcv", "infer")]["xla_devices"] == 2
+  picked = [l for l in proc.stdout.splitlines() if "run.devices=auto" in l]
+  assert len(picked) == 1 and rows[("jcv", "train")]["xla_devices"] == int(picked[0].rsplit(" ", 1)[1])
   for suffix in (".csv", ".md", ".png"):
     assert out.with_suffix(suffix).stat().st_size > 0
 
@@ -39,7 +44,8 @@ def test_throughput_runs_each_framework_in_its_own_process(tmp_path):
   env.update(JAX_PLATFORMS="cpu", KERAS_BACKEND="no_such_backend")
   cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--models", "cifar_cnn:32",
          "--batch-sizes", "4", "--rounds", "2", "--iters", "1", "--warmup", "0", "--budget", "5",
-         "--host-devices", "2", "--compare", "jcv_cpu,jcv_unfolded,jcv_xla_onednn,keras", "--out", str(out)]
+         "--host-devices", "2", "--train-devices", "all", "--compare", "jcv_cpu,jcv_unfolded,jcv_xla_onednn,keras",
+         "--out", str(out)]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
   stdout, stderr = proc.communicate(timeout=600)

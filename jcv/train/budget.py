@@ -24,21 +24,24 @@ TRAINING_SHARE = 0.8  # of the budget; the rest: compilation, evaluations, the r
 
 def step_seconds(config: Config, num_classes: int, *, steps: int = 3) -> tuple[float, float]:
   """(seconds per training step, seconds to compile it) of ``config`` on random uint8 batches
-  (``data.mean``/``std`` of ``"pretrained"`` resolved to the weights' numbers first)."""
+  (``data.mean``/``std`` of ``"pretrained"`` resolved to the weights' numbers first), on the
+  devices ``run.devices`` trains on."""
   config = init_from.resolve_preprocessing(config)
-  mesh = parallel.make_mesh()
   model = build.build_model(config, num_classes)
   tconfig = build.train_config(config, model)
   if config.init.trainable != "all":
     model = model.clone(**build.stage_options(tconfig))
   tx, schedule = make_optimizer(tconfig, steps_per_epoch=100, total_steps=1000)
   shape = build.example_shape(config)
-  state = parallel.replicate(create_train_state(jax.random.key(0), model, tx, (1,) + shape), mesh)
-  fn = parallel.compile_train_step(build.train_fn(tconfig, num_classes=num_classes, augment_fn=build.build_augment(
-      config, num_classes), schedule=schedule), mesh, mode=config.run.parallel)
+  train_fn = build.train_fn(tconfig, num_classes=num_classes, augment_fn=build.build_augment(config, num_classes),
+                            schedule=schedule)
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (config.data.batch_size,) + shape, dtype=np.uint8),
            "label": rng.integers(0, num_classes, config.data.batch_size).astype(np.int32)}
+  state = create_train_state(jax.random.key(0), model, tx, (1,) + shape)
+  mesh = parallel.make_mesh(parallel.train_devices(config.run.devices, train_fn, state, batch, mode=config.run.parallel))
+  state = parallel.replicate(state, mesh)
+  fn = parallel.compile_train_step(train_fn, mesh, mode=config.run.parallel)
   started = time.perf_counter()
   fn = fn.lower(state, parallel.batch_spec(mesh, config.data.batch_size, shape)).compile()
   compile_s = time.perf_counter() - started

@@ -54,8 +54,21 @@ def _compiled_steps(config, tconfig, state, mesh, *, train_ld, eval_ld, input_sh
   return train_fn, eval_fn
 
 
-def _setup(config, workdir, *, model, train_ld, input_shape, variables, class_names, resume, features):
-  """(train config, model, state, checkpointer, iterator, total steps) of a run folder, resumed."""
+def _mesh(config, tconfig, state, *, train_ld, input_shape, num_classes, augment_fn, schedule, features):
+  """The mesh the run trains on (``run.devices``; "auto" times the step on random batches)."""
+  if features or config.run.devices == "all":
+    return parallel.make_mesh()
+  rng, batch = np.random.default_rng(0), config.data.batch_size
+  fake = {"image": rng.integers(0, 256, (batch, *input_shape), dtype=np.uint8),
+          "label": rng.integers(0, num_classes, batch).astype(np.int32)}
+  train_fn = build.train_fn(tconfig, num_classes=num_classes, augment_fn=augment_fn, schedule=schedule)
+  return parallel.make_mesh(parallel.train_devices(config.run.devices, train_fn, state, fake,
+                                                   mode=config.run.parallel))
+
+
+def _setup(config, workdir, *, model, train_ld, input_shape, variables, class_names, resume, features,
+           augment_fn):
+  """(train config, state, checkpointer, iterator, total steps, schedule, mesh) of a run folder, resumed."""
   tconfig = build.train_config(config, model)  # `trainable` -> freeze, lr groups, frozen stages
   if not features and config.init.trainable != "all":
     model = model.clone(**build.stage_options(tconfig))
@@ -64,12 +77,14 @@ def _setup(config, workdir, *, model, train_ld, input_shape, variables, class_na
   tx, schedule = make_optimizer(tconfig, steps_per_epoch=spe, total_steps=total)
   state = create_train_state(jax.random.key(config.run.seed), model, tx, (1,) + tuple(input_shape),
                              variables=variables)
-  state = parallel.replicate(state, parallel.make_mesh())
+  num_classes = config.model.num_classes or len(class_names)
+  mesh = _mesh(config, tconfig, state, train_ld=train_ld, input_shape=input_shape, num_classes=num_classes,
+               augment_fn=augment_fn, schedule=schedule, features=features)
+  state = parallel.replicate(state, mesh)
   best = config.evaluation.best_metric
   checkpointer = ckpt_lib.RunCheckpointer(workdir / "checkpoints", keep=config.run.keep_checkpoints,
                                           best_metric=best, best_mode="min" if best == "loss" else "max")
   iterator = train_ld.iter_from(0)
-  num_classes = config.model.num_classes or len(class_names)
   restored = rundir.resume(checkpointer, state, workdir=workdir, is_main=jax.process_index() == 0,
                            current=rundir.describe(config, class_names=list(class_names), num_classes=num_classes,
                                                    total_steps=total, steps_per_epoch=spe, state=state)
@@ -77,7 +92,7 @@ def _setup(config, workdir, *, model, train_ld, input_shape, variables, class_na
   if restored is not None:
     state, data_state, _, _ = restored
     iterator.set_state(data_state)
-  return tconfig, state, checkpointer, iterator, total, schedule
+  return tconfig, state, checkpointer, iterator, total, schedule, mesh
 
 
 def train(config: Config, workdir, *, model, train_ld, eval_ld, input_shape, variables=None,
@@ -92,10 +107,10 @@ def train(config: Config, workdir, *, model, train_ld, eval_ld, input_shape, var
   """
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  started, is_main, mesh = time.time(), jax.process_index() == 0, parallel.make_mesh()
-  tconfig, state, checkpointer, iterator, total, schedule = _setup(
+  started, is_main = time.time(), jax.process_index() == 0
+  tconfig, state, checkpointer, iterator, total, schedule, mesh = _setup(
       config, workdir, model=model, train_ld=train_ld, input_shape=input_shape, variables=variables,
-      class_names=class_names, resume=resume, features=features)
+      class_names=class_names, resume=resume, features=features, augment_fn=augment_fn)
   with checkpointer.full_disk_as_error(workdir):  # metrics, TensorBoard, results: one line too
     run = _start(config, tconfig, workdir, state, checkpointer, iterator, total, schedule, mesh,
                  train_ld=train_ld, eval_ld=eval_ld, input_shape=input_shape, augment_fn=augment_fn,
@@ -283,7 +298,7 @@ class _Run:
         "epochs": step / self.steps_per_epoch,
         "wall_time_s": time.time() - started,
         "train_img_per_s": self.timer.overall(),
-        "devices": {"count": jax.device_count(), "local": jax.local_device_count(),
+        "devices": {"count": jax.device_count(), "local": jax.local_device_count(), "trained_on": self.mesh.devices.size,
                     "processes": jax.process_count(), "kind": device.device_kind, "platform": device.platform},
         "parallel": config.run.parallel,
         "compute_dtype": build.compute_dtype(config),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import jax
 import numpy as np
@@ -31,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = [
     "DATA_AXIS", "initialize_distributed", "make_mesh", "replicate", "shard_batch", "batch_spec",
-    "compile_train_step", "compile_eval_step", "fetch",
+    "compile_train_step", "compile_eval_step", "fetch", "train_devices",
 ]
 
 DATA_AXIS = "data"
@@ -144,3 +145,40 @@ def fetch(tree):
       return np.asarray(x.addressable_data(0))
     return np.asarray(x)
   return jax.tree.map(get, tree)
+
+
+def train_devices(choice, train_fn, state, batch, *, mode: str = "jit", steps: int = 4) -> list:
+  """The devices to train on for ``run.devices`` = ``choice``: "all", a count N (the first N
+  of this process), or "auto".
+
+  "auto", on a single-process CPU backend with several devices: ``train_fn`` (as for
+  :func:`compile_train_step`) is compiled for all devices and for one (which then has every
+  core to itself), each runs 2 warm-up and ``steps`` timed steps from the host ``state`` on the
+  host ``batch``, and the faster wins (all unless one is 5 % faster). One device wins where
+  the step is small next to its weights: ResNet-18 on 32 px CIFAR images at batch 32, where
+  each of 2 devices unrolls the same 3x3 kernels for the 2x2 and 1x1 maps and all-reduces
+  45 MB of gradients (Xeon, 2 cores: 56 ms a step against 84). Elsewhere "auto" is "all".
+  """
+  devices = jax.devices()
+  if choice == "all" or (choice == "auto" and (jax.default_backend() != "cpu" or jax.process_count() > 1
+                                               or len(devices) == 1)):
+    return devices
+  if choice != "auto":
+    if jax.process_count() > 1 or not 1 <= int(choice) <= len(devices):
+      raise ValueError(f"run.devices={choice} needs 1 to {len(devices)} devices in one process")
+    return devices[:int(choice)]
+  seconds = {}
+  for candidate in (devices, devices[:1]):
+    mesh = make_mesh(candidate)
+    fn, placed, sharded = compile_train_step(train_fn, mesh, mode=mode), replicate(state, mesh), shard_batch(batch, mesh)
+    times = []
+    for _ in range(2 + steps):
+      started = time.perf_counter()
+      placed, metrics = fn(placed, sharded)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - started)
+    seconds[len(candidate)] = float(np.median(times[2:]))
+  chosen = devices[:1] if seconds[1] < 0.95 * seconds[len(devices)] else devices
+  print(f"run.devices=auto: a step takes {1e3 * seconds[len(devices)]:.0f} ms on {len(devices)} devices, "
+        f"{1e3 * seconds[1]:.0f} ms on one: training on {len(chosen)}")
+  return chosen

@@ -311,6 +311,7 @@ class Run:
   phases: tuple[Phase, ...] = ()      # trained in order, each from the previous one's weights
   seed: int = 0
   parallel: str = "jit"               # jit (Mesh + NamedSharding) | pmap (shard_map, explicit pmean)
+  devices: str | int = "all"          # all | N (the first N) | auto (CPU: the faster of all and one, timed)
   sync_batch_stats: bool = True       # pmap: BatchNorm over the global batch (False: per device)
   max_steps_in_flight: int = 16       # block on results at least this often (<= 30)
   checkpoint_every: str | None = None  # also at every epoch end and evaluation
@@ -333,6 +334,10 @@ class Run:
     durations.check("run.checkpoint_every", self.checkpoint_every, allow_none=True)
     durations.check("run.log_every", self.log_every)
     choice("run.parallel", self.parallel, ("jit", "pmap"))
+    if isinstance(self.devices, str):
+      choice("run.devices", self.devices, ("all", "auto"))
+    elif self.devices < 1:
+      raise ValueError(f"run.devices must be 'all', 'auto' or a count >= 1, got {self.devices}")
     _at_least(self, ("keep_checkpoints",), 1)
     if not 1 <= self.max_steps_in_flight <= 30:
       raise ValueError(f"run.max_steps_in_flight must be in [1, 30], got {self.max_steps_in_flight}")

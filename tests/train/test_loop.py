@@ -180,3 +180,35 @@ def test_fit_stores_the_recomputed_batch_stats(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   with pytest.raises(ValueError, match="evaluation.bn_recompute"):
     Config(evaluation=Evaluation(bn_recompute="-1 examples")).validate()
+
+
+def _fit_on(tmp_path, devices):
+  train, _ = array_sources(64, 0)
+  cfg = BASE.replace(run={"length": "6 steps", "devices": devices, "checkpoint_every": None},
+                     data={"eval_split": "", "batch_size": 16}, augment={"ops": ()})
+  results = fit(cfg, workdir=tmp_path / str(devices), train_source=train)  # advanced_cnn: BN, dropout
+  _, _, state, _ = evaluation_lib.load_run(tmp_path / str(devices), which="latest")
+  return results, parallel.fetch(state.params)
+
+
+def test_run_devices_picks_the_mesh_and_auto_times_both(tmp_path, capsys):
+  """run.devices=1 trains on one device of the 8, "auto" times all against one and says so;
+  every choice gives the 8-device run's parameters (same global batch, float rounding)."""
+  results, ref = _fit_on(tmp_path, "all")
+  assert results["devices"]["trained_on"] == 8
+  results, one = _fit_on(tmp_path, 1)
+  assert results["devices"]["trained_on"] == 1
+  results, auto = _fit_on(tmp_path, "auto")
+  line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("run.devices=auto")]
+  assert len(line) == 1 and " on 8 devices, " in line[0] and " ms on one: training on " in line[0]
+  assert results["devices"]["trained_on"] == int(line[0].rsplit(" ", 1)[1])
+  for got in (one, auto):
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+      np.testing.assert_allclose(a, b, rtol=0, atol=5e-6)
+
+
+def test_run_devices_rejects_what_the_process_does_not_have(tmp_path):
+  with pytest.raises(ValueError, match="run.devices"):
+    Config().replace(run={"devices": "some"}).validate()
+  with pytest.raises(ValueError, match=r"run.devices=9 needs 1 to 8 devices"):
+    _fit_on(tmp_path, 9)
