@@ -131,13 +131,7 @@ def _jcv_runner(name, size, batch, dtype, lowering, data, devices=1, parallel_mo
       if batch % devices:
         raise ValueError(f"batch {batch} does not split over {devices} devices")
       mesh = parallel.make_mesh(jax.devices()[:devices])
-      host_batch = {"image": data["uint8"], "label": data["labels"]}
-      train_mesh = parallel.make_mesh(parallel.train_devices(train_devices, step_fn, state, host_batch,
-                                                             mode=parallel_mode))
-      facts["train_xla_devices"] = train_mesh.devices.size
-      state = parallel.replicate(state, train_mesh)
-      batch_arrays = parallel.shard_batch(host_batch, train_mesh)
-      step = parallel.compile_train_step(step_fn, train_mesh, mode=parallel_mode)
+      state, batch_arrays, step = _placed_step(step_fn, state, data, train_devices, parallel_mode, facts)
     else:
       batch_arrays = {"image": jnp.asarray(data["uint8"]), "label": jnp.asarray(data["labels"])}
       step = jax.jit(step_fn, donate_argnums=0)
@@ -175,6 +169,16 @@ def _jcv_runner(name, size, batch, dtype, lowering, data, devices=1, parallel_mo
 
   facts.update(_architecture_flops(model, num_classes, batch, state, variables, batch_arrays, x))
   return {"train": train, "infer": inference}, facts
+
+
+def _placed_step(step_fn, state, data, train_devices, parallel_mode, facts):
+  """(state, batch, jitted step) on the devices ``run.devices=train_devices`` picks."""
+  from jcv.train import parallel
+  host_batch = {"image": data["uint8"], "label": data["labels"]}
+  mesh = parallel.make_mesh(parallel.train_devices(train_devices, step_fn, state, host_batch, mode=parallel_mode))
+  facts["train_xla_devices"] = mesh.devices.size
+  return (parallel.replicate(state, mesh), parallel.shard_batch(host_batch, mesh),
+          parallel.compile_train_step(step_fn, mesh, mode=parallel_mode))
 
 
 def _architecture_flops(model, num_classes, batch, state, variables, batch_arrays, x) -> dict:

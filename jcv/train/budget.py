@@ -17,9 +17,27 @@ from jcv.train.config import Config
 from jcv.train.optim import make_optimizer
 from jcv.train.state import create_train_state
 
-__all__ = ["step_seconds", "steps_within"]
+__all__ = ["step_seconds", "steps_within", "train_mesh"]
 
 TRAINING_SHARE = 0.8  # of the budget; the rest: compilation, evaluations, the report
+
+
+def _random_batch(batch_size, shape, num_classes) -> dict:
+  rng = np.random.default_rng(0)
+  return {"image": rng.integers(0, 256, (batch_size, *shape), dtype=np.uint8),
+          "label": rng.integers(0, num_classes, batch_size).astype(np.int32)}
+
+
+def train_mesh(config: Config, tconfig: Config, state, *, input_shape, num_classes: int, augment_fn, schedule,
+               features: bool):
+  """The mesh a run trains on (``run.devices``; "auto" times the step on random batches,
+  :func:`jcv.train.parallel.train_devices`); cached features train on every device."""
+  if features or config.run.devices == "all":
+    return parallel.make_mesh()
+  train_fn = build.train_fn(tconfig, num_classes=num_classes, augment_fn=augment_fn, schedule=schedule)
+  batch = _random_batch(config.data.batch_size, tuple(input_shape), num_classes)
+  return parallel.make_mesh(parallel.train_devices(config.run.devices, train_fn, state, batch,
+                                                   mode=config.run.parallel))
 
 
 def step_seconds(config: Config, num_classes: int, *, steps: int = 3) -> tuple[float, float]:
@@ -35,9 +53,7 @@ def step_seconds(config: Config, num_classes: int, *, steps: int = 3) -> tuple[f
   shape = build.example_shape(config)
   train_fn = build.train_fn(tconfig, num_classes=num_classes, augment_fn=build.build_augment(config, num_classes),
                             schedule=schedule)
-  rng = np.random.default_rng(0)
-  batch = {"image": rng.integers(0, 256, (config.data.batch_size,) + shape, dtype=np.uint8),
-           "label": rng.integers(0, num_classes, config.data.batch_size).astype(np.int32)}
+  batch = _random_batch(config.data.batch_size, shape, num_classes)
   state = create_train_state(jax.random.key(0), model, tx, (1,) + shape)
   mesh = parallel.make_mesh(parallel.train_devices(config.run.devices, train_fn, state, batch, mode=config.run.parallel))
   state = parallel.replicate(state, mesh)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcv.train import build, checkpoint as ckpt_lib, durations, log as log_lib, parallel, rundir
+from jcv.train import budget, build, checkpoint as ckpt_lib, durations, log as log_lib, parallel, rundir
 from jcv.train.watch import EvalWatch
 from jcv.train.config import Config
 from jcv.train.evaluation import collect_logits, run_eval
@@ -54,18 +54,6 @@ def _compiled_steps(config, tconfig, state, mesh, *, train_ld, eval_ld, input_sh
   return train_fn, eval_fn
 
 
-def _mesh(config, tconfig, state, *, train_ld, input_shape, num_classes, augment_fn, schedule, features):
-  """The mesh the run trains on (``run.devices``; "auto" times the step on random batches)."""
-  if features or config.run.devices == "all":
-    return parallel.make_mesh()
-  rng, batch = np.random.default_rng(0), config.data.batch_size
-  fake = {"image": rng.integers(0, 256, (batch, *input_shape), dtype=np.uint8),
-          "label": rng.integers(0, num_classes, batch).astype(np.int32)}
-  train_fn = build.train_fn(tconfig, num_classes=num_classes, augment_fn=augment_fn, schedule=schedule)
-  return parallel.make_mesh(parallel.train_devices(config.run.devices, train_fn, state, fake,
-                                                   mode=config.run.parallel))
-
-
 def _setup(config, workdir, *, model, train_ld, input_shape, variables, class_names, resume, features,
            augment_fn):
   """(train config, state, checkpointer, iterator, total steps, schedule, mesh) of a run folder, resumed."""
@@ -78,8 +66,8 @@ def _setup(config, workdir, *, model, train_ld, input_shape, variables, class_na
   state = create_train_state(jax.random.key(config.run.seed), model, tx, (1,) + tuple(input_shape),
                              variables=variables)
   num_classes = config.model.num_classes or len(class_names)
-  mesh = _mesh(config, tconfig, state, train_ld=train_ld, input_shape=input_shape, num_classes=num_classes,
-               augment_fn=augment_fn, schedule=schedule, features=features)
+  mesh = budget.train_mesh(config, tconfig, state, input_shape=input_shape, num_classes=num_classes,
+                           augment_fn=augment_fn, schedule=schedule, features=features)
   state = parallel.replicate(state, mesh)
   best = config.evaluation.best_metric
   checkpointer = ckpt_lib.RunCheckpointer(workdir / "checkpoints", keep=config.run.keep_checkpoints,
