@@ -85,6 +85,25 @@ def test_tune_malloc_keeps_a_freed_block_above_2gb_mapped():
   assert runs["tune"]["faults"][0] > pages // 2 and runs["tune"]["faults"][1] < pages // 100
 
 
+def test_trim_heap_hands_back_what_tune_malloc_keeps():
+  """After tune_malloc a freed 512 MB block stays resident; trim_heap gives it back."""
+  code = (
+      "import ctypes, json, jcv.perf as p\n"
+      "p.tune_malloc()\n"
+      "libc = ctypes.CDLL('libc.so.6')\n"
+      "libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]\n"
+      "libc.free.argtypes = [ctypes.c_void_p]\n"
+      "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
+      "a = libc.malloc(512 << 20); ctypes.memset(a, 1, 512 << 20); libc.free(ctypes.c_void_p(a))\n"
+      "kept = rss(); trimmed = p.trim_heap()\n"
+      "print(json.dumps({'kept': kept, 'after': rss(), 'trimmed': trimmed}))\n")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(PYTHONPATH=str(ROOT))
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  assert got["trimmed"] and got["kept"] - got["after"] > 400, got
+
+
 def test_cli_start_tunes_malloc_before_the_backend_starts():
   code = (
       "import argparse, json\n"
