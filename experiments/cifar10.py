@@ -9,7 +9,7 @@
 frozen, label smoothing 0.2, alternating flips + translate-by-2, flip + translate TTA, and
 airbench94's Nesterov SGD + lookahead (``gpu``, ``cpu_sgd``) or airbench94_muon's Muon
 (``cpu``, with precise BN over 10k images; bfloat16 where the CPU has AVX512_BF16 or AMX,
-``model.dtype="auto"``). ``cpu`` is sized for about 10-20 min on a 2-core CPU. ``baseline``: homework 2's textbook CNN, Adam, flip + shift.
+``model.dtype="auto"``). ``cpu`` takes about 8-15 min on a 2-core CPU (docs/cifar10.md). ``baseline``: homework 2's textbook CNN, Adam, flip + shift.
 
 Measured accuracy and time: docs/cifar10.md.
 """
