@@ -57,50 +57,51 @@ def test_setup_cpu_devices_per_core_multiplies_the_core_count(cores, per_core, e
   assert _run(code, {})["n"] == expected
 
 
+_LIBC = ("libc = ctypes.CDLL('libc.so.6')\n"  # malloc and free callable from a -c script
+         "libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]\n"
+         "libc.free.argtypes = [ctypes.c_void_p]\n")
+
+
+def _last_json(code, *args):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(PYTHONPATH=str(ROOT))
+  out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120,
+                       check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.skipif(platform.system() != "Linux", reason="glibc malloc tuning is Linux-only")
 def test_tune_malloc_keeps_a_freed_block_above_2gb_mapped():
   """A 2.25 GB block freed and allocated again is not faulted in again (glibc kept it)."""
   code = (
       "import ctypes, json, resource, sys, jcv.perf as p\n"
       "tuned = p.tune_malloc() if sys.argv[1] == 'tune' else False\n"
-      "libc = ctypes.CDLL('libc.so.6')\n"
-      "libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]\n"
-      "libc.free.argtypes = [ctypes.c_void_p]\n"
+      + _LIBC +
       "n = (9 << 30) // 4\n"
       "def touch():\n"
       "  a = libc.malloc(n); f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
       "  ctypes.memset(a, 1, n); f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f\n"
       "  libc.free(ctypes.c_void_p(a)); return f\n"
       "print(json.dumps({'tuned': tuned, 'faults': [touch(), touch()]}))\n")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(PYTHONPATH=str(ROOT))
-  runs = {}
-  for mode in ("tune", "plain"):
-    out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
-                         env=env, timeout=120, check=True)
-    runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+  runs = {mode: _last_json(code, mode) for mode in ("tune", "plain")}
   pages = (9 << 30) // 4 // 4096
   assert runs["tune"]["tuned"]
   assert runs["plain"]["faults"][1] > pages // 2  # glibc's default: unmapped on free
   assert runs["tune"]["faults"][0] > pages // 2 and runs["tune"]["faults"][1] < pages // 100
 
 
+@pytest.mark.skipif(platform.system() != "Linux", reason="glibc malloc tuning is Linux-only")
 def test_trim_heap_hands_back_what_tune_malloc_keeps():
   """After tune_malloc a freed 512 MB block stays resident; trim_heap gives it back."""
   code = (
       "import ctypes, json, jcv.perf as p\n"
       "p.tune_malloc()\n"
-      "libc = ctypes.CDLL('libc.so.6')\n"
-      "libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]\n"
-      "libc.free.argtypes = [ctypes.c_void_p]\n"
+      + _LIBC +
       "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
       "a = libc.malloc(512 << 20); ctypes.memset(a, 1, 512 << 20); libc.free(ctypes.c_void_p(a))\n"
       "kept = rss(); trimmed = p.trim_heap()\n"
       "print(json.dumps({'kept': kept, 'after': rss(), 'trimmed': trimmed}))\n")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(PYTHONPATH=str(ROOT))
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
-  got = json.loads(out.stdout.strip().splitlines()[-1])
+  got = _last_json(code)
   assert got["trimmed"] and got["kept"] - got["after"] > 400, got
 
 
