@@ -121,7 +121,7 @@ def _jcv_runner(name, size, batch, dtype, lowering, data, devices=1, parallel_mo
   card = jcv.models.get_card(name)
   num_classes = card.default_num_classes
   model_dtype = jnp.bfloat16 if dtype == "bfloat16" else None
-  facts = {"xla_devices": devices, "train_xla_devices": devices}
+  facts = {"xla_devices": devices}  # _placed_step adds train_xla_devices where the train step differs
   with kernels.lowering(lowering):
     model = jcv.models.create(name, num_classes=num_classes, dtype=model_dtype)
     state = create_train_state(jax.random.key(0), model, optax.sgd(0.01, momentum=0.9),

@@ -43,7 +43,7 @@ def train_mesh(config: Config, tconfig: Config, state, *, input_shape, num_class
 def step_seconds(config: Config, num_classes: int, *, steps: int = 3) -> tuple[float, float]:
   """(seconds per training step, seconds to compile it) of ``config`` on random uint8 batches
   (``data.mean``/``std`` of ``"pretrained"`` resolved to the weights' numbers first), on the
-  devices ``run.devices`` trains on."""
+  devices ``run.devices`` trains on; with "auto" the compile time includes choosing them."""
   config = init_from.resolve_preprocessing(config)
   model = build.build_model(config, num_classes)
   tconfig = build.train_config(config, model)
@@ -55,10 +55,10 @@ def step_seconds(config: Config, num_classes: int, *, steps: int = 3) -> tuple[f
                             schedule=schedule)
   batch = _random_batch(config.data.batch_size, shape, num_classes)
   state = create_train_state(jax.random.key(0), model, tx, (1,) + shape)
+  started = time.perf_counter()  # "auto" compiles and times both meshes here, as the run will
   mesh = parallel.make_mesh(parallel.train_devices(config.run.devices, train_fn, state, batch, mode=config.run.parallel))
   state = parallel.replicate(state, mesh)
   fn = parallel.compile_train_step(train_fn, mesh, mode=config.run.parallel)
-  started = time.perf_counter()
   fn = fn.lower(state, parallel.batch_spec(mesh, config.data.batch_size, shape)).compile()
   compile_s = time.perf_counter() - started
   state, _ = fn(state, parallel.shard_batch(batch, mesh))  # warm-up

@@ -185,9 +185,11 @@ def train_devices(choice, train_fn, state, batch, *, mode: str = "jit", steps: i
     while len(times) < 2 or (len(times) < 8 and times[-2] > 1.15 * times[-1]):
       placed, took = _timed_step(fn, placed, sharded)
       times.append(took)
+    best = float("inf")
     for _ in range(steps):
       placed, took = _timed_step(fn, placed, sharded)
-      seconds[len(candidate)] = min(took, seconds.get(len(candidate), took))
+      best = min(best, took)
+    seconds[len(candidate)] = best
   del fn, placed, sharded
   perf.trim_heap()  # the candidates' buffers: the run itself needs one mesh's
   chosen = devices[:1] if seconds[1] < 0.95 * seconds[len(devices)] else devices
