@@ -70,6 +70,18 @@ def _short(e: Exception) -> str:
   return text if len(text) <= 160 else text[:157] + "..."
 
 
+def _while_steps_vanish(fn, tries: int = 5):
+  """``fn()``, again while it fails on a step folder that a live run's retention deleted as Orbax
+  listed the steps (FileNotFoundError)."""
+  for attempt in range(tries):
+    try:
+      return fn()
+    except FileNotFoundError:
+      if attempt == tries - 1:
+        raise
+      time.sleep(0.1)
+
+
 READ_PATIENCE_S = 120  # a reader of a live run keeps up with its retention this long
 
 
@@ -123,13 +135,11 @@ class RunCheckpointer:
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
                                            enable_async_checkpointing=False, save_interval_steps=0,
                                            lightweight_initialize=True)
-    for attempt in range(5):  # a live run's retention may delete a step while it is listed
-      try:
-        return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
-      except FileNotFoundError:
-        if attempt == 4:
-          raise
-        time.sleep(0.1)
+    return _while_steps_vanish(
+        lambda: ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config")))
+
+  def _reload(self):
+    _while_steps_vanish(self._mgr.reload)
 
   def _metrics_parse(self, step: int) -> bool:
     try:
@@ -247,7 +257,7 @@ class RunCheckpointer:
       os.replace(self.directory / str(s), aside / f"{s}-{stamp}")
     warnings.warn(f"moved the damaged checkpoint step(s) {steps} of {self.directory} to {aside}",
                   stacklevel=3)
-    self._mgr.reload()
+    self._reload()
 
   def read(self, make_state, *, which: str = "best"):
     """(state, config dict, step) of the ``which`` ("best" or "latest") step for a reader.
@@ -276,7 +286,7 @@ class RunCheckpointer:
           warnings.warn(f"checkpoint step {damaged[0][0]} in {self.directory} could not be read "
                         f"({damaged[0][1]}); using step {s}, the newest that reads")
         return state, config, s
-      self._mgr.reload()
+      self._reload()
     if not failed:
       raise ValueError(f"no complete checkpoint in {self.directory}")
     raise ValueError(f"no checkpoint in {self.directory} can be read: "

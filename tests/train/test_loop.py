@@ -2,6 +2,7 @@
 import functools
 import json
 import math
+import shutil
 
 import jax
 import numpy as np
@@ -212,3 +213,30 @@ def test_run_devices_rejects_what_the_process_does_not_have(tmp_path):
     Config().replace(run={"devices": "some"}).validate()
   with pytest.raises(ValueError, match=r"run.devices=9 needs 1 to 8 devices"):
     _fit_on(tmp_path, 9)
+
+
+def test_a_reader_survives_steps_vanishing_while_orbax_lists_them(tmp_path, monkeypatch):
+  # A live run's retention deleted every step a reader had listed, then deleted the next one
+  # between Orbax's listing and its stat of that folder: the reader lists again and reads on.
+  import etils.epath.backend as epath_backend
+  state = _small_state()
+  writer = checkpoint.RunCheckpointer(tmp_path, keep=2)
+  for step in (3, 5):
+    writer.save(state.replace(step=state.step + step), config={"step": step})
+  writer.wait()
+  reader = checkpoint.RunCheckpointer(tmp_path, read_only=True)
+  for step in (7, 9):
+    writer.save(state.replace(step=state.step + step), config={"step": step})
+  writer.wait()
+  assert writer.all_steps() == [7, 9] and reader.all_steps() == [3, 5]
+  real_stat, vanished = epath_backend._OsPathBackend.stat, []
+  def stat(self, path):
+    if str(path).endswith("/7") and not vanished:
+      vanished.append(path)
+      shutil.rmtree(path)
+    return real_stat(self, path)
+  monkeypatch.setattr(epath_backend._OsPathBackend, "stat", stat)
+  (tmp_path / "7" / "_CHECKPOINT_METADATA").unlink()  # the deletion has begun: Orbax stats the folder
+  _, config, step = reader.read(lambda config: state, which="latest")
+  assert vanished and step == 9 and config == {"step": 9}
+  writer.close()
