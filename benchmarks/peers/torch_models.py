@@ -4,7 +4,7 @@ Each builder returns an ``nn.Module`` whose *trainable* parameter count equals j
 ``params`` count for the same name and ``num_classes`` (``benchmarks/throughput.py`` checks it
 and reports a mismatch). Layouts follow torchvision (ResNet v1.5, VGG, Inception-v3 without
 the auxiliary head) and Keras (MobileNetV2: BN eps 1e-3, ReLU6); the CIFAR network follows
-``jcv.models.cifar`` (airbench style: whitening conv, BN without scale, tanh-GELU).
+``jcv.models.cifar`` (airbench style: whitening conv, BN without scale, exact erf GELU).
 
 Padding: jcv's MobileNetV2 uses TF "SAME" padding, which at stride 2 on even sizes pads
 (0, 1); here it is PyTorch's symmetric (1, 1): same output size, same FLOPs.
@@ -43,7 +43,7 @@ class _CifarGroup(nn.Module):
     for bn in (self.bn1, self.bn2):
       bn.weight.requires_grad_(False)  # jcv: BatchNorm(use_scale=False)
     self.pool = nn.MaxPool2d(2)
-    self.act = nn.GELU(approximate="tanh")
+    self.act = nn.GELU()
 
   def forward(self, x):
     x = self.act(self.bn1(self.pool(self.conv1(x))))
@@ -56,7 +56,7 @@ class CifarCNN(nn.Module):
   def __init__(self, num_classes=10, widths=(64, 256, 256)):
     super().__init__()
     self.whiten = nn.Conv2d(3, 24, 2, padding=0, bias=True)
-    self.act = nn.GELU(approximate="tanh")
+    self.act = nn.GELU()
     chans = (24,) + tuple(widths)
     self.blocks = nn.Sequential(*[_CifarGroup(chans[i], chans[i + 1]) for i in range(3)])
     self.head = nn.Linear(widths[-1], num_classes, bias=False)
