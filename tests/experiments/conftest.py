@@ -6,6 +6,8 @@ import shutil
 
 import pytest
 
+from script_cache import private_cache
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -27,6 +29,6 @@ def tiny_folder(shared_dir, tmp_path):
 @pytest.fixture
 def script_env(tmp_path):
   """The environment of a script run: this checkout on PYTHONPATH, a private cache, one CPU device per core."""
-  env = dict(os.environ, JCV_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+  env = dict(os.environ, JCV_CACHE_DIR=private_cache(tmp_path), PYTHONPATH=str(REPO))
   env.pop("XLA_FLAGS", None)  # as a user runs it
   return env

@@ -13,6 +13,8 @@ import sys
 import numpy as np
 import pytest
 
+from script_cache import private_cache
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "experiments" / "cifar10.py"
 
@@ -64,7 +66,7 @@ def test_presets_follow_airbench():
 def test_smoke_run_whitens_and_trains(shared_dir, tmp_path):
   data = shared_dir / "data" / "cifar10"
   workdir = tmp_path / "run"
-  env = dict(os.environ, JCV_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+  env = dict(os.environ, JCV_CACHE_DIR=private_cache(tmp_path), PYTHONPATH=str(REPO))
   env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
   cmd = [sys.executable, str(SCRIPT), "--preset", "cpu", "--data-dir", str(data),
          "--workdir", str(workdir), "--steps", "3", "--batch-size", "32", "--no-progress",

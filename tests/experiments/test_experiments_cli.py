@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 from jcv.train import Pretrained, cli
+from script_cache import private_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPTS = {name: REPO / "experiments" / f"{name}.py" for name in ("cifar10", "cats_vs_dogs", "food101", "architectures")}
@@ -27,7 +28,7 @@ def _load(name):
 
 
 def _env(tmp_path):
-  env = dict(os.environ, JCV_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+  env = dict(os.environ, JCV_CACHE_DIR=private_cache(tmp_path), PYTHONPATH=str(REPO))
   env.pop("XLA_FLAGS", None)  # as a user runs it
   return env
 

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from script_cache import private_cache
+
 pytest.importorskip("tensorflow_datasets")
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -25,7 +27,7 @@ with tfds.testing.mock_data(num_examples=600, policy=tfds.testing.MockPolicy.USE
 @pytest.mark.timeout(900)
 def test_gpu_preset_runs_on_8_devices_from_tfds_mock_data(shared_dir, tmp_path):
   workdir = tmp_path / "run"
-  env = dict(os.environ, PYTHONPATH=str(REPO), JCV_CACHE_DIR=str(tmp_path / "cache"), JAX_PLATFORMS="cpu",
+  env = dict(os.environ, PYTHONPATH=str(REPO), JCV_CACHE_DIR=private_cache(tmp_path), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   args = ["--preset", "gpu", "--weights", shared_dir / "weights" / "efficientnet_lite2.npz", "--workdir", workdir,
           "--steps", 2, "--image-size", 32, "--set", "data.num_workers=0", "--set", "run.plots=False"]

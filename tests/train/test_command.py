@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from script_cache import private_cache
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -26,7 +28,7 @@ def photos(tmp_path_factory, shared_dir):
 
 
 def _jcv(*args, cwd, timeout=600):
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", JCV_CACHE_DIR=str(pathlib.Path(cwd) / "cache"))
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", JCV_CACHE_DIR=private_cache(cwd))
   env.pop("XLA_FLAGS", None)  # as a user runs it: one XLA device per core
   return subprocess.run([sys.executable, "-m", "jcv", "train", *map(str, args)], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
