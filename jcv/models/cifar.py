@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcv.models.layers import BatchNorm, Conv, gelu, max_pool
+from jcv import kernels
+from jcv.models.layers import BatchNorm, Conv, ConvWeights, gelu, max_pool
 from jcv.models.registry import ModelCard, register
 
 __all__ = ["CifarCNN", "cifar_cnn", "dirac_init", "torch_default_init", "whitening_kernel",
@@ -56,6 +57,8 @@ class _ConvGroup(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
+    if not train and kernels.fusing() and not self.is_initializing():
+      return self._folded(x)
     bn = lambda name: BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                                 epsilon=self.bn_epsilon, use_scale=False, dtype=self.dtype, name=name)
     x = Conv(self.features, (3, 3), use_bias=False, kernel_init=dirac_init, dtype=self.dtype,
@@ -65,6 +68,18 @@ class _ConvGroup(nn.Module):
     x = Conv(self.features, (3, 3), use_bias=False, kernel_init=dirac_init, dtype=self.dtype,
              name="conv2")(x)
     return gelu(bn("bn2")(x))
+
+  def _folded(self, x):
+    """The inference form (same variables): each BatchNorm folded into the convolution before it.
+    A BatchNorm without scale is ``y * a + b`` with ``a = 1 / sqrt(var + eps) > 0``, increasing in
+    each channel, so it commutes with the max-pool between ``conv1`` and ``bn1``."""
+    dtype = self.dtype or jnp.result_type(x.dtype, jnp.float32)
+    for i in (1, 2):
+      kernel, _ = ConvWeights(self.features, (3, 3), kernel_init=dirac_init, name=f"conv{i}")(x)
+      a, b = kernels.BatchNormAffine(epsilon=self.bn_epsilon, use_scale=False, name=f"bn{i}")(self.features)
+      x = kernels.conv2d_bias_act(x.astype(dtype), (kernel * a).astype(dtype), b)
+      x = gelu(max_pool(x, 2, 2) if i == 1 else x)
+    return x
 
 
 class CifarCNN(nn.Module):

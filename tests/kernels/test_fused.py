@@ -70,7 +70,7 @@ def _randomized(variables, seed=0):
 FAMILIES = [("resnet18", 32, {}), ("resnet50", 32, {}), ("resnet20", 32, {}), ("mobilenet_v1", 32, {}),
             ("mobilenet_v2", 32, {}), ("efficientnet_lite0", 32, {}), ("vgg11_bn", 32, {}), ("googlenet", 32, {}),
             ("inception_v3", 75, {}), ("inception_resnet_v2", 75, {}), ("textbook_cnn", 32, {"batch_norm": True}),
-            ("advanced_cnn", 32, {})]
+            ("advanced_cnn", 32, {}), ("cifar_cnn", 32, {})]
 
 
 @pytest.mark.parametrize("name,size,options", FAMILIES, ids=[f[0] for f in FAMILIES])
