@@ -82,6 +82,21 @@ def _while_steps_vanish(fn, tries: int = 5):
       time.sleep(0.1)
 
 
+def _check_shapes(folder, abstract) -> None:
+  """ValueError when the arrays saved in ``folder`` cannot be ``abstract``'s (another count or
+  other shapes), raised before Orbax starts reading them: a restore that fails part-way leaves
+  tensorstore reads whose callbacks print tracebacks against Orbax's closed event loop."""
+  try:
+    saved_tree = ocp.StandardCheckpointHandler().metadata(pathlib.Path(folder)).tree
+  except Exception:  # noqa: BLE001 - no readable metadata: the restore says what is wrong
+    return
+  saved = sorted(tuple(getattr(x, "shape", None) or ()) for x in jax.tree.leaves(saved_tree))
+  wanted = sorted(tuple(x.shape) for x in jax.tree.leaves(abstract))
+  if saved != wanted:
+    raise ValueError(f"the checkpoint's {len(saved)} arrays do not have the shapes of the "
+                     f"{len(wanted)} this model and optimizer hold")
+
+
 READ_PATIENCE_S = 120  # a reader of a live run keeps up with its retention this long
 
 
@@ -230,6 +245,7 @@ class RunCheckpointer:
     damaged = []
     for s in steps:
       try:
+        _check_shapes(self.directory / str(s) / "state", abstract)
         out = self._mgr.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore()))

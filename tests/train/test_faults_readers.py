@@ -107,6 +107,7 @@ def test_a_phase_folder_names_the_run_folder_in_one_line(finished, tmp_path):
   errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and f"use --workdir {run}" in errors[0], out.stderr[-2000:]
   assert "PyTreeDef" not in out.stderr and "tree" not in errors[0]
+  assert "Traceback" not in out.stderr, out.stderr[-2000:]  # no reads started, none left to fail
 
 
 def test_evaluate_caps_the_batch_and_predict_reports_an_unreadable_file(finished, tmp_path):
