@@ -95,6 +95,10 @@ def bfloat16_is_fast() -> bool:
   return cpu_has_bfloat16() and native.available()
 
 
+def _libc():
+  return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def tune_malloc() -> bool:
   """Keeps freed memory in glibc's heap so XLA's per-step buffers reuse mapped pages.
 
@@ -108,8 +112,7 @@ def tune_malloc() -> bool:
   if platform.system() != "Linux":
     return False
   try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
+    mallopt = _libc().mallopt
   except (OSError, AttributeError):
     return False
   ok = True
@@ -128,7 +131,7 @@ def trim_heap() -> bool:
   if platform.system() != "Linux":
     return False
   try:
-    return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    return bool(_libc().malloc_trim(0))
   except (OSError, AttributeError):
     return False
 

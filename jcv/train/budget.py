@@ -10,34 +10,15 @@ from __future__ import annotations
 import time
 
 import jax
-import numpy as np
 
 from jcv.train import build, init_from, parallel
 from jcv.train.config import Config
 from jcv.train.optim import make_optimizer
 from jcv.train.state import create_train_state
 
-__all__ = ["step_seconds", "steps_within", "train_mesh"]
+__all__ = ["step_seconds", "steps_within"]
 
 TRAINING_SHARE = 0.8  # of the budget; the rest: compilation, evaluations, the report
-
-
-def _random_batch(batch_size, shape, num_classes) -> dict:
-  rng = np.random.default_rng(0)
-  return {"image": rng.integers(0, 256, (batch_size, *shape), dtype=np.uint8),
-          "label": rng.integers(0, num_classes, batch_size).astype(np.int32)}
-
-
-def train_mesh(config: Config, tconfig: Config, state, *, input_shape, num_classes: int, augment_fn, schedule,
-               features: bool):
-  """The mesh a run trains on (``run.devices``; "auto" times the step on random batches,
-  :func:`jcv.train.parallel.train_devices`); cached features train on every device."""
-  if features or config.run.devices == "all":
-    return parallel.make_mesh()
-  train_fn = build.train_fn(tconfig, num_classes=num_classes, augment_fn=augment_fn, schedule=schedule)
-  batch = _random_batch(config.data.batch_size, tuple(input_shape), num_classes)
-  return parallel.make_mesh(parallel.train_devices(config.run.devices, train_fn, state, batch,
-                                                   mode=config.run.parallel))
 
 
 def step_seconds(config: Config, num_classes: int, *, steps: int = 3) -> tuple[float, float]:
@@ -53,10 +34,10 @@ def step_seconds(config: Config, num_classes: int, *, steps: int = 3) -> tuple[f
   shape = build.example_shape(config)
   train_fn = build.train_fn(tconfig, num_classes=num_classes, augment_fn=build.build_augment(config, num_classes),
                             schedule=schedule)
-  batch = _random_batch(config.data.batch_size, shape, num_classes)
+  batch = build.random_batch(config.data.batch_size, shape, num_classes)
   state = create_train_state(jax.random.key(0), model, tx, (1,) + shape)
   started = time.perf_counter()  # "auto" compiles and times both meshes here, as the run will
-  mesh = parallel.make_mesh(parallel.train_devices(config.run.devices, train_fn, state, batch, mode=config.run.parallel))
+  mesh = build.train_mesh(config, train_fn, state, input_shape=shape, num_classes=num_classes)
   state = parallel.replicate(state, mesh)
   fn = parallel.compile_train_step(train_fn, mesh, mode=config.run.parallel)
   fn = fn.lower(state, parallel.batch_spec(mesh, config.data.batch_size, shape)).compile()

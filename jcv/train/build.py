@@ -11,8 +11,9 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jcv.train import durations, step as step_lib
+from jcv.train import durations, parallel, step as step_lib
 from jcv.train.config import Config
 from jcv.train.optim import make_optimizer, muon_mask
 
@@ -210,6 +211,23 @@ def train_fn(config: Config, *, num_classes, augment_fn, schedule, features: boo
       decay_bn_and_bias=config.optim.decay_bn_and_bias, freeze=tuple(config.optim.freeze), schedule=schedule,
       sync_batch_stats=config.run.sync_batch_stats,
       l2_exclude=(lambda p: muon_mask(p, config.optim)) if config.optim.muon is not None else None)
+
+
+def random_batch(batch_size: int, shape, num_classes: int) -> dict:
+  """A seeded batch of random uint8 images of ``shape`` (HWC) and labels, for timing a step."""
+  rng = np.random.default_rng(0)
+  return {"image": rng.integers(0, 256, (batch_size, *shape), dtype=np.uint8),
+          "label": rng.integers(0, num_classes, batch_size).astype(np.int32)}
+
+
+def train_mesh(config: Config, train_step_fn, state, *, input_shape, num_classes: int, features: bool = False):
+  """The mesh a run trains on (``run.devices``; "auto" times ``train_step_fn``, a :func:`train_fn`,
+  on a random batch: :func:`jcv.train.parallel.train_devices`); cached features train on every device."""
+  if features or config.run.devices == "all":
+    return parallel.make_mesh()
+  batch = random_batch(config.data.batch_size, tuple(input_shape), num_classes)
+  return parallel.make_mesh(parallel.train_devices(config.run.devices, train_step_fn, state, batch,
+                                                   mode=config.run.parallel))
 
 
 def eval_fn(config: Config, *, features: bool = False):

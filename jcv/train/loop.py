@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcv.train import budget, build, checkpoint as ckpt_lib, durations, log as log_lib, parallel, rundir
+from jcv.train import build, checkpoint as ckpt_lib, durations, log as log_lib, parallel, rundir
 from jcv.train.watch import EvalWatch
 from jcv.train.config import Config
 from jcv.train.evaluation import collect_logits, run_eval
@@ -66,8 +66,9 @@ def _setup(config, workdir, *, model, train_ld, input_shape, variables, class_na
   state = create_train_state(jax.random.key(config.run.seed), model, tx, (1,) + tuple(input_shape),
                              variables=variables)
   num_classes = config.model.num_classes or len(class_names)
-  mesh = budget.train_mesh(config, tconfig, state, input_shape=input_shape, num_classes=num_classes,
-                           augment_fn=augment_fn, schedule=schedule, features=features)
+  mesh = build.train_mesh(config, build.train_fn(tconfig, num_classes=num_classes, augment_fn=augment_fn,
+                                                 schedule=schedule, features=features),
+                          state, input_shape=input_shape, num_classes=num_classes, features=features)
   state = parallel.replicate(state, mesh)
   best = config.evaluation.best_metric
   checkpointer = ckpt_lib.RunCheckpointer(workdir / "checkpoints", keep=config.run.keep_checkpoints,
