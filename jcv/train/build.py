@@ -19,7 +19,7 @@ from jcv.train.optim import make_optimizer, muon_mask
 
 __all__ = [
     "enable_compilation_cache", "is_image_folder", "source_spec", "build_source", "build_sources",
-    "build_model", "build_augment", "eval_view", "train_config", "train_fn", "eval_fn", "last_phase",
+    "build_model", "build_augment", "eval_view", "train_config", "train_fn", "random_batch", "train_mesh", "eval_fn", "last_phase",
     "checkpoint_optimizer", "trainable_stages", "image_loaders", "regime_options", "REGIMES", "stage_options", "example_shape",
     "total_steps", "tta_options", "compute_dtype", "model_options",
 ]
