@@ -49,10 +49,9 @@ from typing import Callable, Iterator
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
 
-from jcv.kernels import native, onednn
+from jcv.kernels import native, onednn, pooling
 from jcv.kernels.depthwise import depthwise
 from jcv.kernels.geometry import explicit_pads, normalize_padding, out_size, pair
 from jcv.kernels.rewrites import conv_1x1, conv_im2col, conv_im2col_grad, conv_small_map, xla_conv
@@ -214,9 +213,10 @@ def max_pool(x, window: tuple[int, int], strides: tuple[int, int], padding, *,
              lowering: str | None = None):
   """``nn.max_pool`` on NHWC; ``padding`` 'SAME'/'VALID' or explicit ``(lo, hi)`` pairs.
 
-  With the "cpu" and "onednn" lowerings, non-overlapping windows (``window == strides``) are a
-  reshape + max whose gradient is one elementwise pass (:func:`_block_max`): XLA:CPU's gradient
-  of ``reduce_window`` (select-and-scatter) took a fifth of a CIFAR CNN's training step. Same
+  With the "cpu" and "onednn" lowerings the gradient is elementwise passes instead of XLA:CPU's
+  select-and-scatter (:mod:`jcv.kernels.pooling`): non-overlapping windows (``window ==
+  strides``) are a reshape + max, others (up to ``pooling.MAX_TAPS`` taps) keep each window's
+  arg-max from the forward pass and spread the gradient by stride phases. Same
   values and gradients as ``nn.max_pool``: where a window holds tied maxima, the first one in
   row-major order takes the gradient (as XLA's and PyTorch's).
   """
@@ -226,47 +226,11 @@ def max_pool(x, window: tuple[int, int], strides: tuple[int, int], padding, *,
     pads = lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
   else:
     pads = padding
-  if window == strides and resolve(lowering) in ("cpu", "onednn"):
-    return _max_pool_blocks(x, window, [tuple(p) for p in pads])
-  return nn.max_pool(x, window, strides, padding=padding)
-
-
-def _max_pool_blocks(x, window, pads):
-  """Max over non-overlapping ``window`` blocks (stride == window) as a reshape + reduce."""
-  if any(lo or hi for lo, hi in pads):
-    x = lax.pad(x, jnp.array(-jnp.inf, x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-  n, h, w, c = x.shape
-  (kh, kw) = window
-  oh, ow = h // kh, w // kw
-  return _block_max(x[:, :oh * kh, :ow * kw], window)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _block_max(x, window):
-  """Max over the ``window`` blocks tiling ``x`` [N, H, W, C] exactly."""
-  n, h, w, c = x.shape
-  return jnp.max(x.reshape(n, h // window[0], window[0], w // window[1], window[1], c), axis=(2, 4))
-
-
-def _block_max_forward(x, window):
-  y = _block_max(x, window)
-  return y, (x, y)
-
-
-def _block_max_backward(window, residuals, dy):
-  """The gradient goes to each block's first maximum (row-major): which one is found on the
-  small output grid, then one elementwise pass writes the gradient."""
-  x, y = residuals
-  (kh, kw), (n, h, w, c) = window, x.shape
-  blocks = x.reshape(n, h // kh, kh, w // kw, kw, c)
-  first = jnp.full(y.shape, kh * kw, jnp.int32)
-  for k in reversed(range(kh * kw)):
-    first = jnp.where(blocks[:, :, k // kw, :, k % kw] == y, k, first)
-  position = (lax.broadcasted_iota(jnp.int32, (1, 1, kh, 1, kw, 1), 2) * kw
-              + lax.broadcasted_iota(jnp.int32, (1, 1, kh, 1, kw, 1), 4))
-  hit = position == first[:, :, None, :, None, :]
-  dx = jnp.where(hit, dy[:, :, None, :, None, :], jnp.zeros((), dy.dtype))
-  return (dx.reshape(x.shape),)
-
-
-_block_max.defvjp(_block_max_forward, _block_max_backward)
+  if resolve(lowering) not in ("cpu", "onednn"):
+    return nn.max_pool(x, window, strides, padding=padding)
+  pads = [tuple(p) for p in pads]
+  if window == strides:
+    return pooling.block_max_pool(x, window, pads)
+  if window[0] * window[1] > pooling.MAX_TAPS:
+    return nn.max_pool(x, window, strides, padding=padding)
+  return pooling.window_max_pool(x, window, strides, pads)

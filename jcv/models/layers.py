@@ -220,7 +220,7 @@ def _explicit_pool_padding(x, window, strides, padding, ceil_mode):
 def max_pool(x, window=3, strides=2, *, padding=0, ceil_mode: bool = False):
   """Max pooling on NHWC with PyTorch semantics: int/pair ``padding`` (or 'SAME'/'VALID'), ``ceil_mode``.
 
-  Runs :func:`jcv.kernels.max_pool` (on CPU, non-overlapping windows are a reshape + max).
+  Runs :func:`jcv.kernels.max_pool` (on CPU, a gradient without XLA's select-and-scatter).
   """
   window, strides = _pair(window), _pair(strides)
   if not isinstance(padding, str):

@@ -47,30 +47,37 @@ def test_max_pool_matches_numpy(size, k, s, p, ceil):
   np.testing.assert_allclose(got, _np_pool(x, k, s, p, ceil, "max"), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("size,k,p,ceil", [(31, 2, 0, False), (31, 2, 0, True), (8, 2, 0, False),
-                                           (7, 3, 1, True), (9, 3, 0, False)])
-def test_block_max_pool_values_and_gradient_match_reduce_window(size, k, p, ceil):
-  """The CPU path (window == stride: reshape + max) against numpy and XLA's reduce_window."""
+@pytest.mark.parametrize("size,k,s,p,ceil", [(31, 2, 2, 0, False), (31, 2, 2, 0, True), (8, 2, 2, 0, False),
+                                             (7, 3, 3, 1, True), (9, 3, 3, 0, False),  # blocks: window == stride
+                                             (16, 3, 2, 1, False), (9, 3, 2, 0, True), (8, 3, 1, 1, True),
+                                             (13, 3, 2, 0, False), (7, 5, 2, 2, False), (10, 2, 3, 0, True)])
+def test_cpu_max_pool_values_and_gradient_match_reduce_window(size, k, s, p, ceil):
+  """The CPU paths (blocks: reshape + max; overlapping windows: taps and stride phases)
+  against numpy and XLA's reduce_window with its select-and-scatter gradient."""
   from jcv import kernels
   x = jnp.asarray(RNG.normal(size=(2, size, size + 1, 3)).astype(np.float32))  # no ties
+  loss = lambda x: jnp.sum(jnp.sin(layers.max_pool(x, k, s, padding=p, ceil_mode=ceil)))
   with kernels.lowering("cpu"):
-    got = layers.max_pool(x, k, k, padding=p, ceil_mode=ceil)
-    grad = jax.grad(lambda x: jnp.sum(jnp.sin(layers.max_pool(x, k, k, padding=p, ceil_mode=ceil))))(x)
-  np.testing.assert_array_equal(got, _np_pool(np.asarray(x), k, k, p, ceil, "max"))
+    got = layers.max_pool(x, k, s, padding=p, ceil_mode=ceil)
+    grad = jax.grad(loss)(x)
+    assert "select-and-scatter" not in jax.jit(jax.grad(loss)).lower(x).as_text(dialect="hlo")
+  np.testing.assert_array_equal(got, _np_pool(np.asarray(x), k, s, p, ceil, "max"))
   with kernels.lowering("xla"):
-    want = jax.grad(lambda x: jnp.sum(jnp.sin(layers.max_pool(x, k, k, padding=p, ceil_mode=ceil))))(x)
-  np.testing.assert_allclose(grad, want, rtol=1e-6, atol=0)
+    want = jax.grad(loss)(x)
+  np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("shape,k,p", [((4, 8, 8, 3), 2, 0), ((2, 9, 7, 5), 3, 1), ((2, 16, 16, 8), 2, 0)])
-def test_block_max_pool_gradient_with_ties_goes_where_reduce_window_sends_it(shape, k, p, dtype):
+@pytest.mark.parametrize("shape,k,s,p", [((4, 8, 8, 3), 2, 2, 0), ((2, 9, 7, 5), 3, 3, 1), ((2, 16, 16, 8), 2, 2, 0),
+                                         ((2, 16, 16, 8), 3, 2, 1), ((2, 9, 10, 5), 3, 2, 0), ((2, 8, 9, 4), 3, 1, 1)])
+def test_cpu_max_pool_gradient_with_ties_goes_where_reduce_window_sends_it(shape, k, s, p, dtype):
   """Tied maxima (ReLU zeros, rounded values): the first in each window takes the whole
-  gradient, bit for bit as XLA's select-and-scatter (a shared gradient would differ)."""
+  gradient, bit for bit as XLA's select-and-scatter (a shared gradient would differ). The
+  cotangents are small integers, so inputs in several windows sum their shares exactly."""
   from jcv import kernels
   x = jnp.maximum(jnp.round(jnp.asarray(RNG.normal(size=shape)) * 2), 0).astype(dtype)
-  cot = jnp.asarray(RNG.normal(size=layers.max_pool(x, k, k, padding=p).shape)).astype(dtype)
-  loss = lambda x: jnp.sum((layers.max_pool(x, k, k, padding=p) * cot).astype(jnp.float32))
+  cot = jnp.round(4 * jnp.asarray(RNG.normal(size=layers.max_pool(x, k, s, padding=p).shape))).astype(dtype)
+  loss = lambda x: jnp.sum((layers.max_pool(x, k, s, padding=p) * cot).astype(jnp.float32))
   with kernels.lowering("cpu"):
     grad = jax.grad(loss)(x)
   with kernels.lowering("xla"):
