@@ -25,8 +25,8 @@ One entry point with NHWC inputs and HWIO kernels (Flax's layout). It computes
   (:mod:`jcv.kernels.onednn`, multi-threaded, AVX-512/AMX), keeping the "cpu" rewrites only
   where they measured faster (``benchmarks/layers.py``): maps with fewer pixels than kernel
   taps (unrolled kernel), tiny-kernel first layers (kh*kw*cin <= 16) and outputs of at most
-  2x2 pixels (im2col), and XLA's conv for first layers (cin <= 4) on inputs of at most
-  64x64 pixels.
+  2x2 pixels (im2col), and for first layers (cin <= 4) on inputs of at most 64x64 pixels
+  XLA's forward with the im2col kernel gradient.
   Falls back to "cpu" with a one-line warning when the native library cannot be built.
 * ``"auto"``: "onednn" on a CPU backend when it is available (else "cpu"); "xla" elsewhere.
 
@@ -164,8 +164,6 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding="SAME",
     return onednn.conv(x, kernel, strides, pads, dilation, groups)
   if groups == 1 and x.shape[1] * x.shape[2] < kh * kw:
     return conv_small_map(x, kernel, strides, pads, dilation)
-  if name == "onednn" and groups == 1 and cin <= 4 and kh * kw * cin > 16 and x.shape[1] * x.shape[2] <= 64 * 64:
-    return xla_conv(x, kernel, strides, pads, groups, dilation)
   if groups == 1 and kh == kw == 1:
     return conv_1x1(x, kernel, strides, pads)
   if groups == cin and kin == 1:

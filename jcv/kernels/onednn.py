@@ -128,7 +128,7 @@ def use_onednn(x, kernel, strides, pads, dilation, groups) -> bool:
   The routing follows per-layer measurements (``benchmarks/layers.py``; the numbers and the
   machine are in docs/benchmarks.md): oneDNN for depthwise, large stems, 3x3 convolutions down
   to 4x4 maps and 1x1 convolutions; the rewrites for the 2x2 whitening layer and outputs of at
-  most 2x2 pixels; XLA's own conv for small stems.
+  most 2x2 pixels; for small stems XLA's forward with the im2col kernel gradient.
   """
   if x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
     return False
@@ -139,7 +139,7 @@ def use_onednn(x, kernel, strides, pads, dilation, groups) -> bool:
     return True
   if kh * kw * kin <= 16:
     return False
-  if kin <= 4 and x.shape[1] * x.shape[2] <= 64 * 64:  # a small stem: XLA's conv (below)
+  if kin <= 4 and x.shape[1] * x.shape[2] <= 64 * 64:  # a small stem: XLA's forward, im2col kernel gradient
     return False
   out_pixels = (out_size(x.shape[1], kh, strides[0], dilation[0], pads[0])
                 * out_size(x.shape[2], kw, strides[1], dilation[1], pads[1]))
