@@ -127,8 +127,8 @@ def _conv_small_map_bwd(strides, pads, dilation, residuals, g):
   if len(live) == kh * kw:
     return dx, dk_live.reshape(kernel.shape)
   (i0, j0), (i1, j1) = live[0], live[-1]
-  if live == [(i, j) for i in range(i0, i1 + 1) for j in range(j0, j1 + 1)]:  # a block of taps: a
-    # pad, which XLA fuses into the gradient's readers instead of writing the zero taps out
+  if live == [(i, j) for i in range(i0, i1 + 1) for j in range(j0, j1 + 1)]:
+    # a block of taps: a pad, which XLA fuses into the gradient's readers (no zero taps written)
     block = dk_live.reshape(i1 - i0 + 1, j1 - j0 + 1, cin, cout)
     return dx, lax.pad(block, jnp.zeros((), kernel.dtype),
                        ((i0, kh - 1 - i1, 0), (j0, kw - 1 - j1, 0), (0, 0, 0), (0, 0, 0)))
